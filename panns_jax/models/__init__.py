@@ -1,0 +1,76 @@
+"""Registry of every PANNs architecture by its original class name.
+
+    model = panns_jax.models.get("Cnn14")                  # the paper's Cnn14
+    model = panns_jax.models.get("Cnn14", num_classes=50)  # any attribute overridden
+    variables = panns_jax.models.init(model, jax.random.key(0))
+    out = model.apply(variables, waveform)                  # dict of outputs
+
+Each family module exposes ``MODELS = {name: (module class, kwargs)}``; variants are
+keyword arguments of a few families, never copied classes.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from panns_jax.models import cnn
+from panns_jax.models import conv1d, wavegram
+from panns_jax.models import mobilenet, resnet
+
+_FAMILY_MODULES = [cnn, resnet, mobilenet, conv1d, wavegram]
+_FAMILY_CLASSES = {cnn: cnn.Cnn, resnet: resnet.ResNet, mobilenet: mobilenet.MobileNet,
+                   wavegram: wavegram.Wavegram}
+
+
+def _build_registry() -> Dict[str, Tuple[type, dict]]:
+    registry: Dict[str, Tuple[type, dict]] = {}
+    for module in _FAMILY_MODULES:
+        for name, spec in module.MODELS.items():
+            cls, kwargs = (spec if isinstance(spec, tuple) else (_FAMILY_CLASSES[module], spec))
+            if name in registry:
+                raise RuntimeError(f"model {name!r} registered twice")
+            registry[name] = (cls, kwargs)
+    return registry
+
+
+REGISTRY = _build_registry()
+
+
+def names() -> List[str]:
+    """All registered model names."""
+    return sorted(REGISTRY)
+
+
+def get(name: str, **overrides: Any) -> nn.Module:
+    """Build the model registered as ``name``; ``overrides`` replace its attributes."""
+    try:
+        cls, kwargs = REGISTRY[name]
+    except KeyError:
+        import difflib
+
+        close = difflib.get_close_matches(name, REGISTRY, n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(f"unknown model {name!r}.{hint} Known models: {', '.join(names())}") from None
+    return cls(**{**kwargs, **overrides})
+
+
+def sample_rate(model: nn.Module) -> int:
+    """The sample rate a model's input must have."""
+    return model.frontend.sample_rate
+
+
+def init(model: nn.Module, rng: jax.Array, num_samples: Optional[int] = None,
+         batch_size: int = 1) -> dict:
+    """Initialise ``{'params', 'batch_stats'}`` with a dummy 1 s... 10 s input (eval mode)."""
+    num_samples = num_samples or 10 * sample_rate(model)
+    dummy = jnp.zeros((batch_size, num_samples), jnp.float32)
+    return dict(jax.jit(lambda r: model.init(r, dummy, train=False))(rng))
+
+
+def count_params(params: Any) -> int:
+    """Number of scalars in a parameter tree."""
+    return int(sum(x.size for x in jax.tree_util.tree_leaves(params)))

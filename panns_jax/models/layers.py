@@ -1,0 +1,206 @@
+"""Building blocks shared by the PANNs model families.
+
+Layout conventions (see ``golden/ARCHITECTURES.md``):
+
+* 2-D networks see the log-mel as an NHWC image ``(B, time, mel, C)``; kernel and
+  pool sizes are written ``(time, freq)`` as in the paper.
+* 1-D networks use ``(B, samples, C)``.
+* Submodule names mirror the original PyTorch module paths (``conv_block1.bn1``,
+  ``features.3.conv.0``), so ``panns_jax.convert`` maps parameters to state_dict
+  keys with one generic rule instead of a table per model.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from panns_jax import frontend as fe
+
+Dtype = Any
+
+# Every BatchNorm of the original uses eps 1e-5 and momentum 0.1
+# (running <- 0.9 * running + 0.1 * batch statistic).
+BN_EPSILON = 1e-5
+BN_MOMENTUM = 0.9
+
+
+class BatchNorm(nn.Module):
+    """BatchNorm over all axes but the last, matching PyTorch's BatchNorm{1,2}d.
+
+    Differs from ``flax.linen.BatchNorm`` in one way that matters for parity of
+    training: the running variance is updated with the *unbiased* batch variance
+    (n / (n - 1)), as PyTorch does, while normalisation uses the biased one.
+    Statistics are always computed in float32.
+    """
+
+    epsilon: float = BN_EPSILON
+    momentum: float = BN_MOMENTUM
+    dtype: Optional[Dtype] = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, use_running_average: bool = True) -> jax.Array:
+        features = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (features,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
+        running_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32)
+        running_var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
+
+        x32 = x.astype(jnp.float32)
+        if use_running_average:
+            mean, var = running_mean.value, running_var.value
+        else:
+            axes = tuple(range(x.ndim - 1))
+            mean = jnp.mean(x32, axis=axes)
+            var = jnp.mean(jnp.square(x32 - mean), axis=axes)
+            if not self.is_initializing():
+                count = x.size // features
+                unbiased = var * (count / max(count - 1, 1))
+                running_mean.value = self.momentum * running_mean.value + (1 - self.momentum) * mean
+                running_var.value = self.momentum * running_var.value + (1 - self.momentum) * unbiased
+        y = (x32 - mean) * (scale * jax.lax.rsqrt(var + self.epsilon)) + bias
+        return y.astype(self.dtype or x.dtype)
+
+
+def conv2d(features: int, kernel: int, name: str, dtype: Dtype, *, groups: int = 1,
+           use_bias: bool = False) -> nn.Conv:
+    """Stride-1, 'same'-padded 2-D conv without bias (every PANNs conv but one)."""
+    pad = kernel // 2
+    return nn.Conv(features, (kernel, kernel), padding=((pad, pad), (pad, pad)),
+                   feature_group_count=groups, use_bias=use_bias, dtype=dtype, name=name)
+
+
+def conv1d(features: int, kernel: int, name: str, dtype: Dtype, *, stride: int = 1,
+           padding: int = 0, dilation: int = 1, use_bias: bool = False) -> nn.Conv:
+    """1-D conv with PyTorch-style explicit symmetric padding."""
+    return nn.Conv(features, (kernel,), strides=(stride,), padding=((padding, padding),),
+                   kernel_dilation=(dilation,), use_bias=use_bias, dtype=dtype, name=name)
+
+
+def pool2d(x: jax.Array, size: Tuple[int, int], kind: str = "avg") -> jax.Array:
+    """Non-overlapping 2-D pooling that floors the length (PyTorch's default).
+
+    ``kind`` is 'avg', 'max' or 'avg+max' (the sum of both); size (1, 1) is the identity.
+    """
+    size = tuple(size)
+    if size == (1, 1):
+        return x
+    if kind == "avg":
+        return nn.avg_pool(x, size, strides=size, padding="VALID")
+    if kind == "max":
+        return nn.max_pool(x, size, strides=size, padding="VALID")
+    if kind == "avg+max":
+        return (nn.avg_pool(x, size, strides=size, padding="VALID")
+                + nn.max_pool(x, size, strides=size, padding="VALID"))
+    raise ValueError(f"unknown pool kind {kind!r}; expected 'avg', 'max' or 'avg+max'")
+
+
+class ConvBlock(nn.Module):
+    """PANNs ConvBlock: (conv 3x3 -> BN -> ReLU) x 2 -> pool, or one 5x5 conv (Cnn6)."""
+
+    features: int
+    pool_size: Tuple[int, int] = (2, 2)
+    pool_type: str = "avg"
+    kernel_size: int = 3
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        num_convs = 1 if self.kernel_size == 5 else 2
+        for i in range(1, num_convs + 1):
+            x = conv2d(self.features, self.kernel_size, f"conv{i}", self.dtype)(x)
+            x = nn.relu(BatchNorm(dtype=self.dtype, name=f"bn{i}")(x, use_running_average=not train))
+        return pool2d(x, self.pool_size, self.pool_type)
+
+
+def logmel_stem(
+    module: nn.Module,
+    waveform: jax.Array,
+    frontend: fe.FrontendConfig,
+    *,
+    train: bool,
+    spec_augment: bool,
+    mixup_lambda: Optional[jax.Array],
+    dtype: Dtype,
+    outputs: dict,
+    time_drop_width: int = 64,
+    apply_mixup: bool = True,
+) -> jax.Array:
+    """Front end shared by every log-mel model: log-mel -> bn0 -> SpecAugment -> mixup.
+
+    Must be called inside ``module``'s ``@nn.compact`` method: it creates the module's
+    ``bn0`` (one BatchNorm channel per mel bin, statistics over batch and time).
+    Records ``outputs['logmel']`` (before bn0, float32). Returns ``(B, T, mel, 1)``.
+    SpecAugment uses the ``'specaug'`` rng stream; its frequency stripes are at most
+    ``mel_bins // 8`` wide (8 for 64 mels, 4 for 32, 16 for 128), as the original.
+    """
+    x = fe.logmel(waveform, frontend)  # (B, T, F) float32, always.
+    outputs["logmel"] = x
+    x = BatchNorm(name="bn0")(x, use_running_average=not train)
+    x = x[..., None]
+    if train and spec_augment:
+        rng = module.make_rng("specaug")
+        x = fe.spec_augment(rng, x, time_drop_width=time_drop_width, time_stripes_num=2,
+                            freq_drop_width=frontend.mel_bins // 8, freq_stripes_num=2)
+    if train and apply_mixup and mixup_lambda is not None:
+        x = fe.mixup(x, mixup_lambda)
+    return x.astype(dtype)
+
+
+def clip_head(
+    features_btc: jax.Array,
+    *,
+    embedding_size: int,
+    num_classes: int,
+    train: bool,
+    dtype: Dtype,
+    outputs: dict,
+    dropout_before_fc1: bool = True,
+) -> dict:
+    """Clip-level head H(C -> E) of every clip model (ARCHITECTURES.md §1).
+
+    ``features_btc`` is the trunk output already averaged over frequency,
+    ``(B, t, C)``. Pools max over time + mean over time (a sum), dropout 0.5,
+    fc1 + ReLU = h; the classifier reads h, while the returned ``embedding`` is
+    dropout 0.5 of h (so that dropout only affects transfer heads, as the original).
+    Must be called inside a parent's ``@nn.compact`` method (creates ``fc1`` and
+    ``fc_audioset``).
+    """
+    x = jnp.max(features_btc, axis=1) + jnp.mean(features_btc, axis=1)
+    outputs["fc1_input"] = x.astype(jnp.float32)
+    if dropout_before_fc1:
+        x = nn.Dropout(0.5)(x, deterministic=not train)
+    h = nn.relu(nn.Dense(embedding_size, dtype=dtype, name="fc1")(x))
+    logits = nn.Dense(num_classes, dtype=dtype, name="fc_audioset")(h).astype(jnp.float32)
+    outputs["embedding"] = nn.Dropout(0.5)(h, deterministic=not train).astype(jnp.float32)
+    outputs["clipwise_logits"] = logits
+    outputs["logits"] = logits
+    outputs["clipwise_output"] = jax.nn.sigmoid(logits)
+    return outputs
+
+
+def frames_to_framewise(segmentwise: jax.Array, num_frames: int, ratio: int) -> jax.Array:
+    """Bring ``(B, t, C)`` segment outputs back to ``num_frames`` frames.
+
+    As the original SED code: repeat every segment ``ratio`` times (nearest
+    neighbour) and pad with copies of the last frame up to ``num_frames``.
+    """
+    x = jnp.repeat(segmentwise, ratio, axis=1)
+    missing = num_frames - x.shape[1]
+    if missing > 0:
+        x = jnp.concatenate([x, jnp.repeat(x[:, -1:], missing, axis=1)], axis=1)
+    return x[:, :num_frames]
+
+
+def init_only(module: nn.Module, module_fn: Callable[[], Any]) -> None:
+    """Create parameters that the original declares but never runs.
+
+    Some original models own modules that ``forward`` never touches (e.g.
+    DaiNet19's first ``downsample``). They count in the paper's parameter
+    numbers and appear in checkpoints, so we create them at init time only.
+    """
+    if module.is_initializing():
+        module_fn()

@@ -1,0 +1,164 @@
+"""Front end: parity with the original's log-mel, SpecAugment and mixup statistics, errors."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import golden_utils as G
+from panns_jax import frontend as fe
+
+# One golden model per distinct front-end setting (golden/README.md, "Front ends").
+FRONTENDS = {
+    "Cnn14": fe.FrontendConfig(),
+    "Cnn14_mel32": fe.FrontendConfig(mel_bins=32),
+    "Cnn14_mel128": fe.FrontendConfig(mel_bins=128),
+    "Cnn14_16k": fe.FrontendConfig(sample_rate=16000, window_size=512, hop_size=160, fmax=8000),
+    "Cnn14_8k": fe.FrontendConfig(sample_rate=8000, window_size=256, hop_size=80, fmax=4000),
+}
+
+
+def _filterbank_key(c: fe.FrontendConfig) -> str:
+    return f"sr{c.sample_rate}_nfft{c.window_size}_mels{c.mel_bins}_fmin{c.fmin:g}_fmax{c.fmax:g}"
+
+
+@pytest.mark.parametrize("name", sorted(FRONTENDS))
+def test_logmel_matches_golden(name):
+    G.require_golden()
+    config = FRONTENDS[name]
+    assert G.manifest()["models"][name]["frontend"]["mel_filterbank"] == _filterbank_key(config)
+    reference = G.outputs(name)
+    logmel = jax.jit(lambda x: fe.logmel(x, config))
+    for case in ("batch", "odd"):
+        got = np.asarray(logmel(G.inputs()[case]))
+        assert got.dtype == np.float32
+        assert G.check_array(f"{case}/logmel", got, reference[f"{case}/logmel"]) == ""
+
+
+@pytest.mark.parametrize("name", sorted(FRONTENDS))
+def test_mel_matrix_matches_golden(name):
+    G.require_golden()
+    c = FRONTENDS[name]
+    ours = fe.mel_filterbank(c.sample_rate, c.window_size, c.mel_bins, c.fmin, c.fmax)
+    golden = G.mel_filterbanks()[_filterbank_key(c)]
+    np.testing.assert_allclose(ours, golden, rtol=1e-6, atol=1e-9)
+
+
+def _golden_logmel_error(compute) -> float:
+    """Max |error| in dB of an alternative log-mel against the golden Cnn14 'batch' case."""
+    reference = G.outputs("Cnn14")["batch/logmel"]
+    return float(np.max(np.abs(np.asarray(compute(G.inputs()["batch"])) - reference)))
+
+
+def _variant_logmel(x, window=None, pad_mode="reflect", log=fe.power_to_db):
+    c = fe.FrontendConfig()
+    mel = fe.mel_filterbank(c.sample_rate, c.window_size, c.mel_bins, c.fmin, c.fmax)
+    if window is not None:
+        x = jnp.pad(jnp.asarray(x), ((0, 0), (512, 512)), mode=pad_mode)
+        idx = np.arange(501)[:, None] * 320 + np.arange(1024)[None]
+        spec = jnp.fft.rfft(x[:, idx] * window, axis=-1)
+        power = jnp.abs(spec) ** 2
+    else:
+        power = fe.power_spectrogram(x, 1024, 320, pad_mode=pad_mode)
+    return log(jnp.matmul(power, mel, precision="highest"))
+
+
+def test_negative_controls_fail_the_parity_check():
+    """The logmel tolerance catches a symmetric window, zero padding and a soft log floor."""
+    G.require_golden()
+    assert _golden_logmel_error(_variant_logmel) <= G.LOGMEL_ATOL_DB
+    symmetric = np.hanning(1024).astype(np.float32)  # Symmetric, not periodic.
+    assert _golden_logmel_error(lambda x: _variant_logmel(x, window=symmetric)) > G.LOGMEL_ATOL_DB
+    assert _golden_logmel_error(lambda x: _variant_logmel(x, pad_mode="constant")) > G.LOGMEL_ATOL_DB
+    soft_floor = lambda m: 10 * jnp.log10(m + 1e-10)
+    assert _golden_logmel_error(lambda x: _variant_logmel(x, log=soft_floor)) > G.LOGMEL_ATOL_DB
+
+
+def test_ten_seconds_give_1001_frames():
+    x = np.zeros((1, 320000), np.float32)
+    assert fe.logmel(x).shape == (1, 1001, 64)
+    assert fe.FrontendConfig().num_frames(320000) == 1001
+
+
+def test_logmel_matches_librosa_power_path():
+    """Independent check against librosa's STFT and mel (float64 reference)."""
+    import librosa
+
+    rng = np.random.default_rng(0)
+    x = (0.3 * rng.standard_normal(16000)).astype(np.float32)
+    c = fe.FrontendConfig()
+    spec = np.abs(librosa.stft(x.astype(np.float64), n_fft=1024, hop_length=320, window="hann",
+                               center=True, pad_mode="reflect")) ** 2
+    mel = librosa.feature.melspectrogram(S=spec, sr=32000, n_fft=1024, n_mels=64, fmin=50,
+                                         fmax=14000, htk=False, norm="slaney")
+    ref = 10 * np.log10(np.maximum(mel, 1e-10)).T
+    np.testing.assert_allclose(np.asarray(fe.logmel(x))[0], ref, atol=2e-3)
+
+
+def test_bfloat16_input_gives_float32_logmel():
+    x = np.asarray(G.inputs()["batch"]) if G.GOLDEN.exists() else np.random.default_rng(0).uniform(
+        -1, 1, (2, 32000)).astype(np.float32)
+    full = fe.logmel(x)
+    half = jax.jit(fe.logmel)(jnp.asarray(x, jnp.bfloat16))
+    assert half.dtype == jnp.float32
+    assert bool(jnp.all(jnp.isfinite(half)))
+    # bfloat16 samples carry ~3 significant digits: the spectrum differs by < 1 dB where it matters.
+    assert float(jnp.median(jnp.abs(half - full))) < 0.5
+    # Full-scale audio: |STFT|^2 reaches ~1e5-1e6, which float16 cannot hold.
+    loud = jnp.ones((1, 4096), jnp.float16)
+    assert bool(jnp.all(jnp.isfinite(fe.logmel(loud))))
+
+
+@pytest.mark.parametrize(
+    "waveform, message",
+    [
+        (np.zeros((1, 1, 32000), np.float32), "shape"),
+        (np.zeros((1, 500), np.float32), "shorter than one analysis window"),
+        (np.array([[0.0] * 2000 + [np.nan] + [0.0] * 2000], np.float32), "NaN"),
+        (np.array([[0.0] * 2000 + [np.inf] + [0.0] * 2000], np.float32), "NaN or Inf"),
+        (np.zeros((1, 32000), np.int16), "integer dtype"),
+    ],
+)
+def test_bad_input_raises_clear_value_error(waveform, message):
+    with pytest.raises(ValueError, match=message):
+        fe.logmel(waveform)
+
+
+def test_spec_augment_stripes():
+    """2 time stripes < 64 frames and 2 freq stripes < 8 bins per example, set to exactly 0."""
+    batch, time, freq = 512, 1001, 64
+    x = jnp.ones((batch, time, freq, 1))
+    y = np.asarray(jax.jit(fe.spec_augment)(jax.random.key(0), x))[..., 0]
+    dropped_frames = np.all(y == 0, axis=2)  # A whole frame zeroed = a time stripe.
+    dropped_bins = np.all(y == 0, axis=1)
+    assert set(np.unique(y)) <= {0.0, 1.0}
+    assert dropped_frames.sum(1).max() <= 2 * 63 and dropped_bins.sum(1).max() <= 2 * 7
+    # Two widths uniform in 0..63 drop 63 frames on average minus overlaps (original: 61.7).
+    assert 55 < dropped_frames.sum(1).mean() < 66
+    assert 5.5 < dropped_bins.sum(1).mean() < 7.5
+    # Each example draws its own stripes; the same key gives the same stripes.
+    assert len({tuple(row) for row in dropped_frames[:50]}) > 45
+    np.testing.assert_array_equal(y, np.asarray(fe.spec_augment(jax.random.key(0), x))[..., 0])
+    assert not np.array_equal(y, np.asarray(fe.spec_augment(jax.random.key(1), x))[..., 0])
+
+
+def test_spec_augment_narrow_widths_for_32_mels():
+    x = jnp.ones((256, 200, 32))
+    y = np.asarray(fe.spec_augment(jax.random.key(3), x, freq_drop_width=4))
+    assert np.all(y == 0, axis=1).sum(1).max() <= 2 * 3
+
+
+def test_mixup_pairs_and_lambda_distribution():
+    x = jnp.arange(8 * 3, dtype=jnp.float32).reshape(8, 3)
+    lam = jnp.array([0.0, 0.25, 0.5, 1.0])
+    got = np.asarray(fe.mixup(x, lam))
+    want = np.stack([float(l) * np.asarray(x[2 * i]) + (1 - float(l)) * np.asarray(x[2 * i + 1])
+                     for i, l in enumerate(lam)])
+    np.testing.assert_allclose(got, want)
+    lams = np.asarray(fe.sample_mixup_lambda(jax.random.key(0), 20000, alpha=1.0))
+    assert lams.min() >= 0 and lams.max() <= 1
+    assert abs(lams.mean() - 0.5) < 0.01 and abs(lams.var() - 1 / 12) < 0.005  # Beta(1, 1).
+    with pytest.raises(ValueError, match="even batch"):
+        fe.mixup(jnp.ones((3, 2)), jnp.ones((1,)))

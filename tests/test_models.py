@@ -1,0 +1,117 @@
+"""Model behaviour beyond eval parity: registry, train mode, dtypes, operation counts."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import golden_utils as G
+from panns_jax import models
+from panns_jax.models import layers, profile
+
+SMALL = dict(num_classes=5)
+
+
+def _small_cnn():
+    # Cnn6 is the cheapest log-mel model; 1 s of audio keeps the tests fast.
+    return models.get("Cnn6", **SMALL)
+
+
+def test_registry_knows_every_golden_model():
+    missing = [n for n in G.model_names() if n not in models.REGISTRY]
+    assert missing == []
+
+
+def test_unknown_name_suggests_close_matches():
+    with pytest.raises(ValueError, match="Did you mean Cnn14"):
+        models.get("cnn14")
+
+
+def test_overrides_change_attributes():
+    model = models.get("Cnn14", num_classes=50, embedding_size=128)
+    assert (model.num_classes, model.embedding_size) == (50, 128)
+
+
+def test_eval_is_deterministic_and_train_uses_rngs():
+    model = _small_cnn()
+    x = jnp.asarray(np.random.default_rng(0).uniform(-0.5, 0.5, (4, 32000)), jnp.float32)
+    variables = models.init(model, jax.random.key(0), 32000)
+    eval_a = model.apply(variables, x)
+    eval_b = model.apply(variables, x)
+    np.testing.assert_array_equal(eval_a["clipwise_output"], eval_b["clipwise_output"])
+
+    def train(seed):
+        rngs = {"dropout": jax.random.key(seed), "specaug": jax.random.key(seed + 1)}
+        return model.apply(variables, x, train=True, rngs=rngs, mutable=["batch_stats"])
+
+    (out_a, stats_a), (out_b, _) = train(0), train(0)
+    out_c, _ = train(5)
+    np.testing.assert_array_equal(out_a["clipwise_output"], out_b["clipwise_output"])
+    assert not np.allclose(out_a["clipwise_output"], out_c["clipwise_output"])
+    assert not np.allclose(out_a["clipwise_output"], eval_a["clipwise_output"])
+    # Running statistics moved towards the batch statistics.
+    before = variables["batch_stats"]["bn0"]["mean"]
+    after = stats_a["batch_stats"]["bn0"]["mean"]
+    assert not np.allclose(before, after)
+
+
+def test_mixup_halves_the_batch_inside_the_model():
+    model = _small_cnn()
+    variables = models.init(model, jax.random.key(0), 32000)
+    x = jnp.asarray(np.random.default_rng(1).uniform(-0.5, 0.5, (4, 32000)), jnp.float32)
+    rngs = {"dropout": jax.random.key(0), "specaug": jax.random.key(1)}
+    out, _ = model.apply(variables, x, train=True, mixup_lambda=jnp.array([0.3, 0.9]), rngs=rngs,
+                         mutable=["batch_stats"])
+    assert out["clipwise_output"].shape == (2, 5)
+
+
+def test_batchnorm_running_variance_is_unbiased_like_pytorch():
+    bn = layers.BatchNorm()
+    x = jnp.asarray(np.random.default_rng(0).normal(2.0, 3.0, (6, 5, 4)), jnp.float32)
+    variables = bn.init(jax.random.key(0), x, use_running_average=False)
+    y, updates = bn.apply(variables, x, use_running_average=False, mutable=["batch_stats"])
+    flat = np.asarray(x).reshape(-1, 4)
+    np.testing.assert_allclose(updates["batch_stats"]["mean"], 0.1 * flat.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(updates["batch_stats"]["var"], 0.9 + 0.1 * flat.var(0, ddof=1),
+                               rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(y).reshape(-1, 4),
+                               (flat - flat.mean(0)) / np.sqrt(flat.var(0) + 1e-5), atol=1e-4)
+
+
+def test_bfloat16_compute_keeps_float32_params_and_outputs():
+    model = models.get("Cnn6", dtype=jnp.bfloat16, **SMALL)
+    variables = models.init(model, jax.random.key(0), 32000)
+    assert all(v.dtype == jnp.float32 for v in jax.tree_util.tree_leaves(variables))
+    x = jnp.asarray(np.random.default_rng(0).uniform(-0.5, 0.5, (2, 32000)), jnp.float32)
+    out = jax.jit(model.apply)(variables, x)
+    full = _small_cnn().apply(variables, x)
+    assert out["clipwise_output"].dtype == jnp.float32 and out["logmel"].dtype == jnp.float32
+    np.testing.assert_allclose(out["clipwise_output"], full["clipwise_output"], atol=0.05)
+
+
+def test_silence_gives_finite_outputs():
+    model = _small_cnn()
+    variables = models.init(model, jax.random.key(0), 32000)
+    out = model.apply(variables, jnp.zeros((1, 32000)))
+    assert all(bool(jnp.all(jnp.isfinite(v))) for v in out.values())
+
+
+@pytest.mark.parametrize("name", G.model_names())
+def test_multiply_adds_within_two_percent_of_table_xii(name):
+    entry = G.manifest()["models"][name]
+    model = models.get(name)
+    got = profile.multiply_adds(model, 10 * models.sample_rate(model))
+    assert abs(got / entry["paper_multiply_adds"] - 1) <= 0.02
+
+
+def test_summary_cli_prints_params_and_multiply_adds():
+    out = subprocess.run([sys.executable, "-m", "panns_jax.models", "summary", "Cnn6"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "trainable_params: 4837455" in out.splitlines()
+    ops = [line for line in out.splitlines() if line.startswith("multiply_adds: ")]
+    assert len(ops) == 1 and int(ops[0].split(": ")[1]) == 21985715343
