@@ -21,8 +21,9 @@ batch_stats/<path>/var      <path>.running_var                 -
 
 from __future__ import annotations
 
-import difflib
 import functools
+import os
+import tempfile
 from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
 
 import flax
@@ -114,12 +115,8 @@ def to_state_dict(variables: Mapping[str, Any], model: Any, *, include_frontend:
 
 
 @functools.lru_cache(maxsize=None)
-def _expected_shapes(name: str, overrides: Tuple[Tuple[str, Any], ...] = ()) -> Dict[str, tuple]:
-    model = models.get(name, **dict(overrides))
-    shapes = jax.eval_shape(lambda: models.init(model, jax.random.key(0), num_samples=None))
-    state = to_state_dict(jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), shapes),
-                          model, include_frontend=True)
-    return {k: tuple(v.shape) for k, v in state.items()}
+def _expected_shapes(name: str) -> Dict[str, tuple]:
+    return expected_state_shapes(models.get(name))
 
 
 def expected_state_shapes(model: Any) -> Dict[str, tuple]:
@@ -219,3 +216,140 @@ def from_state_dict(state_dict: Mapping[str, Any], model: Any, *, name: str = "t
             merged.update(flax.traverse_util.flatten_dict(result[collection]))
             result[collection] = flax.traverse_util.unflatten_dict(merged)
     return result
+
+
+# ----------------------------------------------------------------------------
+# .pth files (torch is an optional extra) and the command line.
+# ----------------------------------------------------------------------------
+
+
+def _import_torch():
+    try:
+        import torch
+    except ImportError:
+        raise ImportError("reading or writing .pth files needs PyTorch: "
+                          "pip install 'panns_jax[torch]'") from None
+    return torch
+
+
+def read_torch_checkpoint(path: str) -> Tuple[Dict[str, np.ndarray], int]:
+    """``(state_dict as numpy, iteration)`` of an original PANNs ``.pth``.
+
+    Accepts ``{'model': state_dict, 'iteration': ..., ...}`` as saved by the original
+    training script, or a bare state_dict. Never executes pickled code: the file is
+    read with ``weights_only=True``, allowing only numpy's array types beside torch's
+    (the original's sampler state holds numpy arrays).
+    """
+    torch = _import_torch()
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint file")
+    multiarray = getattr(np, "_core", None) or np.core
+    safe = [np.ndarray, np.dtype, multiarray.multiarray._reconstruct]
+    safe += [type(np.dtype(t)) for t in ("float32", "float64", "int64", "int32", "bool")]
+    try:
+        with torch.serialization.safe_globals(safe):
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"{path}: cannot be read as a PyTorch checkpoint with weights_only=True "
+                         f"({type(err).__name__}: {str(err).splitlines()[0]})") from None
+    if isinstance(payload, dict) and isinstance(payload.get("model"), dict):
+        state, iteration = payload["model"], int(payload.get("iteration", 0))
+    elif isinstance(payload, dict) and all(hasattr(v, "shape") for v in payload.values()):
+        state, iteration = payload, 0
+    else:
+        raise ValueError(f"{path}: neither a state_dict nor a dict with a 'model' state_dict "
+                         f"(top-level keys: {sorted(payload)[:10] if isinstance(payload, dict) else type(payload).__name__})")
+    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    return {k: v.detach().cpu().numpy() for k, v in state.items()}, iteration
+
+
+def write_torch_checkpoint(path: str, state_dict: Mapping[str, np.ndarray], iteration: int = 0
+                           ) -> None:
+    """Save ``{'model': state_dict, 'iteration': iteration}`` as the original does, atomically."""
+    torch = _import_torch()
+    tensors = {k: torch.from_numpy(np.array(v, order="C")) for k, v in state_dict.items()}
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, staging = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=directory)
+    os.close(fd)
+    try:
+        torch.save({"model": tensors, "iteration": int(iteration)}, staging)
+        os.replace(staging, path)
+    except BaseException:
+        if os.path.exists(staging):
+            os.remove(staging)
+        raise
+
+
+def torch_to_checkpoint(state_dict: Mapping[str, Any], model_name: str, *,
+                        num_classes: Optional[int] = None, new_head: bool = False,
+                        step: int = 0, seed: int = 0) -> "checkpoints.ModelCheckpoint":
+    """An original state_dict -> a :class:`~panns_jax.checkpoints.ModelCheckpoint`.
+
+    With ``new_head`` the classifier is re-initialised for ``num_classes`` classes
+    (transfer learning); everything else is copied.
+    """
+    from panns_jax import checkpoints
+
+    if new_head and num_classes is None:
+        raise ValueError("new_head needs num_classes: the class count of the new head")
+    overrides = {"num_classes": num_classes} if num_classes is not None else {}
+    model = models.get(model_name, **overrides)
+    variables = from_state_dict(state_dict, model, name=model_name, skip_head=new_head)
+    if new_head and seed:
+        fresh = models.init(model, jax.random.key(seed))
+        head = {k: v for k, v in fresh["params"].items() if k in ("fc_audioset", "att_block")}
+        variables["params"] = {**variables["params"], **jax.device_get(head)}
+    return checkpoints.ModelCheckpoint(model=model_name, variables=variables,
+                                       overrides=overrides, step=step)
+
+
+def main(argv: Optional[Iterable[str]] = None) -> int:
+    """``panns-jax-convert from-torch | to-torch``."""
+    import argparse
+    import sys
+
+    from panns_jax import checkpoints
+
+    parser = argparse.ArgumentParser(prog="panns-jax-convert",
+                                     description="Convert PANNs checkpoints between PyTorch and panns_jax.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    a = sub.add_parser("from-torch", help="original .pth -> panns_jax checkpoint directory")
+    a.add_argument("checkpoint", help="a .pth: {'model': state_dict, ...} or a bare state_dict")
+    a.add_argument("--model", required=True, help="architecture, e.g. Cnn14")
+    a.add_argument("--out", required=True, help="output checkpoint directory")
+    a.add_argument("--num-classes", type=int, default=None,
+                   help="classes of the model (default: those of the checkpoint's architecture, 527)")
+    a.add_argument("--new-head", action="store_true",
+                   help="transfer: keep everything but the classifier, which is re-initialised "
+                        "for --num-classes classes")
+    a.add_argument("--overwrite", action="store_true")
+    b = sub.add_parser("to-torch", help="panns_jax checkpoint directory -> original .pth")
+    b.add_argument("checkpoint", help="panns_jax checkpoint directory")
+    b.add_argument("--model", default=None, help="architecture (default: the checkpoint's own)")
+    b.add_argument("--out", required=True, help="output .pth path")
+    args = parser.parse_args(None if argv is None else list(argv))
+
+    try:
+        if args.command == "from-torch":
+            state, iteration = read_torch_checkpoint(args.checkpoint)
+            checkpoint = torch_to_checkpoint(state, args.model, num_classes=args.num_classes,
+                                             new_head=args.new_head, step=iteration)
+            path = checkpoints.save(args.out, checkpoint, overwrite=args.overwrite)
+            print(f"wrote {path} ({args.model}, iteration {iteration})")
+        else:
+            checkpoint = checkpoints.load(args.checkpoint)
+            if args.model and args.model != checkpoint.model:
+                raise ValueError(f"{args.checkpoint} holds {checkpoint.model}, not {args.model}")
+            model = checkpoint.build_model()
+            state = to_state_dict(checkpoint.variables, model)
+            write_torch_checkpoint(args.out, state, checkpoint.step)
+            print(f"wrote {args.out} ({checkpoint.model}, {len(state)} entries)")
+    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

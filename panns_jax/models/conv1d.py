@@ -46,7 +46,10 @@ def _head(x: jax.Array, module: nn.Module, train: bool) -> dict:
 
 
 class LeeNetConvBlock(nn.Module):
-    """LeeNetConvBlock (1 conv) / LeeNetConvBlock2 (2 convs): (conv k3 -> BN -> ReLU) x n -> max-pool 3 pad 1."""
+    """LeeNetConvBlock (1 conv) / LeeNetConvBlock2 (2 convs).
+
+    (conv k3 -> BN -> ReLU) x ``num_convs`` (stride on the first conv) -> [max-pool 3, pad 1].
+    """
 
     features: int
     stride: int = 1

@@ -87,8 +87,8 @@ class Wavegram(nn.Module):
                 raise ValueError(
                     f"{type(self).__name__}: {num_samples} samples give {logmel_steps} log-mel "
                     f"steps but {wavegram_steps} Wavegram steps, which the original cannot "
-                    f"concatenate; use a length with floor(L / {self.frontend.hop_size}) even "
-                    "(e.g. a whole number of 20 ms)")
+                    f"concatenate; use a length L with floor(L / {self.frontend.hop_size}) even "
+                    f"(e.g. a multiple of {2 * self.frontend.hop_size} samples)")
 
     @nn.compact
     def __call__(self, waveform: jax.Array, train: bool = False,

@@ -1,0 +1,90 @@
+"""Audio decoding shared by the dataset builders.
+
+The builders store audio as int16 at the configured rate. The conversion here is
+lossless for 16-bit sources already at that rate: soundfile returns ``v / 32768``
+and ``float_to_int16`` maps it back to ``v``; the pipeline divides by 32768 again.
+(The original packer multiplies by 32767 and truncates, which moves every sample
+one LSB toward zero, TRAINING.md Sec. 2; packs from the original are copied as is.)
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import numpy as np
+
+# Extensions the builders look at when indexing a download folder. Anything
+# soundfile reads is decoded directly; the rest goes through librosa/audioread.
+AUDIO_EXTENSIONS = frozenset({
+    '.wav', '.flac', '.ogg', '.oga', '.opus', '.mp3', '.m4a', '.aac', '.au',
+    '.snd', '.aif', '.aiff', '.webm', '.mp4', '.mkv',
+})
+
+
+class AudioDecodeError(ValueError):
+  """A file that cannot be used as audio; the message says why."""
+
+
+def load_audio(path: str, sample_rate: int) -> np.ndarray:
+  """Mono float32 samples in [-1, 1] of `path`, resampled to `sample_rate`.
+
+  Channels are averaged (as librosa's mono=True); resampling uses librosa's
+  default soxr_hq resampler. Raises AudioDecodeError for missing, empty,
+  undecodable or non-finite files so that builders can count and skip them.
+  """
+  import soundfile as sf  # pylint: disable=g-import-not-at-top
+
+  if not os.path.isfile(path):
+    raise AudioDecodeError(f'{path}: no such file')
+  if os.path.getsize(path) == 0:
+    raise AudioDecodeError(f'{path}: empty file (0 bytes)')
+  try:
+    samples, rate = sf.read(path, dtype='float32', always_2d=True)
+    samples = samples.mean(axis=1) if samples.shape[1] > 1 else samples[:, 0]
+  except Exception as sf_error:  # pylint: disable=broad-except
+    try:
+      import librosa  # pylint: disable=g-import-not-at-top
+      samples, rate = librosa.load(path, sr=None, mono=True)
+    except Exception:  # pylint: disable=broad-except
+      raise AudioDecodeError(
+          f'{path}: not a readable audio file ({sf_error})') from None
+  if samples.size == 0:
+    raise AudioDecodeError(f'{path}: contains no audio samples')
+  if not np.all(np.isfinite(samples)):
+    raise AudioDecodeError(f'{path}: contains NaN or Inf samples')
+  return resample(samples, int(rate), sample_rate)
+
+
+def resample(samples: np.ndarray, orig_rate: int,
+             target_rate: int) -> np.ndarray:
+  """Float32 `samples` at `target_rate` (identity when the rates agree)."""
+  samples = np.asarray(samples, np.float32)
+  if orig_rate == target_rate:
+    return samples
+  import librosa  # pylint: disable=g-import-not-at-top
+  return librosa.resample(
+      samples, orig_sr=orig_rate, target_sr=target_rate,
+      res_type='soxr_hq').astype(np.float32)
+
+
+def float_to_int16(samples: np.ndarray) -> np.ndarray:
+  """Rounds float samples (full scale 1.0 = 32768) to int16, clipping."""
+  scaled = np.round(np.asarray(samples, np.float64) * 32768.0)
+  return np.clip(scaled, -32768, 32767).astype(np.int16)
+
+
+def pad_or_truncate(samples: np.ndarray, length: Optional[int]) -> np.ndarray:
+  """Zero-pads at the end or keeps the first `length` samples (TRAINING.md Sec. 2)."""
+  if length is None or len(samples) == length:
+    return samples
+  if len(samples) > length:
+    return samples[:length]
+  return np.concatenate(
+      [samples, np.zeros(length - len(samples), samples.dtype)])
+
+
+def load_int16(path: str, sample_rate: int,
+               length: Optional[int] = None) -> np.ndarray:
+  """`load_audio` -> int16 -> `pad_or_truncate`: what the builders store."""
+  return pad_or_truncate(float_to_int16(load_audio(path, sample_rate)), length)

@@ -1,0 +1,183 @@
+"""Converters between original PANNs PyTorch checkpoints and panns_jax checkpoints."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+import pytest
+
+import golden_utils as G
+from panns_jax import checkpoints, convert, models
+
+try:
+    import torch
+except ImportError:  # The torch extra is optional: only .pth file I/O needs it.
+    torch = None
+
+needs_torch = pytest.mark.skipif(torch is None, reason="PyTorch not installed (pip install "
+                                 "'panns_jax[torch]'): .pth file I/O is not tested")
+FILE_ROUND_TRIP_MODELS = ["Cnn6", "MobileNetV2", "Wavegram_Logmel_Cnn14"]
+
+
+def _manifest_entries(name):
+    return {k: (tuple(shape), dtype, kind) for k, shape, dtype, kind in
+            G.manifest()["models"][name]["state_dict"]}
+
+
+@pytest.mark.parametrize("name", G.model_names())
+def test_round_trip_is_bit_exact_and_keys_equal_manifest(name):
+    G.require_golden()
+    recipe = G.load_state(name)
+    model = models.get(name)
+    exported = convert.to_state_dict(convert.from_state_dict(recipe, model, name=name), model)
+    entries = _manifest_entries(name)
+    assert set(exported) == set(entries)
+    for key, (shape, dtype, kind) in entries.items():
+        assert exported[key].shape == shape, key
+        assert str(exported[key].dtype) == dtype, key
+        if kind in ("param", "bn_running_mean", "bn_running_var"):
+            np.testing.assert_array_equal(exported[key], recipe[key], err_msg=key)
+
+
+@pytest.mark.parametrize("name", ["Cnn14", "Cnn14_16k", "Cnn14_8k", "Cnn14_mel128"])
+def test_exported_frontend_equals_the_originals(name):
+    G.require_golden()
+    config = models.get(name).frontend
+    state = convert.frontend_state(config)
+    key = G.manifest()["models"][name]["frontend"]["mel_filterbank"]
+    np.testing.assert_array_equal(state["logmel_extractor.melW"], G.mel_filterbanks()[key])
+    # golden/README.md: conv_real = hann[n] cos(2 pi k n / N), conv_imag = -hann[n] sin(...).
+    n_fft = config.window_size
+    n = np.arange(n_fft)
+    k = np.arange(n_fft // 2 + 1)[:, None]
+    hann = 0.5 - 0.5 * np.cos(2 * np.pi * n / n_fft)
+    np.testing.assert_allclose(state["spectrogram_extractor.stft.conv_real.weight"][:, 0],
+                               hann * np.cos(2 * np.pi * k * n / n_fft), atol=1e-6)
+    np.testing.assert_allclose(state["spectrogram_extractor.stft.conv_imag.weight"][:, 0],
+                               -hann * np.sin(2 * np.pi * k * n / n_fft), atol=1e-6)
+
+
+def _cnn14_state():
+    return G.load_state("Cnn14")
+
+
+def test_missing_unexpected_and_misshaped_keys_are_all_listed():
+    G.require_golden()
+    state = _cnn14_state()
+    del state["conv_block2.conv1.weight"]
+    state["extra.weight"] = np.zeros(3, np.float32)
+    state["fc1.bias"] = np.zeros(7, np.float32)
+    with pytest.raises(convert.CheckpointMismatchError) as info:
+        convert.from_state_dict(state, models.get("Cnn14"), name="Cnn14")
+    message = str(info.value)
+    assert "missing key(s): conv_block2.conv1.weight" in message
+    assert "unexpected key(s): extra.weight" in message
+    assert "shape mismatch for fc1.bias: checkpoint (7,), Cnn14 expects (2048,)" in message
+
+
+def test_checkpoint_of_another_architecture_is_named():
+    G.require_golden()
+    with pytest.raises(convert.CheckpointMismatchError, match="looks like Cnn10"):
+        convert.from_state_dict(G.load_state("Cnn10"), models.get("Cnn14"), name="Cnn14")
+
+
+def test_class_count_mismatch_explains_the_way_out():
+    G.require_golden()
+    state = _cnn14_state()
+    state["fc_audioset.weight"] = np.zeros((10, 2048), np.float32)
+    state["fc_audioset.bias"] = np.zeros((10,), np.float32)
+    with pytest.raises(convert.CheckpointMismatchError, match="10 classes"):
+        convert.from_state_dict(state, models.get("Cnn14"), name="Cnn14")
+    # Declaring the class count makes it load.
+    variables = convert.from_state_dict(state, models.get("Cnn14", num_classes=10))
+    assert variables["params"]["fc_audioset"]["kernel"].shape == (2048, 10)
+
+
+def test_transfer_to_new_class_count_keeps_all_but_the_head():
+    G.require_golden()
+    state = _cnn14_state()
+    checkpoint = convert.torch_to_checkpoint(state, "Cnn14", num_classes=10, new_head=True)
+    params = checkpoint.variables["params"]
+    assert params["fc_audioset"]["kernel"].shape == (2048, 10)
+    np.testing.assert_array_equal(params["fc1"]["kernel"], state["fc1.weight"].T)
+    np.testing.assert_array_equal(checkpoint.variables["batch_stats"]["bn0"]["var"],
+                                  state["bn0.running_var"])
+    assert checkpoint.overrides == {"num_classes": 10}
+    with pytest.raises(ValueError, match="needs num_classes"):
+        convert.torch_to_checkpoint(state, "Cnn14", new_head=True)
+
+
+def test_checkpoint_directory_round_trip(tmp_path):
+    G.require_golden()
+    state = G.load_state("Cnn6")
+    checkpoint = convert.torch_to_checkpoint(state, "Cnn6", step=7)
+    path = checkpoints.save(str(tmp_path / "ckpt"), checkpoint)
+    with pytest.raises(FileExistsError):
+        checkpoints.save(path, checkpoint)
+    loaded = checkpoints.load(path)
+    assert (loaded.model, loaded.step, loaded.overrides) == ("Cnn6", 7, {})
+    jax.tree_util.tree_map(np.testing.assert_array_equal, loaded.variables, checkpoint.variables)
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"]  # No staging directories left behind.
+
+
+@needs_torch
+@pytest.mark.parametrize("name", FILE_ROUND_TRIP_MODELS)
+def test_cli_pth_round_trip_is_bit_exact_and_reproduces_golden(tmp_path, name):
+    G.require_golden()
+    recipe = G.load_state(name)
+    original = {k: torch.from_numpy(v) for k, v in recipe.items()}
+    original.update({k: torch.from_numpy(v) for k, v in
+                     convert.frontend_state(models.get(name).frontend).items()
+                     if convert.uses_logmel(models.get(name))})
+    torch.save({"model": original, "iteration": 600000, "sampler": {
+        "indexes_per_class": [np.arange(3), np.arange(5)], "queue": [1, 0],
+        "pointers_of_classes": [0, 2]}}, tmp_path / "in.pth")
+
+    assert convert.main(["from-torch", str(tmp_path / "in.pth"), "--model", name,
+                         "--out", str(tmp_path / "jax")]) == 0
+    loaded = checkpoints.load(str(tmp_path / "jax"))
+    assert loaded.step == 600000
+    model = loaded.build_model()
+    out = jax.jit(model.apply)(loaded.variables, G.inputs()["odd"])
+    reference = G.outputs(name)
+    assert G.check_array("odd/clipwise_logits", out["clipwise_logits"],
+                         reference["odd/clipwise_logits"]) == ""
+
+    assert convert.main(["to-torch", str(tmp_path / "jax"), "--out", str(tmp_path / "out.pth")]) == 0
+    exported = torch.load(tmp_path / "out.pth", weights_only=True)
+    assert exported["iteration"] == 600000
+    entries = _manifest_entries(name)
+    assert set(exported["model"]) == set(entries)
+    for key, (shape, dtype, kind) in entries.items():
+        tensor = exported["model"][key]
+        assert tuple(tensor.shape) == shape and str(tensor.dtype) == f"torch.{dtype}", key
+        if kind != "bn_num_batches_tracked":
+            np.testing.assert_array_equal(tensor.numpy(), original[key].numpy(), err_msg=key)
+
+
+@needs_torch
+def test_bare_state_dict_and_failures_write_nothing(tmp_path):
+    G.require_golden()
+    state = {k: torch.from_numpy(v) for k, v in G.load_state("Cnn10").items()}
+    torch.save(state, tmp_path / "bare.pth")
+    assert convert.main(["from-torch", str(tmp_path / "bare.pth"), "--model", "Cnn10",
+                         "--out", str(tmp_path / "ok")]) == 0
+    assert checkpoints.load(str(tmp_path / "ok")).model == "Cnn10"
+    # Wrong architecture: an error, and no output directory (nor staging leftovers).
+    assert convert.main(["from-torch", str(tmp_path / "bare.pth"), "--model", "Cnn14",
+                         "--out", str(tmp_path / "bad")]) == 2
+    assert sorted(os.listdir(tmp_path)) == ["bare.pth", "ok"]
+
+
+@needs_torch
+def test_pickled_code_is_never_executed(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    torch.save({"model": {"fc1.weight": torch.zeros(2)}, "payload": Evil()}, tmp_path / "evil.pth")
+    with pytest.raises(ValueError, match="weights_only"):
+        convert.read_torch_checkpoint(str(tmp_path / "evil.pth"))
+    assert not (tmp_path / "pwned").exists()
