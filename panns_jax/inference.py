@@ -53,6 +53,26 @@ class AudioTagger:
                  "probability": float(probabilities[i])} for i in order]
 
 
+def load_tagger(checkpoint: Optional[str], model_name: Optional[str]) -> AudioTagger:
+    """A tagger from a panns_jax checkpoint directory, an original ``.pth``, or none (random)."""
+    if checkpoint is None:
+        return AudioTagger(model_name or "Cnn14")
+    from panns_jax import checkpoints, convert
+
+    if checkpoints.is_model_checkpoint(checkpoint):
+        loaded = checkpoints.load(checkpoint)
+        if model_name and model_name != loaded.model:
+            raise ValueError(f"{checkpoint} holds {loaded.model}, not {model_name}")
+    else:
+        if not model_name:
+            raise ValueError(f"{checkpoint}: name the architecture of a .pth with --model")
+        state, step = convert.read_torch_checkpoint(checkpoint)
+        loaded = convert.torch_to_checkpoint(state, model_name, step=step)
+    if loaded.overrides:
+        raise ValueError(f"{checkpoint}: a {loaded.overrides} model has no AudioSet labels to tag")
+    return AudioTagger(loaded.model, variables=loaded.variables)
+
+
 def _print_table(results: List[Dict[str, Any]]) -> None:
     for result in results:
         print(result["file"])
@@ -65,14 +85,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     tag = sub.add_parser("tag", help="print the top-k AudioSet labels of audio files")
     tag.add_argument("files", nargs="+", help="audio files (any format soundfile/librosa reads)")
-    tag.add_argument("--model", default="Cnn14", help="architecture name (default: Cnn14)")
+    tag.add_argument("--checkpoint", default=None,
+                     help="panns_jax checkpoint directory or original PANNs .pth "
+                          "(default: none, a randomly initialised model)")
+    tag.add_argument("--model", default=None,
+                     help="architecture name (default: the checkpoint's, else Cnn14)")
     tag.add_argument("--top-k", type=int, default=10)
     tag.add_argument("--format", choices=("table", "json"), default="table")
     args = parser.parse_args(argv)
 
-    tagger = AudioTagger(args.model)
+    try:
+        tagger = load_tagger(args.checkpoint, args.model)
+    except (ValueError, FileNotFoundError, ImportError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if not tagger.pretrained:
-        print(f"warning: no checkpoint given; {args.model} is randomly initialised, so the "
+        print(f"warning: no checkpoint given; {tagger.model_name} is randomly initialised, so the "
               "labels below are meaningless (this demonstrates the pipeline only)", file=sys.stderr)
     results, failures = [], []
     for path in args.files:
