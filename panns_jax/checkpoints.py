@@ -1,6 +1,7 @@
 """Model checkpoints: a directory with the variables (orbax) and what built them (JSON).
 
-    DIR/panns_jax.json   {"format": 1, "model": "Cnn14", "overrides": {...}, "step": 0}
+    DIR/panns_jax.json   {"format": 1, "model": "Cnn14", "overrides": {...}, "step": 0,
+                          "labels": null | [class names]}
     DIR/variables/       orbax checkpoint of {'params', 'batch_stats'}
 
 Written atomically: everything goes to a temporary sibling directory that is renamed
@@ -14,7 +15,7 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 
@@ -31,11 +32,39 @@ class ModelCheckpoint:
     variables: Dict[str, Any]
     overrides: Dict[str, Any] = dataclasses.field(default_factory=dict)
     step: int = 0
+    labels: Optional[List[str]] = None  # Class names, when not AudioSet's 527.
 
     def build_model(self):
         from panns_jax import models
 
         return models.get(self.model, **self.overrides)
+
+
+def _encode_overrides(overrides: Dict[str, Any]) -> Dict[str, Any]:
+    """JSON-able overrides: a FrontendConfig becomes {"frontend": {...fields}}."""
+    from panns_jax.frontend import FrontendConfig
+
+    encoded = {}
+    for key, value in overrides.items():
+        if isinstance(value, FrontendConfig):
+            value = {"__frontend__": dataclasses.asdict(value)}
+        elif isinstance(value, tuple):
+            value = list(value)
+        encoded[key] = value
+    return encoded
+
+
+def _decode_overrides(overrides: Dict[str, Any]) -> Dict[str, Any]:
+    from panns_jax.frontend import FrontendConfig
+
+    decoded = {}
+    for key, value in overrides.items():
+        if isinstance(value, dict) and "__frontend__" in value:
+            value = FrontendConfig(**value["__frontend__"])
+        elif isinstance(value, list):
+            value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
+        decoded[key] = value
+    return decoded
 
 
 def is_model_checkpoint(path: str) -> bool:
@@ -58,7 +87,8 @@ def save(path: str, checkpoint: ModelCheckpoint, *, overwrite: bool = False) -> 
         checkpointer.save(os.path.join(staging, VARIABLES_DIR), variables)
         checkpointer.wait_until_finished()
         metadata = {"format": FORMAT_VERSION, "model": checkpoint.model,
-                    "overrides": checkpoint.overrides, "step": int(checkpoint.step)}
+                    "overrides": _encode_overrides(checkpoint.overrides), "step": int(checkpoint.step),
+                    "labels": checkpoint.labels}
         with open(os.path.join(staging, METADATA_FILE), "w") as f:
             json.dump(metadata, f, indent=2)
         if os.path.exists(path):
@@ -84,4 +114,5 @@ def load(path: str) -> ModelCheckpoint:
     variables = ocp.StandardCheckpointer().restore(os.path.join(path, VARIABLES_DIR))
     variables = {k: v for k, v in variables.items()}
     return ModelCheckpoint(model=metadata["model"], variables=variables,
-                           overrides=metadata.get("overrides", {}), step=metadata.get("step", 0))
+                           overrides=_decode_overrides(metadata.get("overrides", {})), step=metadata.get("step", 0),
+                           labels=metadata.get("labels"))

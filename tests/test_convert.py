@@ -181,3 +181,19 @@ def test_pickled_code_is_never_executed(tmp_path):
     with pytest.raises(ValueError, match="weights_only"):
         convert.read_torch_checkpoint(str(tmp_path / "evil.pth"))
     assert not (tmp_path / "pwned").exists()
+
+
+def test_checkpoint_keeps_structured_overrides_and_labels(tmp_path):
+    from panns_jax import frontend, models
+
+    overrides = {"num_classes": 3, "widths": (8, 16), "pool_sizes": ((2, 2), (2, 2)),
+                 "embedding_size": 16, "frontend": frontend.FrontendConfig(sample_rate=16000,
+                                                                          window_size=512,
+                                                                          hop_size=160, fmax=8000)}
+    model = models.get("Cnn10", **overrides)
+    variables = models.init(model, jax.random.key(0), 16000)
+    path = checkpoints.save(str(tmp_path / "c"), checkpoints.ModelCheckpoint(
+        "Cnn10", jax.device_get(variables), overrides, 5, labels=["a", "b", "c"]))
+    loaded = checkpoints.load(path)
+    assert loaded.overrides == overrides and loaded.labels == ["a", "b", "c"]
+    assert loaded.build_model() == model

@@ -17,6 +17,7 @@ from panns_jax.data.pipeline import make_train_iterator
 from panns_jax.data.pipeline import Source
 from panns_jax.data.pipeline import TfdsSource
 from panns_jax.data.pipeline import TrainIterator
+from panns_jax.data.pipeline import tune_malloc
 
 from panns_jax.data.common import audioset_classes
 from panns_jax.data.common import BadExample

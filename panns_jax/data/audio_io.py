@@ -10,6 +10,7 @@ one LSB toward zero, TRAINING.md Sec. 2; packs from the original are copied as i
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Optional
 
 import numpy as np
@@ -45,7 +46,9 @@ def load_audio(path: str, sample_rate: int) -> np.ndarray:
   except Exception as sf_error:  # pylint: disable=broad-except
     try:
       import librosa  # pylint: disable=g-import-not-at-top
-      samples, rate = librosa.load(path, sr=None, mono=True)
+      with warnings.catch_warnings():  # audioread deprecation noise
+        warnings.simplefilter('ignore')
+        samples, rate = librosa.load(path, sr=None, mono=True)
     except Exception:  # pylint: disable=broad-except
       raise AudioDecodeError(
           f'{path}: not a readable audio file ({sf_error})') from None

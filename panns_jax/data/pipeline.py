@@ -2,28 +2,35 @@
 
 Data flow (per host)::
 
-  k = start, start+1, ...                      (position in this host's stream)
-    -> sampler(k) -> record id                 (stateless, tf ops only)
-    -> read record (ArrayRecord random access / in-memory array)
-    -> random crop or zero-pad to clip_samples (stateless, seeded by k)
-    -> batch(per-host batch) -> {'audio': f32 [B, L], 'labels': f32 [B, C]}
+  step = start, start+1, ...                  tf.data.Dataset.range
+    -> one numpy call per batch (parallel, ordered tf.data map):
+       k = step*B .. step*B+B-1               positions in this host's stream
+       sampler(k) -> record ids               stateless hash permutations
+       read records                           ArrayRecord random access / memory
+       random crop or zero-pad, int16/32768   offsets hashed from (seed, k)
+    -> prefetch -> {'audio': f32 [B, L], 'labels': f32 multi-hot [B, C]}
 
 The sampler is a pure function of (seed, host, k), which buys three things:
-reproducibility, O(1) resume (the iterator state is just the number of batches
+reproducibility, O(1) resume (the iterator state is the number of batches
 handed out) and no per-class tf.data objects, so 527 classes cost nothing.
+Work is done per batch in numpy rather than per example in TF ops: measured on
+10 s clips, per-example tf.data maps (index_shuffle sampler, unbatch, decode)
+cost ~2 ms of CPU per clip, the batch-level path ~0.5 ms
+(benchmarks/input_pipeline.py).
 
 Balanced sampling (Kong et al. 2020, Sec. IV-A; TRAINING.md Sec. 3): the stream
 is a sequence of fresh random permutations of all classes; each time class c
 comes up it yields the next example of its own shuffled list, reshuffled after
 every pass. Because every permutation contains c exactly once, draw k = e*C + j
 is class perm_e[j] and it is that class's e-th draw, so its example is
-shuffle_{c, e // n_c}[e % n_c]: both permutations are evaluated lazily with
-`tf.random.experimental.index_shuffle`. This is the paper's sampler exactly in
-distribution (not in the numpy random numbers). Multi-label clips are in the
-list of each of their classes. Classes without examples in a host's shard (or
-fold selection) are left out of the permutations.
+shuffle_{c, e // n_c}[e % n_c]. Both permutations are evaluated lazily by
+`permute` (a keyed Feistel network with cycle walking, a bijection of [0, n)).
+This is the paper's sampler in distribution (not in numpy's random numbers).
+Multi-label clips are in the list of each of their classes. Classes without
+examples in a host's shard (or fold selection) are left out of the permutations.
 
-Uniform sampling: epoch e is a fresh random permutation of the examples.
+Uniform sampling: epoch e = k // N is a fresh random permutation of the N
+examples.
 
 Data sources: TFDS datasets written in ArrayRecord format (the default of the
 panns_jax builders) are read by random access; datasets in TFRecord format and
@@ -32,9 +39,11 @@ numpy arrays (`ArraySource`) are held in memory, which suits small sets only.
 
 from __future__ import annotations
 
+import atexit
 import json
 import threading
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Union
+import weakref
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 from absl import logging
 import numpy as np
@@ -50,6 +59,7 @@ import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 from panns_jax.data import common  # pylint: disable=g-import-not-at-top
 
 Batch = Dict[str, np.ndarray]
+Example = Tuple[np.ndarray, np.ndarray]  # (int16 audio [n], int32 label ids)
 _STATE_VERSION = 1
 
 
@@ -69,11 +79,8 @@ class Source:
   def num_examples(self) -> int:
     return len(self.index)
 
-  def read(self, ds: tf.data.Dataset, num_parallel_calls: int) -> tf.data.Dataset:
-    """Adds 'audio' (int16 [n]) and 'label_ids' (int32 [m]) to each element.
-
-    Elements of `ds` are dicts with an int64 'record'; order is preserved.
-    """
+  def read(self, records: np.ndarray) -> List[Example]:
+    """(int16 audio, int32 label ids) of each record id. Thread-safe."""
     raise NotImplementedError
 
 
@@ -136,34 +143,34 @@ class ArraySource(Source):
         columns[c].append(int(ex[c]))
     return cls(audio, labels, num_classes, columns)
 
-  def _get(self, record):
-    return self._audio[int(record)], self._labels[int(record)].astype(np.int32)
-
-  def read(self, ds, num_parallel_calls):
-    def fn(el):
-      audio, ids = tf.numpy_function(self._get, [el['record']],
-                                     (tf.int16, tf.int32), stateful=False)
-      audio.set_shape([self.fixed_length])
-      ids.set_shape([None])
-      return dict(el, audio=audio, label_ids=ids)
-    return ds.map(fn, num_parallel_calls=num_parallel_calls, deterministic=True)
+  def read(self, records):
+    return [(self._audio[r], self._labels[r].astype(np.int32)) for r in records]
 
 
 class TfdsSource(Source):
   """A prepared ArrayRecord TFDS split, read by random access.
 
-  Records are fetched in chunks through one Python call (array_record reads
-  them in C++) and decoded by TF ops in parallel.
+  Records are tf.train.Examples; the audio bytes are viewed as int16 without
+  going through TF ops (one copy from the page cache, no decompression: the
+  panns_jax builders write uncompressed ArrayRecord).
   """
 
   def __init__(self, builder: tfds.core.DatasetBuilder, split: str):
+    from tensorflow_datasets.core.data_sources import base as ds_base  # pylint: disable=g-import-not-at-top
     self.builder, self.split = builder, split
-    self._features = builder.info.features
-    self._label_key = 'labels' if 'labels' in self._features else 'label'
-    self.num_classes = _num_classes(self._features[self._label_key])
-    self.fixed_length = self._features['audio'].shape[0]
-    self._raw = builder.as_data_source(split).data_source
-    self._lock = threading.Lock()
+    features = builder.info.features
+    self._label_key = 'labels' if 'labels' in features else 'label'
+    self.num_classes = _num_classes(features[self._label_key])
+    self.fixed_length = features['audio'].shape[0]
+    instructions = ds_base.file_instructions(builder.info, split)
+    self._files = [i.filename for i in instructions]
+    self._skips = np.array([i.skip for i in instructions], np.int64)
+    takes = np.array([i.take if i.take >= 0 else i.examples_in_shard - i.skip
+                      for i in instructions], np.int64)
+    self._ends = np.cumsum(takes)
+    self._readers: Dict[int, Any] = {}
+    self._locks = [threading.Lock() for _ in self._files]
+    self._open_lock = threading.Lock()
     text = (builder.info.metadata or {}).get(common.index_key(split))
     if text:
       self.index = common.ExampleIndex.decode(text)
@@ -171,32 +178,108 @@ class TfdsSource(Source):
       logging.warning('%s/%s has no stored example index; scanning labels.',
                       builder.name, split)
       self.index = ArraySource.from_tfds(builder, split).index
-    if len(self.index) != len(self._raw):
+    if len(self.index) != int(self._ends[-1] if len(self._ends) else 0):
       raise ValueError(f'Example index of {builder.name}/{split} has '
-                       f'{len(self.index)} entries, the data {len(self._raw)}.')
+                       f'{len(self.index)} entries, the data '
+                       f'{int(self._ends[-1])}.')
 
-  def _get_many(self, records):
-    with self._lock:
-      return np.array(self._raw.__getitems__([int(r) for r in records]),
-                      dtype=object)
+  def _reader(self, f: int):
+    with self._open_lock:
+      if f not in self._readers:
+        from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+        self._readers[f] = array_record_module.ArrayRecordReader(
+            self._files[f], 'readahead_buffer_size:0')
+      return self._readers[f]
 
-  def read(self, ds, num_parallel_calls, chunk: int = 16):
-    def fetch(el):
-      raw = tf.numpy_function(self._get_many, [el['record']], tf.string,
-                              stateful=False)
-      raw.set_shape(el['record'].shape)
-      return dict(el, raw=raw)
+  def _parse(self, raw: bytes) -> Example:
+    try:
+      fields = _example_fields(raw)
+      kind, value = fields['audio']
+      samples = (np.frombuffer(raw, np.int16, len(value) // 2, value.start)
+                 if kind == 'bytes' else np.asarray(value, np.int16))
+      return samples, np.asarray(fields[self._label_key][1], np.int32)
+    except (KeyError, ValueError, IndexError, StopIteration):  # Other layout.
+      feature = tf.train.Example.FromString(raw).features.feature
+      audio = feature['audio']
+      samples = (np.frombuffer(audio.bytes_list.value[0], np.int16)
+                 if audio.bytes_list.value
+                 else np.asarray(audio.int64_list.value, np.int16))
+      return samples, np.asarray(feature[self._label_key].int64_list.value,
+                                 np.int32)
 
-    def decode(el):
-      el = dict(el)
-      ex = self._features.deserialize_example(el.pop('raw'))
-      ids = tf.reshape(tf.cast(ex[self._label_key], tf.int32), [-1])
-      return dict(el, audio=ex['audio'], label_ids=ids)
+  def read(self, records):
+    files = np.searchsorted(self._ends, records, side='right')
+    out = []
+    for r, f in zip(records, files):
+      pos = int(r - (self._ends[f - 1] if f else 0) + self._skips[f])
+      reader = self._reader(int(f))
+      with self._locks[f]:
+        raw = reader.read([pos])[0]
+      out.append(self._parse(raw))
+    return out
 
-    ds = ds.batch(chunk).map(fetch, num_parallel_calls=num_parallel_calls,
-                             deterministic=True).unbatch()
-    return ds.map(decode, num_parallel_calls=num_parallel_calls,
-                  deterministic=True)
+
+def _varint(buf: bytes, pos: int) -> Tuple[int, int]:
+  result = shift = 0
+  while True:
+    b = buf[pos]
+    pos += 1
+    result |= (b & 0x7F) << shift
+    if b < 0x80:
+      return result, pos
+    shift += 7
+
+
+def _example_fields(raw: bytes) -> Dict[str, Tuple[str, Any]]:
+  """Features of a serialized tf.train.Example without copying bytes values.
+
+  Returns name -> ('bytes', range of the first value in `raw`) or
+  ('ints', [int64 values]). Covers what TFDS writes (single bytes values,
+  packed int64 lists); raises ValueError on anything else.
+  """
+  def fields(start, end):
+    pos = start
+    while pos < end:
+      tag, pos = _varint(raw, pos)
+      if tag & 7 != 2:
+        raise ValueError('unexpected wire type')
+      n, pos = _varint(raw, pos)
+      yield tag >> 3, pos, pos + n
+      pos += n
+
+  out = {}
+  for num, s, e in fields(0, len(raw)):  # Example.features
+    if num != 1:
+      continue
+    for num2, s2, e2 in fields(s, e):  # Features.feature map entries
+      if num2 != 1:
+        continue
+      name, value = None, None
+      for num3, s3, e3 in fields(s2, e2):  # key = 1, value (Feature) = 2
+        if num3 == 1:
+          name = raw[s3:e3].decode()
+        elif num3 == 2:
+          value = next(fields(s3, e3), None)
+      if name is None:
+        raise ValueError('map entry without key')
+      if value is None:  # Empty feature list.
+        out[name] = ('ints', [])
+        continue
+      kind, s4, e4 = value
+      if kind == 1:  # BytesList: first value.
+        _, s5, e5 = next(fields(s4, e4))
+        out[name] = ('bytes', range(s5, e5))
+      elif kind == 3:  # Int64List, packed.
+        ints = []
+        for _, s5, e5 in fields(s4, e4):
+          pos = s5
+          while pos < e5:
+            v, pos = _varint(raw, pos)
+            ints.append(v - (1 << 64) if v >= 1 << 63 else v)
+        out[name] = ('ints', ints)
+      else:
+        out[name] = ('other', None)
+  return out
 
 
 def _num_classes(feature) -> int:
@@ -263,32 +346,62 @@ def select_records(index: common.ExampleIndex, *, folds: Optional[Sequence[int]]
 
 
 # ----------------------------------------------------------------------------
-# Stateless samplers and cropping.
+# Stateless samplers (numpy, vectorised over a batch of stream positions k).
 # ----------------------------------------------------------------------------
 
-
-def _seed_keys(seed: int, process_index: int) -> Dict[str, tf.Tensor]:
-  state = np.random.SeedSequence([seed, process_index]).generate_state(8, np.uint64)
-  keys = (state >> np.uint64(1)).astype(np.int64).reshape(4, 2)
-  return {name: tf.constant(k) for name, k in
-          zip(('class', 'member', 'uniform', 'crop'), keys)}
+_U = np.uint64
 
 
-def _fold_in(key, *data):
-  for d in data:
-    key = tf.random.experimental.stateless_fold_in(key, tf.cast(d, tf.int64))
-  return key
+def _mix(x: np.ndarray) -> np.ndarray:
+  """splitmix64 finaliser: a well-spread 64-bit hash."""
+  x = x + _U(0x9E3779B97F4A7C15)
+  x = (x ^ (x >> _U(30))) * _U(0xBF58476D1CE4E5B9)
+  x = (x ^ (x >> _U(27))) * _U(0x94D049BB133111EB)
+  return x ^ (x >> _U(31))
 
 
-def _shuffle(i, key, n):
-  return tf.random.experimental.index_shuffle(i, key, tf.cast(n, tf.int64) - 1)
+def hash_ints(*parts) -> np.ndarray:
+  """Order-dependent uint64 hash of integer arrays (broadcast)."""
+  with np.errstate(over='ignore'):
+    h = np.zeros((), _U)
+    for p in parts:
+      h = _mix(h ^ np.asarray(p).astype(_U))
+    return h
 
 
-class _BalancedSampler:
-  """k -> position in `records`; see the module docstring."""
+def permute(i, n, key) -> np.ndarray:
+  """pi_key(i), where pi_key is a key-chosen permutation of [0, n).
+
+  A 4-round Feistel network on the smallest 2h-bit domain holding n, with
+  cycle walking back into [0, n); vectorised over i, n and key (broadcast).
+  """
+  i, n, key = np.broadcast_arrays(np.asarray(i, _U), np.asarray(n, _U),
+                                  np.asarray(key, _U))
+  half = np.ceil(np.ceil(np.log2(np.maximum(n, 2).astype(np.float64))) / 2)
+  half = half.astype(_U)
+  mask = (_U(1) << half) - _U(1)
+  x = i.copy()
+  todo = np.ones(x.shape, bool)
+  while todo.any():
+    xs, h, m, k = x[todo], half[todo], mask[todo], key[todo]
+    for r in range(4):
+      left, right = xs >> h, xs & m
+      xs = (right << h) | (left ^ (hash_ints(k, r, right) & m))
+    x[todo] = xs
+    todo[todo] = xs >= n[todo]
+  return x.astype(np.int64)
+
+
+def _seed_keys(seed: int, process_index: int) -> Dict[str, np.uint64]:
+  state = np.random.SeedSequence([seed, process_index]).generate_state(4, _U)
+  return dict(zip(('class', 'member', 'uniform', 'crop'), state))
+
+
+class BalancedSampler:
+  """k -> position in `records` (see the module docstring)."""
 
   def __init__(self, index: common.ExampleIndex, records: np.ndarray,
-               num_classes: int, keys):
+               num_classes: int, keys: Mapping[str, np.uint64]):
     members = [[] for _ in range(num_classes)]
     for pos, rec in enumerate(records):
       for c in index.labels_of(int(rec)):
@@ -297,76 +410,131 @@ class _BalancedSampler:
                               np.int64)
     if not len(self.class_ids):
       raise ValueError('Balanced sampling needs labelled examples; none found.')
-    counts = np.array([len(members[c]) for c in self.class_ids], np.int64)
-    self._counts = tf.constant(counts)
-    self._offsets = tf.constant(np.concatenate([[0], np.cumsum(counts)[:-1]]))
-    self._members = tf.constant(np.concatenate(
-        [members[c] for c in self.class_ids]).astype(np.int64))
-    self._class_ids = tf.constant(self.class_ids)
+    self.counts = np.array([len(members[c]) for c in self.class_ids], np.int64)
+    self.offsets = np.concatenate([[0], np.cumsum(self.counts)[:-1]])
+    self.members = np.concatenate(
+        [members[c] for c in self.class_ids]).astype(np.int64)
     self._keys = keys
 
-  def __call__(self, k):
-    num = tf.constant(len(self.class_ids), tf.int64)
+  def __call__(self, k: np.ndarray) -> np.ndarray:
+    num = len(self.class_ids)
     epoch, j = k // num, k % num
-    slot = _shuffle(j, _fold_in(self._keys['class'], epoch), num)
-    c = tf.gather(self._class_ids, slot)
-    n = tf.gather(self._counts, slot)
-    member_key = _fold_in(self._keys['member'], c, epoch // n)
-    m = _shuffle(epoch % n, member_key, n)
-    return tf.gather(self._members, tf.gather(self._offsets, slot) + m)
+    slot = permute(j, num, hash_ints(self._keys['class'], epoch))
+    n = self.counts[slot]
+    m = permute(epoch % n, n, hash_ints(self._keys['member'],
+                                        self.class_ids[slot], epoch // n))
+    return self.members[self.offsets[slot] + m]
 
 
-class _UniformSampler:
+class UniformSampler:
+  """k -> position: epoch k // N is a fresh permutation of the N positions."""
 
-  def __init__(self, num: int, keys):
+  def __init__(self, num: int, keys: Mapping[str, np.uint64]):
     if num == 0:
       raise ValueError('No examples to sample from.')
     self._num, self._keys = num, keys
 
-  def __call__(self, k):
-    n = tf.constant(self._num, tf.int64)
-    return _shuffle(k % n, _fold_in(self._keys['uniform'], k // n), n)
+  def __call__(self, k: np.ndarray) -> np.ndarray:
+    return permute(k % self._num, self._num,
+                   hash_ints(self._keys['uniform'], k // self._num))
 
 
-def _fit(audio, length: int, offset):
-  audio = audio[offset:offset + length]
-  audio = tf.pad(audio, [[0, length - tf.shape(audio)[0]]])
-  return tf.ensure_shape(audio, [length])
+_BUFFERS = threading.local()
 
 
-def _finish(el, length, num_classes, crop_key=None):
-  """Crops/pads audio and makes multi-hot labels of one example."""
-  audio = el['audio']
-  if crop_key is None:  # Evaluation: keep the start (as the packer does).
-    offset = tf.constant(0, tf.int64)
-  else:
-    excess = tf.maximum(tf.cast(tf.shape(audio)[0], tf.int64) - length, 0)
-    offset = tf.random.stateless_uniform(
-        [], _fold_in(crop_key, el['k']), minval=0, maxval=excess + 1,
-        dtype=tf.int64)
-  labels = tf.minimum(tf.reduce_sum(
-      tf.one_hot(el['label_ids'], num_classes, dtype=tf.float32), 0), 1.0)
-  out = {'audio': _fit(audio, length, offset), 'labels': labels}
-  for key in ('mask', 'record'):
-    if key in el:
-      out[key] = el[key]
-  return out
+def _scratch(shape: Tuple[int, int]) -> np.ndarray:
+  """A float32 buffer reused by the calling thread.
+
+  Safe because TF copies numpy_function outputs into its own tensors before
+  the thread can call again (tests/test_data_pipeline.py holds many batches and
+  would see any aliasing); it saves a page-faulting 40 MB allocation per batch.
+  """
+  buf = getattr(_BUFFERS, 'audio', None)
+  if buf is None or buf.shape != shape:
+    buf = _BUFFERS.audio = np.empty(shape, np.float32)
+  return buf
 
 
-def _to_float(batch):
-  return dict(batch, audio=tf.cast(batch['audio'], tf.float32) / 32768.0)
+def _assemble(examples: Sequence[Example], length: int, num_classes: int,
+              offsets: Sequence[int], reuse: bool = False
+              ) -> Tuple[np.ndarray, np.ndarray]:
+  """float32 audio [B, length] (window at offset, zero-padded) and multi-hot."""
+  shape = (len(examples), length)
+  audio = _scratch(shape) if reuse else np.empty(shape, np.float32)
+  labels = np.zeros((len(examples), num_classes), np.float32)
+  scale = np.float32(1 / 32768)
+  for b, ((samples, ids), off) in enumerate(zip(examples, offsets)):
+    window = samples[off:off + length]
+    np.multiply(window, scale, out=audio[b, :len(window)])
+    audio[b, len(window):] = 0
+    labels[b, ids] = 1.0
+  return audio, labels
 
 
-def _options(deterministic: bool = True) -> tf.data.Options:
+def _options() -> tf.data.Options:
   options = tf.data.Options()
-  options.deterministic = deterministic
-  options.experimental_optimization.map_parallelization = True
+  options.deterministic = True
   return options
 
 
 # ----------------------------------------------------------------------------
 # Iterators.
 # ----------------------------------------------------------------------------
+
+
+def tune_malloc() -> bool:
+  """Lets glibc keep freed memory for reuse instead of returning it to the OS.
+
+  Every 10 s, 32-clip batch is a 41 MB allocation, above glibc's mmap
+  threshold, so by default each one is a fresh mmap whose pages fault in one
+  by one; on VMs that costs ~0.4 ms of CPU per clip, a third of the pipeline
+  (benchmarks/input_pipeline.py). Raising the mmap and trim thresholds turns
+  these into reuses of already-mapped memory (what tcmalloc/jemalloc, common
+  under TF, do anyway). Process-wide, hence opt-in: call once at start-up.
+  Returns False where glibc's mallopt is unavailable.
+  """
+  try:
+    import ctypes  # pylint: disable=g-import-not-at-top
+    libc = ctypes.CDLL('libc.so.6')
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(libc.mallopt(m_mmap_threshold, 512 << 20) and
+                libc.mallopt(m_trim_threshold, 1 << 30))
+  except (OSError, AttributeError):
+    return False
+
+
+# tf.data threads that call back into Python (numpy_function) deadlock with
+# interpreter shutdown if their iterator is still alive then: close them first.
+_LIVE_ITERATORS = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_iterators() -> None:
+  for it in list(_LIVE_ITERATORS):
+    it.close()
+
+
+class _NumpyIterator:
+  """`ds.as_numpy_iterator()` that can be closed explicitly (and at exit)."""
+
+  def __init__(self, ds: tf.data.Dataset):
+    self._it = ds.as_numpy_iterator()
+    _LIVE_ITERATORS.add(self)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> Batch:
+    if self._it is None:
+      raise StopIteration
+    try:
+      return next(self._it)
+    except StopIteration:
+      self.close()
+      raise
+
+  def close(self) -> None:
+    self._it = None
 
 
 class TrainIterator:
@@ -386,33 +554,50 @@ class TrainIterator:
     self.clip_samples, self.balanced, self.seed = int(clip_samples), balanced, int(seed)
     self.records = records
     self._keys = _seed_keys(seed, process_index)
-    self._sampler = (_BalancedSampler(source.index, records, source.num_classes,
-                                      self._keys)
-                     if balanced else _UniformSampler(len(records), self._keys))
+    self.sampler = (BalancedSampler(source.index, records, source.num_classes,
+                                    self._keys)
+                    if balanced else UniformSampler(len(records), self._keys))
     self._with_record = with_record
     self._prefetch, self._npc = prefetch, num_parallel_calls
-    self._records_tf = tf.constant(records, tf.int64)
     self._step = 0
-    self._it: Optional[Iterator[Batch]] = None
+    self._it: Optional[_NumpyIterator] = None
 
   @property
   def num_classes(self) -> int:
     return self.source.num_classes
 
+  def batch(self, step: int, reuse: bool = False
+            ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Batch number `step` of this host's stream: (audio, labels, records).
+
+    reuse: write audio into a per-thread buffer (only for tf.numpy_function,
+    which copies it).
+    """
+    k = int(step) * self.batch_size + np.arange(self.batch_size, dtype=np.int64)
+    records = self.records[self.sampler(k)]
+    examples = self.source.read(records)
+    excess = np.array([max(len(a) - self.clip_samples, 0) for a, _ in examples])
+    offsets = hash_ints(self._keys['crop'], k) % (excess + 1).astype(_U)
+    audio, labels = _assemble(examples, self.clip_samples, self.num_classes,
+                              offsets.astype(np.int64), reuse=reuse)
+    return audio, labels, records
+
   def dataset(self, start_step: int = 0) -> tf.data.Dataset:
     """The tf.data pipeline from batch `start_step` on."""
-    start = start_step * self.batch_size
-    ds = tf.data.Dataset.range(start, np.iinfo(np.int64).max)
-    ds = ds.map(lambda k: {'k': k, 'record': tf.gather(
-        self._records_tf, self._sampler(k))},
-                num_parallel_calls=self._npc, deterministic=True)
-    ds = self.source.read(ds, self._npc)
-    ds = ds.map(lambda el: _finish(el, self.clip_samples, self.num_classes,
-                                   self._keys['crop']),
-                num_parallel_calls=self._npc, deterministic=True)
-    if not self._with_record:
-      ds = ds.map(lambda el: {k: v for k, v in el.items() if k != 'record'})
-    ds = ds.batch(self.batch_size, drop_remainder=True).map(_to_float)
+    b, length, c = self.batch_size, self.clip_samples, self.num_classes
+
+    def make(step):
+      audio, labels, records = tf.numpy_function(
+          lambda s: self.batch(s, reuse=True), [step],
+          (tf.float32, tf.float32, tf.int64), stateful=False)
+      out = {'audio': tf.ensure_shape(audio, [b, length]),
+             'labels': tf.ensure_shape(labels, [b, c])}
+      if self._with_record:
+        out['record'] = tf.ensure_shape(records, [b])
+      return out
+
+    ds = tf.data.Dataset.range(start_step, np.iinfo(np.int64).max)
+    ds = ds.map(make, num_parallel_calls=self._npc, deterministic=True)
     return ds.prefetch(self._prefetch).with_options(_options())
 
   def __iter__(self) -> 'TrainIterator':
@@ -420,10 +605,16 @@ class TrainIterator:
 
   def __next__(self) -> Batch:
     if self._it is None:
-      self._it = self.dataset(self._step).as_numpy_iterator()
+      self._it = _NumpyIterator(self.dataset(self._step))
     batch = next(self._it)
     self._step += 1
     return batch
+
+  def close(self) -> None:
+    """Stops the background pipeline; the next batch restarts it."""
+    if self._it is not None:
+      self._it.close()
+    self._it = None
 
   def _fingerprint(self) -> Dict[str, Any]:
     return {'seed': self.seed, 'balanced': self.balanced,
@@ -441,7 +632,7 @@ class TrainIterator:
       raise ValueError(f'Iterator state is for another pipeline: {mismatch} '
                        '(saved, current)')
     self._step = int(state['step'])
-    self._it = None
+    self.close()
 
   def save(self, path: str) -> None:
     with tf.io.gfile.GFile(path, 'w') as f:
@@ -462,42 +653,47 @@ class EvalIterable:
 
   def __init__(self, source: Source, *, batch_size: int, clip_samples: int,
                records: np.ndarray, max_records_per_host: int,
-               fallback_record: int, with_record: bool = False,
+               with_record: bool = False,
                num_parallel_calls: int = tf.data.AUTOTUNE):
     self.source, self.batch_size, self.clip_samples = source, batch_size, clip_samples
     self.records = records
     self.num_batches = -(-max_records_per_host // batch_size)
-    self._fallback = fallback_record
     self._with_record, self._npc = with_record, num_parallel_calls
 
   @property
   def num_examples(self) -> int:
     return len(self.records)
 
-  def dataset(self) -> tf.data.Dataset:
-    n = len(self.records)
-    padded = np.full(self.num_batches * self.batch_size, self._fallback, np.int64)
-    padded[:n] = self.records
-    mask = np.arange(len(padded)) < n
-    ds = tf.data.Dataset.from_tensor_slices({'record': padded, 'mask': mask})
-    ds = self.source.read(ds, self._npc)
-    ds = ds.map(lambda el: _finish(el, self.clip_samples,
-                                   self.source.num_classes),
-                num_parallel_calls=self._npc, deterministic=True)
+  def batch(self, i: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Batch i: (audio, labels, mask, records); padding rows are zeros, record -1."""
+    records = self.records[i * self.batch_size:(i + 1) * self.batch_size]
+    audio, labels = _assemble(self.source.read(records), self.clip_samples,
+                              self.source.num_classes, [0] * len(records))
+    pad = self.batch_size - len(records)
+    mask = np.arange(self.batch_size) < len(records)
+    return (np.pad(audio, [(0, pad), (0, 0)]), np.pad(labels, [(0, pad), (0, 0)]),
+            mask, np.pad(records, (0, pad), constant_values=-1))
 
-    def zero_padding(el):
-      keep = tf.cast(el['mask'], tf.float32)
-      out = dict(el, labels=el['labels'] * keep,
-                 audio=el['audio'] * tf.cast(el['mask'], tf.int16))
-      if not self._with_record:
-        del out['record']
+  def dataset(self) -> tf.data.Dataset:
+    b, length, c = self.batch_size, self.clip_samples, self.source.num_classes
+
+    def make(i):
+      audio, labels, mask, records = tf.numpy_function(
+          self.batch, [i], (tf.float32, tf.float32, tf.bool, tf.int64),
+          stateful=False)
+      out = {'audio': tf.ensure_shape(audio, [b, length]),
+             'labels': tf.ensure_shape(labels, [b, c]),
+             'mask': tf.ensure_shape(mask, [b])}
+      if self._with_record:
+        out['record'] = tf.ensure_shape(records, [b])
       return out
 
-    ds = ds.map(zero_padding).batch(self.batch_size).map(_to_float)
+    ds = tf.data.Dataset.range(self.num_batches)
+    ds = ds.map(make, num_parallel_calls=self._npc, deterministic=True)
     return ds.prefetch(2).with_options(_options())
 
   def __iter__(self) -> Iterator[Batch]:
-    return self.dataset().as_numpy_iterator()
+    return _NumpyIterator(self.dataset())
 
   def __len__(self) -> int:
     return self.num_batches
@@ -583,11 +779,9 @@ def make_eval_iterator(
   shards = [select_records(source.index, folds=folds, process_index=i,
                            process_count=process_count)
             for i in range(process_count)]
-  non_empty = [s for s in shards if len(s)]
-  if not non_empty:
+  if not any(len(s) for s in shards):
     raise ValueError(f'No examples selected in {split}.')
   return EvalIterable(
       source, batch_size=_local_batch(batch_size, process_count),
       clip_samples=clip_samples, records=shards[process_index],
-      max_records_per_host=max(len(s) for s in shards),
-      fallback_record=int(non_empty[0][0]), with_record=with_record)
+      max_records_per_host=max(len(s) for s in shards), with_record=with_record)

@@ -1,0 +1,11 @@
+"""DaiNet19 with the paper's AudioSet recipe (Kong et al. 2020); see panns_jax/recipe.py.
+
+    python -m panns_jax.main --config=configs/dainet19.py --workdir=DIR
+    python -m panns_jax.main --config=configs/dainet19.py:runlocal --workdir=/tmp/dainet19   # smoke run
+"""
+
+from panns_jax import recipe
+
+
+def get_config(arg=None):
+    return recipe.base_config("DaiNet19", arg, family_supports_logmel=False)

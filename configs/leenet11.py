@@ -1,0 +1,11 @@
+"""LeeNet11 with the paper's AudioSet recipe (Kong et al. 2020); see panns_jax/recipe.py.
+
+    python -m panns_jax.main --config=configs/leenet11.py --workdir=DIR
+    python -m panns_jax.main --config=configs/leenet11.py:runlocal --workdir=/tmp/leenet11   # smoke run
+"""
+
+from panns_jax import recipe
+
+
+def get_config(arg=None):
+    return recipe.base_config("LeeNet11", arg, family_supports_logmel=False)

@@ -1,0 +1,11 @@
+"""LeeNet24 with the paper's AudioSet recipe (Kong et al. 2020); see panns_jax/recipe.py.
+
+    python -m panns_jax.main --config=configs/leenet24.py --workdir=DIR
+    python -m panns_jax.main --config=configs/leenet24.py:runlocal --workdir=/tmp/leenet24   # smoke run
+"""
+
+from panns_jax import recipe
+
+
+def get_config(arg=None):
+    return recipe.base_config("LeeNet24", arg, family_supports_logmel=False)

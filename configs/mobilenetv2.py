@@ -1,0 +1,11 @@
+"""MobileNetV2 with the paper's AudioSet recipe (Kong et al. 2020); see panns_jax/recipe.py.
+
+    python -m panns_jax.main --config=configs/mobilenetv2.py --workdir=DIR
+    python -m panns_jax.main --config=configs/mobilenetv2.py:runlocal --workdir=/tmp/mobilenetv2   # smoke run
+"""
+
+from panns_jax import recipe
+
+
+def get_config(arg=None):
+    return recipe.base_config("MobileNetV2", arg)

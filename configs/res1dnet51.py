@@ -1,0 +1,11 @@
+"""Res1dNet51 with the paper's AudioSet recipe (Kong et al. 2020); see panns_jax/recipe.py.
+
+    python -m panns_jax.main --config=configs/res1dnet51.py --workdir=DIR
+    python -m panns_jax.main --config=configs/res1dnet51.py:runlocal --workdir=/tmp/res1dnet51   # smoke run
+"""
+
+from panns_jax import recipe
+
+
+def get_config(arg=None):
+    return recipe.base_config("Res1dNet51", arg, family_supports_logmel=False)

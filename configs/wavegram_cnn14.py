@@ -1,0 +1,11 @@
+"""Wavegram_Cnn14 with the paper's AudioSet recipe (Kong et al. 2020); see panns_jax/recipe.py.
+
+    python -m panns_jax.main --config=configs/wavegram_cnn14.py --workdir=DIR
+    python -m panns_jax.main --config=configs/wavegram_cnn14.py:runlocal --workdir=/tmp/wavegram_cnn14   # smoke run
+"""
+
+from panns_jax import recipe
+
+
+def get_config(arg=None):
+    return recipe.base_config("Wavegram_Cnn14", arg, family_supports_logmel=False)

@@ -1,0 +1,72 @@
+"""Evaluation metrics of the paper: mAP, mean AUC and d-prime (Kong et al. 2020, Sec. IV-D).
+
+Per class (``average=None`` in scikit-learn's terms), as the original evaluation:
+AP is the step-wise (non-interpolated) average precision over distinct score
+thresholds, AUC the trapezoidal ROC area with ties counted half. mAP and mAUC are
+the means over classes; d' = sqrt(2) * Phi^-1(mAUC) is computed from the *mean* AUC.
+Classes without any positive (or negative) example have no AP/AUC: they are NaN
+and left out of the means.
+"""
+
+from __future__ import annotations
+
+from typing import Dict
+
+import numpy as np
+from scipy import stats
+
+
+def _ranked(scores: np.ndarray, targets: np.ndarray):
+    """Cumulative true/false positives at each distinct threshold, high to low."""
+    order = np.argsort(-scores, kind="mergesort")
+    scores, targets = scores[order], targets[order]
+    last_of_tie = np.r_[np.flatnonzero(np.diff(scores)), scores.size - 1]
+    tps = np.cumsum(targets)[last_of_tie]
+    fps = (last_of_tie + 1) - tps
+    return tps, fps
+
+
+def average_precision(scores: np.ndarray, targets: np.ndarray) -> float:
+    """sum_n (R_n - R_{n-1}) P_n over distinct thresholds (sklearn's definition)."""
+    targets = np.asarray(targets) > 0.5
+    positives = targets.sum()
+    if positives == 0:
+        return float("nan")
+    tps, fps = _ranked(np.asarray(scores, np.float64), targets)
+    precision = tps / (tps + fps)
+    recall = tps / positives
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+def roc_auc(scores: np.ndarray, targets: np.ndarray) -> float:
+    """Area under the ROC curve, trapezoidal over distinct thresholds."""
+    targets = np.asarray(targets) > 0.5
+    positives, negatives = targets.sum(), (~targets).sum()
+    if positives == 0 or negatives == 0:
+        return float("nan")
+    tps, fps = _ranked(np.asarray(scores, np.float64), targets)
+    tpr = np.r_[0.0, tps / positives]
+    fpr = np.r_[0.0, fps / negatives]
+    return float(np.trapezoid(tpr, fpr) if hasattr(np, "trapezoid") else np.trapz(tpr, fpr))
+
+
+def d_prime(auc: float) -> float:
+    """sqrt(2) * Phi^-1(AUC): the sensitivity index the paper reports beside mAP."""
+    return float(np.sqrt(2.0) * stats.norm.ppf(auc))
+
+
+def evaluate(scores: np.ndarray, targets: np.ndarray) -> Dict[str, np.ndarray]:
+    """Per-class AP and AUC of ``(N, C)`` arrays, with mAP, mAUC and d-prime."""
+    scores, targets = np.asarray(scores), np.asarray(targets)
+    if scores.shape != targets.shape or scores.ndim != 2:
+        raise ValueError(f"scores {scores.shape} and targets {targets.shape} must be equal (N, C)")
+    ap = np.array([average_precision(scores[:, c], targets[:, c]) for c in range(scores.shape[1])])
+    auc = np.array([roc_auc(scores[:, c], targets[:, c]) for c in range(scores.shape[1])])
+    mean_auc = float(np.nanmean(auc)) if np.isfinite(auc).any() else float("nan")
+    return {
+        "mAP": float(np.nanmean(ap)) if np.isfinite(ap).any() else float("nan"),
+        "mAUC": mean_auc,
+        "d_prime": d_prime(mean_auc) if np.isfinite(mean_auc) else float("nan"),
+        "average_precision": ap,
+        "auc": auc,
+    }

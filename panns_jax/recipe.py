@@ -1,0 +1,117 @@
+"""The paper's training recipe and its ablations, shared by every config file.
+
+Kong et al. 2020, Sec. IV: batch 32, Adam (AMSGrad) lr 1e-3, BCE on sigmoid outputs,
+mixup alpha 1 on the log-mel, SpecAugment, balanced sampling, 600k iterations,
+evaluation every 2,000 iterations (golden/TRAINING.md §1, §8).
+
+The files in ``configs/`` call :func:`base_config`. Config arguments
+(``--config=configs/cnn14.py:ARG``, comma-separated ``key=value``):
+  mixup=logmel|wave|none   where mixup happens (none: no mixup)
+  specaug=0                no SpecAugment
+  dropout=0                no dropout after the conv blocks
+  sampling=balanced|full   balanced sampler or plain shuffling of the full data
+  sr=32k|16k|8k            sample rate (window and hop scale with it)
+  mel=32|64|128            mel bins
+  emb=32|128|512|2048      embedding size (fc1 width)
+  hop=N                    hop size in samples
+  head=max|avg|att         decision-level (SED) head of Cnn14 (Cnn14_DecisionLevel*)
+  runlocal                 tiny settings for a quick local smoke run
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def parse_arg(arg) -> dict:
+    """'mixup=wave,sr=16k,runlocal' -> {'mixup': 'wave', 'sr': '16k', 'runlocal': True}."""
+    result = {}
+    for part in (arg or "").split(","):
+        part = part.strip()
+        if not part:
+            continue
+        key, _, value = part.partition("=")
+        result[key.strip()] = value.strip() if value else True
+    return result
+
+
+def base_config(model: str, arg=None, family_supports_logmel: bool = True
+                ) -> ml_collections.ConfigDict:
+    args = parse_arg(arg)
+    known = {"mixup", "specaug", "dropout", "sampling", "sr", "mel", "emb", "hop", "head",
+             "runlocal"}
+    unknown = set(args) - known
+    if unknown:
+        raise ValueError(f"unknown config argument(s) {sorted(unknown)}; known: {sorted(known)}")
+
+    c = ml_collections.ConfigDict()
+    c.model = model
+    c.model_overrides = ml_collections.ConfigDict()
+    c.dataset = "audioset/32k"
+    c.data_dir = ml_collections.config_dict.placeholder(str)  # TFDS data dir (default ~/tensorflow_datasets)
+    c.train_split = "balanced_train"  # The paper's full data: a pack of balanced + unbalanced.
+    c.eval_split = "eval"
+    c.train_folds = ml_collections.config_dict.placeholder(tuple)  # Folds of ESC-50-like sets.
+    c.eval_folds = ml_collections.config_dict.placeholder(tuple)
+    c.clip_seconds = 10.0
+    c.balanced = args.get("sampling", "balanced") == "balanced"
+    c.batch_size = 32  # Paper: 32 clips per step (the loader delivers 64 with mixup).
+    c.eval_batch_size = 32
+    c.learning_rate = 1e-3  # Paper: Adam, lr 1e-3, AMSGrad.
+    c.b1, c.b2, c.eps = 0.9, 0.999, 1e-8
+    c.grad_clip_norm = ml_collections.config_dict.placeholder(float)  # Paper: no clipping.
+    c.mixup = args.get("mixup", "logmel")  # Paper: mixup alpha = 1 on the log-mel.
+    c.mixup_alpha = 1.0
+    c.num_train_steps = 600_000  # Paper: results reported at 600k iterations.
+    c.eval_every = 2_000
+    c.checkpoint_every = 2_000
+    c.keep_checkpoints = 2
+    c.log_every = 100
+    c.seed = 0
+    c.num_devices = ml_collections.config_dict.placeholder(int)  # Default: all devices.
+    c.compute_dtype = "float32"  # or 'bfloat16' (parameters stay float32)
+    c.fsdp_min_size = ml_collections.config_dict.placeholder(int)  # e.g. 2**20: shard every weight of >= 1M elements FSDP-style
+
+    m = c.model_overrides
+    if c.mixup not in ("logmel", "wave", "none"):
+        raise ValueError(f"mixup must be logmel, wave or none, got {c.mixup!r}")
+    if family_supports_logmel:
+        if c.mixup == "wave":
+            m.mixup_domain = "waveform"
+        if str(args.get("specaug", "1")) == "0":
+            m.spec_augment = False
+        frontend = {}
+        sr = args.get("sr", "32k")
+        rates = {"32k": (32000, 1024, 320, 14000), "16k": (16000, 512, 160, 8000),
+                 "8k": (8000, 256, 80, 4000)}
+        if sr not in rates:
+            raise ValueError(f"sr must be one of {sorted(rates)}, got {sr!r}")
+        if sr != "32k":
+            rate, window, hop, fmax = rates[sr]
+            frontend.update(sample_rate=rate, window_size=window, hop_size=hop, fmax=fmax)
+            c.dataset = f"audioset/{sr}"
+        if "mel" in args:
+            frontend["mel_bins"] = int(args["mel"])
+        if "hop" in args:
+            frontend["hop_size"] = int(args["hop"])
+        if frontend:
+            from panns_jax.frontend import FrontendConfig
+
+            m.frontend = FrontendConfig(**frontend)
+    if str(args.get("dropout", "1")) == "0":
+        m.trunk_dropout = 0.0
+    if "emb" in args:
+        m.embedding_size = int(args["emb"])
+    if "head" in args:
+        heads = {"max": "Cnn14_DecisionLevelMax", "avg": "Cnn14_DecisionLevelAvg",
+                 "att": "Cnn14_DecisionLevelAtt"}
+        if model != "Cnn14" or args["head"] not in heads:
+            raise ValueError(f"head={args['head']} is a Cnn14 option: one of {sorted(heads)}")
+        c.model = heads[args["head"]]
+    if args.get("runlocal"):
+        c.dataset = "panns_demo"
+        c.train_split, c.eval_split = "train", "eval"
+        c.clip_seconds = 2.0
+        c.batch_size, c.eval_batch_size = 4, 8
+        c.num_train_steps, c.eval_every, c.checkpoint_every, c.log_every = 4, 2, 2, 1
+    return c

@@ -1,0 +1,194 @@
+"""Training: sharding invariance, learning, exact resume after kill -9, metrics, NaN stop."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from panns_jax import checkpoints, metrics, optim, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(data_dir, **changes):
+    """The demo config shrunk to seconds: batch 4 (8 with mixup), 1 s clips."""
+    sys.path.insert(0, ROOT)
+    from configs import demo
+
+    c = demo.get_config()
+    c.data_dir = str(data_dir)
+    c.batch_size, c.eval_batch_size, c.clip_seconds = 4, 8, 1.0
+    c.model_overrides.widths = (8, 16, 32, 64)
+    c.model_overrides.embedding_size = 32
+    c.num_train_steps, c.eval_every, c.checkpoint_every, c.log_every = 6, 0, 3, 1
+    c.num_devices = 1  # Sharding is covered by its own test; 1 device compiles fastest.
+    for key, value in changes.items():
+        c[key] = value
+    return c
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """panns_demo prepared once for the module (it is generated, no download)."""
+    from panns_jax import data
+
+    path = tmp_path_factory.mktemp("tfds")
+    data.get_builder("panns_demo", data_dir=str(path))
+    return path
+
+
+def _losses(workdir):
+    losses = {}
+    with open(os.path.join(workdir, "train_log.jsonl")) as f:
+        for line in f:
+            record = json.loads(line)
+            losses[record["step"]] = record["loss"]  # A resumed run rewrites later steps.
+    return losses
+
+
+def test_metrics_equal_scikit_learn():
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    rng = np.random.default_rng(0)
+    targets = (rng.random((200, 6)) < 0.3).astype(np.float32)
+    scores = np.round(rng.random((200, 6)) * 0.5 + 0.4 * targets, 2)  # Rounded: ties too.
+    result = metrics.evaluate(scores, targets)
+    np.testing.assert_allclose(result["average_precision"],
+                               average_precision_score(targets, scores, average=None), rtol=1e-12)
+    np.testing.assert_allclose(result["auc"], roc_auc_score(targets, scores, average=None),
+                               rtol=1e-12)
+    assert result["mAP"] == pytest.approx(np.mean(result["average_precision"]))
+    from scipy.stats import norm
+
+    assert result["d_prime"] == pytest.approx(np.sqrt(2) * norm.ppf(result["mAUC"]))
+
+
+def test_amsgrad_matches_pytorch():
+    torch = pytest.importorskip("torch", reason="PyTorch not installed: reference unavailable")
+    rng = np.random.default_rng(0)
+    w0 = rng.standard_normal((5, 3)).astype(np.float32)
+    grads = [rng.standard_normal((5, 3)).astype(np.float32) * s for s in (1.0, 0.01, 3.0, 0.1, 1.0)]
+    weight = torch.nn.Parameter(torch.from_numpy(w0.copy()))
+    reference = torch.optim.Adam([weight], lr=1e-3, betas=(0.9, 0.999), eps=1e-8, amsgrad=True)
+    tx = optim.paper_optimizer()
+    params = jnp.asarray(w0)
+    state = tx.init(params)
+    for g in grads:
+        weight.grad = torch.from_numpy(g)
+        reference.step()
+        updates, state = tx.update(jnp.asarray(g), state, params)
+        params = params + updates
+    np.testing.assert_allclose(np.asarray(params), weight.detach().numpy(), rtol=1e-6, atol=1e-7)
+
+
+def _first_step_loss(config, num_devices):
+    """Loss and updated params of one train step on a fixed batch, on ``num_devices``."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    mesh = train.make_mesh(num_devices)
+    model, _ = train.build_model(config, num_classes=10)
+    tx = optim.paper_optimizer()
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 32000)), train=False)
+    state = train.TrainState(step=jnp.zeros([], jnp.int32), params=variables["params"],
+                             batch_stats=variables["batch_stats"],
+                             opt_state=tx.init(variables["params"]), rng=jax.random.key(1))
+    rng = np.random.default_rng(0)
+    batch = {"audio": rng.uniform(-0.5, 0.5, (16, 32000)).astype(np.float32),
+             "labels": (rng.random((16, 10)) < 0.3).astype(np.float32)}
+    replicated = NamedSharding(mesh, P())
+    state = jax.device_put(state, replicated)
+    step = jax.jit(train.make_train_step(model, tx, config),
+                   in_shardings=(replicated, NamedSharding(mesh, P("data"))),
+                   out_shardings=(replicated, replicated))
+    new_state, step_metrics = step(state, train.global_batch(mesh, batch))
+    return float(step_metrics["loss"]), jax.device_get(new_state.params)
+
+
+def test_eight_devices_give_the_same_loss_as_one(tmp_path):
+    assert jax.device_count() >= 8, "conftest forces 8 host devices"
+    config = tiny_config(tmp_path)
+    loss_1, params_1 = _first_step_loss(config, 1)
+    loss_8, params_8 = _first_step_loss(config, 8)
+    assert loss_8 == pytest.approx(loss_1, rel=1e-5)
+    # Adam's first step moves each weight by ~lr * sign(g): float reduction-order noise in
+    # near-zero gradients shows up as differences well below lr (1e-3).
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=2e-5),
+                           params_1, params_8)
+
+
+def test_demo_training_learns_and_leaves_an_inference_checkpoint(data_dir, tmp_path):
+    config = tiny_config(data_dir, num_train_steps=40, eval_every=40, checkpoint_every=20,
+                         log_every=1, batch_size=8, eval_batch_size=16, learning_rate=3e-3)
+    result = train.train_and_evaluate(config, str(tmp_path))
+    losses = _losses(str(tmp_path))
+    first, last = np.mean([losses[s] for s in range(1, 6)]), np.mean([losses[s] for s in range(36, 41)])
+    assert last < 0.85 * first
+    # 10 classes, 1-3 labels per clip: random scores give an mAP of about 0.2.
+    initial = np.genfromtxt(tmp_path / "eval" / "per_class_step00000000.csv", delimiter=",",
+                            skip_header=1, usecols=2)
+    assert result["mAP"] > 0.3 and result["mAP"] > np.mean(initial) + 0.05
+    for name in ("model", "best"):
+        loaded = checkpoints.load(str(tmp_path / name))
+        assert loaded.model == "Cnn10" and loaded.overrides["num_classes"] == 10
+    assert (tmp_path / "eval" / "per_class_step00000040.csv").exists()
+
+
+def _run_main(workdir, data_dir, steps, wait=True):
+    cmd = [sys.executable, "-m", "panns_jax.main", f"--config={ROOT}/tests/train_config.py",
+           f"--workdir={workdir}", f"--config.data_dir={data_dir}",
+           f"--config.num_train_steps={steps}"]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    process = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    if wait:
+        _, err = process.communicate(timeout=600)
+        assert process.returncode == 0, err[-3000:]
+    return process
+
+
+def test_killed_and_resumed_run_equals_uninterrupted(data_dir, tmp_path):
+    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
+    _run_main(straight, data_dir, 12)
+    process = _run_main(crashed, data_dir, 12, wait=False)
+    deadline = time.time() + 300
+    # Wait for the step-6 checkpoint to be committed, then kill -9 mid-run.
+    while not (crashed / "checkpoints" / "6" / "_CHECKPOINT_METADATA").exists():
+        assert process.poll() is None, process.stderr.read()[-3000:]
+        assert time.time() < deadline
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    _run_main(crashed, data_dir, 12)
+    want, got = _losses(straight), _losses(crashed)
+    assert sorted(got) == list(range(1, 13))
+    for step in range(1, 13):
+        assert got[step] == pytest.approx(want[step], rel=1e-5, abs=1e-6), step
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
+    make_step = train.make_train_step
+
+    def poisoned(model, optimizer, config):
+        step_fn = make_step(model, optimizer, config)
+
+        def wrapped(state, batch):
+            new_state, step_metrics = step_fn(state, batch)
+            loss = jnp.where(state.step >= 4, jnp.nan, step_metrics["loss"])
+            return new_state, {**step_metrics, "loss": loss}
+
+        return wrapped
+
+    monkeypatch.setattr(train, "make_train_step", poisoned)
+    config = tiny_config(data_dir, num_train_steps=8, checkpoint_every=3, log_every=100)
+    with pytest.raises(train.NonFiniteLossError, match="loss became nan at step 6"):
+        train.train_and_evaluate(config, str(tmp_path))
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3"]
