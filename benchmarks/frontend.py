@@ -10,23 +10,18 @@ in float32 as a typical data-loader front end would.
 from __future__ import annotations
 
 import argparse
-import time
+import os
+import sys
 
 import jax
 import librosa
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from timing import best_time  # noqa: E402
+
 from panns_jax import frontend as fe
 
-
-def _best_time(fn, repeats: int) -> float:
-    fn()  # Warm-up (and compilation for JAX).
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def main() -> None:
@@ -41,7 +36,7 @@ def main() -> None:
 
     logmel = jax.jit(lambda x: fe.logmel(x, config))
     device_clips = jax.device_put(clips)
-    jax_time = _best_time(lambda: logmel(device_clips).block_until_ready(), args.repeats)
+    jax_time = best_time(lambda: logmel(device_clips).block_until_ready(), args.repeats)
 
     def librosa_batch():
         for clip in clips:
@@ -51,7 +46,7 @@ def main() -> None:
                 power=2.0, n_mels=config.mel_bins, fmin=config.fmin, fmax=config.fmax)
             librosa.power_to_db(mel, ref=1.0, amin=1e-10, top_db=None)
 
-    librosa_time = _best_time(librosa_batch, max(1, args.repeats // 2))
+    librosa_time = best_time(librosa_batch, max(1, args.repeats // 2))
     ours, theirs = args.batch / jax_time, args.batch / librosa_time
     print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), batch {args.batch}")
     print(f"panns_jax jitted log-mel: {ours:9.1f} clips/s (10 s clips)")

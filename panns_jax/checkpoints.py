@@ -17,7 +17,6 @@ import shutil
 import tempfile
 from typing import Any, Dict, List, Optional
 
-import numpy as np
 
 METADATA_FILE = "panns_jax.json"
 VARIABLES_DIR = "variables"

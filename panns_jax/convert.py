@@ -24,7 +24,7 @@ from __future__ import annotations
 import functools
 import os
 import tempfile
-from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterable, Mapping, Optional, Tuple
 
 import flax
 import jax
@@ -32,6 +32,9 @@ import numpy as np
 
 from panns_jax import frontend as fe
 from panns_jax import models
+
+if TYPE_CHECKING:
+    from panns_jax import checkpoints
 
 FRONTEND_KEYS = (
     "spectrogram_extractor.stft.conv_real.weight",

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Optional
+
 
 import jax
 import jax.numpy as jnp

@@ -115,3 +115,51 @@ def base_config(model: str, arg=None, family_supports_logmel: bool = True
         c.batch_size, c.eval_batch_size = 4, 8
         c.num_train_steps, c.eval_every, c.checkpoint_every, c.log_every = 4, 2, 2, 1
     return c
+
+
+def transfer_config(dataset: str, *, num_folds: int, clip_seconds: float, arg=None,
+                    model: str = "Cnn14") -> ml_collections.ConfigDict:
+    """A transfer run (Sec. V) on a single-label set with folds: ESC-50, GTZAN, RAVDESS.
+
+    The pretrained model is ``config.transfer.checkpoint`` (a placeholder: pass
+    ``--config.transfer.checkpoint=DIR_OR_PTH``); see ``panns_jax/transfer.py``.
+    Config arguments (besides those of :func:`base_config`, e.g. ``mixup=none``):
+      strategy=scratch|finetune|freeze_l1|freeze_l3   the paper's four systems
+      fold=K                   held-out fold (train on the others); `transfer cv` runs all
+      steps=N                  training steps (default 10,000)
+
+    Recipe of the authors' transfer code (panns_transfer_to_gtzan): Adam (AMSGrad here,
+    as the pretraining) at lr 1e-4, batch 32, mixup on the log-mel, uniform sampling,
+    softmax cross-entropy on one label per clip.
+    """
+    args = parse_arg(arg)
+    strategy = args.pop("strategy", "finetune")
+    fold = int(args.pop("fold", 1))
+    steps = int(args.pop("steps", 10_000))
+    if args.get("runlocal") or "head" in args:
+        raise ValueError("transfer configs take no runlocal/head argument")
+    from panns_jax import transfer  # Validation only; cheap (no TensorFlow).
+
+    if strategy not in transfer.STRATEGIES:
+        raise ValueError(f"strategy must be one of {transfer.STRATEGIES}, got {strategy!r}")
+    if not 1 <= fold <= num_folds:
+        raise ValueError(f"fold must be in 1..{num_folds}, got {fold}")
+    c = base_config(model, ",".join(f"{k}={v}" for k, v in args.items()))
+    c.dataset = f"{dataset}/{args.get('sr', '32k')}"
+    c.train_split = c.eval_split = "train"  # One split; folds select train / held-out clips.
+    c.train_folds = tuple(f for f in range(1, num_folds + 1) if f != fold)
+    c.eval_folds = (fold,)
+    c.clip_seconds = clip_seconds
+    c.task = "singlelabel"
+    c.balanced = args.get("sampling", "full") == "balanced"
+    c.learning_rate = 1e-4
+    c.num_train_steps = steps
+    c.eval_every = c.checkpoint_every = min(1_000, steps)
+    c.log_every = 100
+    c.transfer = ml_collections.ConfigDict()
+    c.transfer.strategy = strategy
+    c.transfer.checkpoint = ml_collections.config_dict.placeholder(str)
+    c.transfer.hidden_size = ml_collections.config_dict.placeholder(int)  # Freeze_L3 width.
+    c.transfer.num_folds = num_folds
+    c.transfer.fold = fold
+    return c

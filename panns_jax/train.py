@@ -8,6 +8,11 @@ Adam with AMSGrad at lr 1e-3, binary cross-entropy on the sigmoid outputs, mixup
 (alpha 1) and SpecAugment inside the model, balanced sampling, evaluation every 2000
 steps. Data parallel over a ``jax.sharding.Mesh`` with a 'data' axis; parameters
 replicated, or the largest ones sharded FSDP-style over the same axis.
+
+The loop does not care what it trains: a :class:`Task` (``config.task``) owns the loss
+and the metrics (multi-label tagging or single-label classification), and
+``config.transfer`` (:mod:`panns_jax.transfer`) swaps in a pretrained base with a new
+head and an optimiser mask that freezes part of it.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any, Dict, Iterator, Optional, Tuple
+from typing import Any, Dict, Iterator, Mapping, Optional, Tuple
 
 import flax
 import jax
@@ -27,7 +32,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from panns_jax import checkpoints, frontend, metrics, models, optim
+from panns_jax import checkpoints, frontend, metrics, models, optim, transfer
 
 Batch = Dict[str, np.ndarray]
 
@@ -94,6 +99,88 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int):
     return models.get(config.model, **overrides), overrides
 
 
+class Task:
+    """What is learnt: the loss on the model's outputs, the eval scores and metrics.
+
+    Scenic-style, so that the loop never branches on the kind of problem. Targets are
+    always the loader's ``(B, C)`` float rows (multi-hot, or one-hot for a single label;
+    mixed pairwise under mixup).
+    """
+
+    name: str = ""
+    best_metric: str = "mAP"  # The metric the 'best' checkpoint maximises.
+    summary_keys: Tuple[str, ...] = ("mAP", "mAUC", "d_prime")
+
+    def loss(self, outputs: Dict[str, jax.Array], targets: jax.Array) -> jax.Array:
+        raise NotImplementedError
+
+    def scores(self, outputs: Dict[str, jax.Array]) -> jax.Array:
+        """Per-class scores that evaluation ranks (probabilities)."""
+        return outputs["clipwise_output"]
+
+    def evaluate(self, scores: np.ndarray, targets: np.ndarray) -> Dict[str, Any]:
+        return metrics.evaluate(scores, targets)
+
+
+class MultiLabelTask(Task):
+    """Audio tagging as in the paper: BCE on the sigmoid outputs; mAP, mAUC, d'."""
+
+    name = "multilabel"
+
+    def loss(self, outputs, targets):
+        return binary_cross_entropy(outputs["clipwise_output"], targets)
+
+
+class SingleLabelTask(Task):
+    """One class per clip (ESC-50, GTZAN, RAVDESS): softmax cross-entropy on the logits.
+
+    Accuracy counts the top-scoring class being a label of the clip; mAP/mAUC/d' are
+    reported beside it (per-class one-vs-rest).
+    """
+
+    name = "singlelabel"
+    best_metric = "accuracy"
+    summary_keys = ("accuracy", "mAP", "mAUC", "d_prime")
+
+    def loss(self, outputs, targets):
+        logits = outputs["logits"].astype(jnp.float32)
+        return jnp.mean(optax.softmax_cross_entropy(logits, targets))
+
+    def scores(self, outputs):
+        return jax.nn.softmax(outputs["logits"].astype(jnp.float32), axis=-1)
+
+    def evaluate(self, scores, targets):
+        result = metrics.evaluate(scores, targets)
+        scores, targets = np.asarray(scores), np.asarray(targets)
+        top = np.argmax(scores, axis=1)
+        result["accuracy"] = float(np.mean(targets[np.arange(len(top)), top] > 0.5))
+        return result
+
+
+TASKS = {"multilabel": MultiLabelTask, "singlelabel": SingleLabelTask}
+
+
+def get_task(config: ml_collections.ConfigDict) -> Task:
+    """The :class:`Task` of ``config.task`` (default 'multilabel', the paper's tagging)."""
+    name = config.get("task", "multilabel") or "multilabel"
+    if name not in TASKS:
+        raise ValueError(f"config.task must be one of {sorted(TASKS)}, got {name!r}")
+    return TASKS[name]()
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """The paper's optimiser; for transfer runs, masked so that frozen parameters get
+    ``optax.set_to_zero()`` (and no Adam state)."""
+    optimizer = optim.paper_optimizer(config.learning_rate, config.b1, config.b2, config.eps,
+                                      config.get("grad_clip_norm"))
+    strategy = transfer.strategy_of(config)
+    if strategy is None:
+        return optimizer
+    return optax.multi_transform(
+        {"trained": optimizer, "frozen": optax.set_to_zero()},
+        lambda params: transfer.param_labels(params, strategy))
+
+
 def binary_cross_entropy(probabilities: jax.Array, targets: jax.Array) -> jax.Array:
     """Mean BCE on probabilities, each log clamped at -100 as PyTorch's BCELoss does."""
     p = probabilities.astype(jnp.float32)
@@ -104,6 +191,8 @@ def binary_cross_entropy(probabilities: jax.Array, targets: jax.Array) -> jax.Ar
 
 def make_train_step(model, optimizer: optax.GradientTransformation, config):
     mixup_on = config.mixup != "none"
+    task = get_task(config)
+    strategy = transfer.strategy_of(config)
 
     def train_step(state: TrainState, batch: Dict[str, jax.Array]):
         rng = jax.random.fold_in(state.rng, state.step)
@@ -120,12 +209,16 @@ def make_train_step(model, optimizer: optax.GradientTransformation, config):
                 {"params": params, "batch_stats": state.batch_stats}, batch["audio"], train=True,
                 mixup_lambda=lam, rngs={"dropout": dropout_rng, "specaug": specaug_rng},
                 mutable=["batch_stats"])
-            loss = binary_cross_entropy(outputs["clipwise_output"], targets)
+            loss = task.loss(outputs, targets)
             return loss, updates["batch_stats"]
 
         (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        if strategy is not None:  # Frozen leaves pass through: bitwise, even for -0.0.
+            params = jax.tree_util.tree_map(lambda keep, new, old: new if keep else old,
+                                            transfer.trainable_mask(params, strategy),
+                                            params, state.params)
         new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                                   opt_state=opt_state)
         return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
@@ -133,10 +226,12 @@ def make_train_step(model, optimizer: optax.GradientTransformation, config):
     return train_step
 
 
-def make_eval_step(model):
+def make_eval_step(model, task: Optional[Task] = None):
+    task = task or MultiLabelTask()
+
     def eval_step(params, batch_stats, audio):
         outputs = model.apply({"params": params, "batch_stats": batch_stats}, audio)
-        return outputs["clipwise_output"]
+        return task.scores(outputs)
 
     return eval_step
 
@@ -146,8 +241,10 @@ def make_eval_step(model):
 # ----------------------------------------------------------------------------
 
 
-def evaluate(eval_fn, state: TrainState, eval_batches, mesh: Mesh) -> Dict[str, Any]:
-    """mAP, mAUC, d' over the eval split (each example once; padded rows masked out)."""
+def evaluate(eval_fn, state: TrainState, eval_batches, mesh: Mesh,
+             task: Optional[Task] = None) -> Dict[str, Any]:
+    """The task's metrics (mAP, mAUC, d'; accuracy) over the eval split (each example once;
+    padded rows masked out)."""
     scores, targets = [], []
     for batch in eval_batches:
         audio = global_batch(mesh, {"audio": batch["audio"]})["audio"]
@@ -157,7 +254,7 @@ def evaluate(eval_fn, state: TrainState, eval_batches, mesh: Mesh) -> Dict[str, 
         mask = multihost_utils.process_allgather(batch["mask"], tiled=True)
         scores.append(np.asarray(probabilities)[np.asarray(mask)])
         targets.append(np.asarray(labels)[np.asarray(mask)])
-    return metrics.evaluate(np.concatenate(scores), np.concatenate(targets))
+    return (task or MultiLabelTask()).evaluate(np.concatenate(scores), np.concatenate(targets))
 
 
 def write_per_class_ap(workdir: str, step: int, result: Dict[str, Any], class_names) -> str:
@@ -176,15 +273,27 @@ def write_per_class_ap(workdir: str, step: int, result: Dict[str, Any], class_na
 # ----------------------------------------------------------------------------
 
 
-def _input_pipelines(config, mixup_on: bool, sample_rate: int):
+def _input_pipelines(config, mixup_on: bool, sample_rate: int,
+                     sources: Optional[Mapping[str, Any]] = None):
     from panns_jax import data  # Imports TensorFlow (CPU only); kept out of model code.
 
     data.pipeline.tune_malloc()  # Reuse the large batch buffers instead of re-mapping them.
 
-    dataset = config.dataset
-    builder = data.get_builder(dataset, data_dir=config.get("data_dir"))
     per_step = config.batch_size * (2 if mixup_on else 1)
     clip_samples = int(round(config.clip_seconds * sample_rate))
+    if sources is not None:  # In-memory data (tests, notebooks): {split: data.Source}.
+        missing = {config.train_split, config.eval_split} - set(sources)
+        if missing:
+            raise ValueError(f"sources has no split {sorted(missing)} (it has {sorted(sources)})")
+        train = data.make_train_iterator(
+            sources[config.train_split], batch_size=per_step, clip_samples=clip_samples,
+            balanced=config.balanced, seed=config.seed, folds=config.get("train_folds"))
+        evaluation = data.make_eval_iterator(
+            sources[config.eval_split], batch_size=config.eval_batch_size,
+            clip_samples=clip_samples, folds=config.get("eval_folds"))
+        return train, evaluation, getattr(sources[config.train_split], "class_names", None)
+    dataset = config.dataset
+    builder = data.get_builder(dataset, data_dir=config.get("data_dir"))
     train = data.make_train_iterator(
         builder, config.train_split, batch_size=per_step, clip_samples=clip_samples,
         balanced=config.balanced, seed=config.seed, data_dir=config.get("data_dir"),
@@ -198,10 +307,12 @@ def _input_pipelines(config, mixup_on: bool, sample_rate: int):
     return train, evaluation, names
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       sources: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
     """Train ``config`` in ``workdir``, resuming from its latest checkpoint if any.
 
-    Returns the last evaluation's metrics.
+    ``sources`` ({split name: ``panns_jax.data.Source``}, e.g. ``ArraySource``) replaces
+    ``config.dataset`` by in-memory data. Returns the last evaluation's metrics.
     """
     import orbax.checkpoint as ocp
     from clu import metric_writers
@@ -216,33 +327,51 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     if (config.batch_size * (2 if mixup_on else 1)) % mesh.shape["data"]:
         raise ValueError(f"batch {config.batch_size} (x2 with mixup) must divide over "
                          f"{mesh.shape['data']} devices")
-    sample_rate = models.sample_rate(models.get(config.model, **config.get("model_overrides", {})))
-    train_iter, eval_batches, class_names = _input_pipelines(config, mixup_on, sample_rate)
+    task = get_task(config)
+    strategy = transfer.strategy_of(config)
+    base = transfer.load_base(config) if strategy else None
+    sample_rate = models.sample_rate(
+        base.build() if base else models.get(config.model, **config.get("model_overrides", {})))
+    train_iter, eval_batches, class_names = _input_pipelines(config, mixup_on, sample_rate,
+                                                             sources)
     num_classes = train_iter.num_classes
 
     # Model and train state, created directly with their shardings.
-    model, overrides = build_model(config, num_classes)
-    optimizer = optim.paper_optimizer(config.learning_rate, config.b1, config.b2, config.eps,
-                                      config.get("grad_clip_norm"))
+    if base is not None:
+        model = transfer.build_model(config, base, num_classes,
+                                     output="softmax" if task.name == "singlelabel" else "sigmoid")
+        overrides, pretrained = {}, (base.variables and
+                                     {k: base.variables[k] for k in ("params", "batch_stats")
+                                      if k in base.variables})
+        logging.info("transfer (%s) from %s: %s", strategy,
+                     config.transfer.get("checkpoint") or "random init", base.name)
+    else:
+        model, overrides = build_model(config, num_classes)
+        pretrained = None
+    optimizer = make_optimizer(config)
     clip_samples = int(round(config.clip_seconds * sample_rate))
 
-    def init_state(rng):
+    def init_state(rng, pretrained):
         init_rng, state_rng = jax.random.split(rng)
         variables = model.init(init_rng, jnp.zeros((1, clip_samples), jnp.float32), train=False)
+        if base is not None:
+            variables = transfer.merge_pretrained(variables, pretrained)
         params = variables["params"]
         return TrainState(step=jnp.zeros([], jnp.int32), params=params,
                           batch_stats=variables.get("batch_stats", {}),
                           opt_state=optimizer.init(params), rng=state_rng)
 
-    abstract = jax.eval_shape(init_state, jax.random.key(config.seed))
+    abstract = jax.eval_shape(init_state, jax.random.key(config.seed), pretrained)
     state_sharding = param_sharding(mesh, abstract, config.get("fsdp_min_size"))
-    state = jax.jit(init_state, out_shardings=state_sharding)(jax.random.key(config.seed))
+    state = jax.jit(init_state, out_shardings=state_sharding)(jax.random.key(config.seed),
+                                                              pretrained)
+    del pretrained
     data_sharding = NamedSharding(mesh, P("data"))
     train_step = jax.jit(make_train_step(model, optimizer, config),
                          in_shardings=(state_sharding, data_sharding),
                          out_shardings=(state_sharding, NamedSharding(mesh, P())),
                          donate_argnums=0)
-    eval_step = jax.jit(make_eval_step(model),
+    eval_step = jax.jit(make_eval_step(model, task),
                         in_shardings=(state_sharding.params, state_sharding.batch_stats,
                                       data_sharding),
                         out_shardings=data_sharding)
@@ -266,7 +395,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
     if latest is None:
         writer.write_hparams({k: str(v) for k, v in config.to_dict().items()})
-    best_map = _read_best(workdir)
+    best_key = task.best_metric
+    best_value = _read_best(workdir, best_key)
     last_eval: Dict[str, Any] = {}
     step = int(jax.device_get(state.step))
     start_step, start_time = step, time.time()
@@ -288,23 +418,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     def export_model(name: str, step_now: int) -> None:
         if jax.process_index() == 0:
             host = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
-            export_overrides = {k: v for k, v in overrides.items() if k != "dtype"}
-            checkpoints.save(os.path.join(workdir, name), checkpoints.ModelCheckpoint(
-                model=config.model, variables=host, overrides=export_overrides, step=step_now,
-                labels=list(class_names) if class_names else None),
-                overwrite=True)
+            labels = list(class_names) if class_names else None
+            if base is not None:
+                checkpoint = transfer.to_checkpoint(model, base, host, step_now, labels)
+            else:
+                export_overrides = {k: v for k, v in overrides.items() if k != "dtype"}
+                checkpoint = checkpoints.ModelCheckpoint(
+                    model=config.model, variables=host, overrides=export_overrides,
+                    step=step_now, labels=labels)
+            checkpoints.save(os.path.join(workdir, name), checkpoint, overwrite=True)
 
     while step < config.num_train_steps:
         # Evaluate at step 0 (fresh runs) and every eval_every steps, as the original.
         if config.eval_every and step % config.eval_every == 0 and (step > start_step or latest is None):
-            last_eval = evaluate(eval_step, state, eval_batches, mesh)
-            writer.write_scalars(step, {f"eval/{k}": last_eval[k] for k in ("mAP", "mAUC", "d_prime")})
+            last_eval = evaluate(eval_step, state, eval_batches, mesh, task)
+            writer.write_scalars(step, {f"eval/{k}": last_eval[k] for k in task.summary_keys})
             if jax.process_index() == 0:
                 write_per_class_ap(workdir, step, last_eval, class_names)
-            if np.isfinite(last_eval["mAP"]) and last_eval["mAP"] > best_map:
-                best_map = last_eval["mAP"]
+            if np.isfinite(last_eval[best_key]) and last_eval[best_key] > best_value:
+                best_value = last_eval[best_key]
                 export_model("best", step)
-                _write_best(workdir, best_map, step)
+                _write_best(workdir, best_key, best_value, step)
 
         batch = global_batch(mesh, next(train_iter))
         state, step_metrics = train_step(state, batch)
@@ -331,13 +465,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
 
     manager.wait_until_finished()
     if config.eval_every:
-        last_eval = evaluate(eval_step, state, eval_batches, mesh)
-        writer.write_scalars(step, {f"eval/{k}": last_eval[k] for k in ("mAP", "mAUC", "d_prime")})
+        last_eval = evaluate(eval_step, state, eval_batches, mesh, task)
+        writer.write_scalars(step, {f"eval/{k}": last_eval[k] for k in task.summary_keys})
         if jax.process_index() == 0:
             write_per_class_ap(workdir, step, last_eval, class_names)
-        if np.isfinite(last_eval["mAP"]) and last_eval["mAP"] > best_map:
+        if np.isfinite(last_eval[best_key]) and last_eval[best_key] > best_value:
             export_model("best", step)
-            _write_best(workdir, last_eval["mAP"], step)
+            _write_best(workdir, best_key, last_eval[best_key], step)
     export_model("model", step)
     writer.flush()
     manager.close()
@@ -345,15 +479,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     return last_eval
 
 
-def _read_best(workdir: str) -> float:
-    path = os.path.join(workdir, "best", "best_map.json")
+def _best_path(workdir: str, key: str) -> str:
+    name = "best_map.json" if key == "mAP" else f"best_{key}.json"
+    return os.path.join(workdir, "best", name)
+
+
+def _read_best(workdir: str, key: str = "mAP") -> float:
+    path = _best_path(workdir, key)
     if os.path.exists(path):
         with open(path) as f:
-            return float(json.load(f)["mAP"])
+            return float(json.load(f)[key])
     return -1.0
 
 
-def _write_best(workdir: str, value: float, step: int) -> None:
+def _write_best(workdir: str, key: str, value: float, step: int) -> None:
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "best", "best_map.json"), "w") as f:
-            json.dump({"mAP": value, "step": step}, f)
+        with open(_best_path(workdir, key), "w") as f:
+            json.dump({key: value, "step": step}, f)

@@ -9,11 +9,11 @@ one LSB toward zero, TRAINING.md Sec. 2; packs from the original are copied as i
 
 from __future__ import annotations
 
-import os
-import warnings
 from typing import Optional
 
 import numpy as np
+
+from panns_jax import audio
 
 # Extensions the builders look at when indexing a download folder. Anything
 # soundfile reads is decoded directly; the rest goes through librosa/audioread.
@@ -23,40 +23,9 @@ AUDIO_EXTENSIONS = frozenset({
 })
 
 
-class AudioDecodeError(ValueError):
-  """A file that cannot be used as audio; the message says why."""
-
-
-def load_audio(path: str, sample_rate: int) -> np.ndarray:
-  """Mono float32 samples in [-1, 1] of `path`, resampled to `sample_rate`.
-
-  Channels are averaged (as librosa's mono=True); resampling uses librosa's
-  default soxr_hq resampler. Raises AudioDecodeError for missing, empty,
-  undecodable or non-finite files so that builders can count and skip them.
-  """
-  import soundfile as sf  # pylint: disable=g-import-not-at-top
-
-  if not os.path.isfile(path):
-    raise AudioDecodeError(f'{path}: no such file')
-  if os.path.getsize(path) == 0:
-    raise AudioDecodeError(f'{path}: empty file (0 bytes)')
-  try:
-    samples, rate = sf.read(path, dtype='float32', always_2d=True)
-    samples = samples.mean(axis=1) if samples.shape[1] > 1 else samples[:, 0]
-  except Exception as sf_error:  # pylint: disable=broad-except
-    try:
-      import librosa  # pylint: disable=g-import-not-at-top
-      with warnings.catch_warnings():  # audioread deprecation noise
-        warnings.simplefilter('ignore')
-        samples, rate = librosa.load(path, sr=None, mono=True)
-    except Exception:  # pylint: disable=broad-except
-      raise AudioDecodeError(
-          f'{path}: not a readable audio file ({sf_error})') from None
-  if samples.size == 0:
-    raise AudioDecodeError(f'{path}: contains no audio samples')
-  if not np.all(np.isfinite(samples)):
-    raise AudioDecodeError(f'{path}: contains NaN or Inf samples')
-  return resample(samples, int(rate), sample_rate)
+# One decoder for the whole package: the builders count and skip what it rejects.
+AudioDecodeError = audio.AudioError
+load_audio = audio.load_audio
 
 
 def resample(samples: np.ndarray, orig_rate: int,

@@ -12,7 +12,7 @@ Layout conventions (see ``golden/ARCHITECTURES.md``):
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence, Tuple
+from typing import Any, Callable, Optional, Tuple
 
 import flax.linen as nn
 import jax

@@ -16,7 +16,6 @@ from typing import Dict
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from panns_jax.models import layers
 

@@ -1,0 +1,12 @@
+"""GTZAN genres transfer (Kong et al. 2020, Sec. VI-D, Table XVII): 10 genres, 10-fold CV,
+30 s clips (``fold`` = track number mod 10 + 1, see panns_jax/data/transfer.py).
+
+    python -m panns_jax.transfer cv --config=configs/gtzan.py:strategy=finetune \
+        --config.transfer.checkpoint=CKPT --workdir=DIR
+"""
+
+from panns_jax import recipe
+
+
+def get_config(arg=None):
+    return recipe.transfer_config("gtzan_genres", num_folds=10, clip_seconds=30.0, arg=arg)

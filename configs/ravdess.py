@@ -1,0 +1,12 @@
+"""RAVDESS emotion transfer (Kong et al. 2020, Sec. VI-D, Table XVIII): 8 emotions,
+4 speaker-independent folds (6 actors each), clips of 3-5 s cropped or padded to 5 s.
+
+    python -m panns_jax.transfer cv --config=configs/ravdess.py:strategy=finetune \
+        --config.transfer.checkpoint=CKPT --workdir=DIR
+"""
+
+from panns_jax import recipe
+
+
+def get_config(arg=None):
+    return recipe.transfer_config("ravdess", num_folds=4, clip_seconds=5.0, arg=arg)
