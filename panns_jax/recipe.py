@@ -14,6 +14,7 @@ The files in ``configs/`` call :func:`base_config`. Config arguments
   mel=32|64|128            mel bins
   emb=32|128|512|2048      embedding size (fc1 width)
   hop=N                    hop size in samples
+  data_fraction=F          train on a seeded subset of this fraction of the training data
   head=max|avg|att         decision-level (SED) head of Cnn14 (Cnn14_DecisionLevel*)
   runlocal                 tiny settings for a quick local smoke run
 """
@@ -39,7 +40,7 @@ def base_config(model: str, arg=None, family_supports_logmel: bool = True
                 ) -> ml_collections.ConfigDict:
     args = parse_arg(arg)
     known = {"mixup", "specaug", "dropout", "sampling", "sr", "mel", "emb", "hop", "head",
-             "runlocal"}
+             "data_fraction", "runlocal"}
     unknown = set(args) - known
     if unknown:
         raise ValueError(f"unknown config argument(s) {sorted(unknown)}; known: {sorted(known)}")
@@ -55,6 +56,7 @@ def base_config(model: str, arg=None, family_supports_logmel: bool = True
     c.eval_folds = ml_collections.config_dict.placeholder(tuple)
     c.clip_seconds = 10.0
     c.balanced = args.get("sampling", "balanced") == "balanced"
+    c.data_fraction = float(args.get("data_fraction", 1.0))  # Paper Sec. V: less training data.
     c.batch_size = 32  # Paper: 32 clips per step (the loader delivers 64 with mixup).
     c.eval_batch_size = 32
     c.learning_rate = 1e-3  # Paper: Adam, lr 1e-3, AMSGrad.

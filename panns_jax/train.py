@@ -287,7 +287,8 @@ def _input_pipelines(config, mixup_on: bool, sample_rate: int,
             raise ValueError(f"sources has no split {sorted(missing)} (it has {sorted(sources)})")
         train = data.make_train_iterator(
             sources[config.train_split], batch_size=per_step, clip_samples=clip_samples,
-            balanced=config.balanced, seed=config.seed, folds=config.get("train_folds"))
+            balanced=config.balanced, seed=config.seed, folds=config.get("train_folds"),
+            fraction=config.get("data_fraction", 1.0))
         evaluation = data.make_eval_iterator(
             sources[config.eval_split], batch_size=config.eval_batch_size,
             clip_samples=clip_samples, folds=config.get("eval_folds"))
@@ -297,7 +298,7 @@ def _input_pipelines(config, mixup_on: bool, sample_rate: int,
     train = data.make_train_iterator(
         builder, config.train_split, batch_size=per_step, clip_samples=clip_samples,
         balanced=config.balanced, seed=config.seed, data_dir=config.get("data_dir"),
-        folds=config.get("train_folds"))
+        folds=config.get("train_folds"), fraction=config.get("data_fraction", 1.0))
     evaluation = data.make_eval_iterator(
         builder, config.eval_split, batch_size=config.eval_batch_size, clip_samples=clip_samples,
         data_dir=config.get("data_dir"), folds=config.get("eval_folds"))

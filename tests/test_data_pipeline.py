@@ -291,3 +291,24 @@ def test_demo_by_name_prepares_itself_and_uses_jax_process(tmp_path):
   assert it.source.num_examples == 400 and len(it.records) == 400  # 1 process
   ev = pipeline.make_eval_iterator('panns_demo', batch_size=32, data_dir=str(tmp_path))
   assert len(ev) == 4 and ev.clip_samples == 64000
+
+
+def test_fraction_trains_on_a_fixed_seeded_subset():
+  audio = [np.full(1000, i, np.int16) for i in range(40)]
+  labels = [np.array([i % 4], np.int32) for i in range(40)]
+  source = pipeline.ArraySource(audio, labels, num_classes=4)
+
+  def seen(seed):
+    it = pipeline.make_train_iterator(source, batch_size=8, clip_samples=1000, balanced=False,
+                                      seed=seed, fraction=0.25, with_record=True,
+                                      process_index=0, process_count=1)
+    records = {int(r) for _ in range(20) for r in next(it)['record']}
+    it.close()
+    return records
+
+  first = seen(0)
+  assert len(first) == 10  # A quarter of 40 examples, all of them visited in 160 draws.
+  assert seen(0) == first and seen(1) != first
+  with pytest.raises(ValueError, match='fraction'):
+    pipeline.make_train_iterator(source, batch_size=8, clip_samples=1000, fraction=0.0,
+                                 process_index=0, process_count=1)

@@ -721,6 +721,7 @@ def make_train_iterator(
     prefetch: int = 2,
     num_parallel_calls: int = tf.data.AUTOTUNE,
     with_record: bool = False,
+    fraction: float = 1.0,
 ) -> TrainIterator:
   """Endless training batches of this host.
 
@@ -735,6 +736,8 @@ def make_train_iterator(
     folds: keep only examples whose `fold` is in this list (ESC-50, GTZAN...).
     process_index, process_count: default to jax.process_index()/count().
     with_record: also return 'record' (int64 [B], the record id) per example.
+    fraction: train on this fraction of the (host's) examples, a subset fixed by
+      `seed` (the paper's "amount of training data" ablation).
 
   Returns:
     A TrainIterator yielding {'audio': f32 [B, clip_samples] in [-1, 1),
@@ -745,6 +748,11 @@ def make_train_iterator(
   records = select_records(source.index, folds=folds,
                            process_index=process_index,
                            process_count=process_count)
+  if not 0 < fraction <= 1:
+    raise ValueError(f'fraction must be in (0, 1], got {fraction}')
+  if fraction < 1:
+    keep = np.random.default_rng(seed).permutation(len(records))
+    records = records[np.sort(keep[:max(1, int(round(fraction * len(records))))])]
   return TrainIterator(
       source, batch_size=_local_batch(batch_size, process_count),
       clip_samples=clip_samples, balanced=balanced, seed=seed, records=records,
