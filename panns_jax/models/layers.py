@@ -77,7 +77,9 @@ class SameConv2d(nn.Conv):
     @nn.compact
     def __call__(self, inputs: jax.Array) -> jax.Array:
         rows = inputs.shape[1]
-        if rows >= _MIN_FAST_ROWS:
+        # Symbolic lengths (shape-polymorphic export) keep the plain conv: comparing them
+        # would add a length constraint to the exported graph.
+        if not isinstance(rows, int) or rows >= _MIN_FAST_ROWS:
             return super().__call__(inputs)
         padded = jnp.pad(inputs, ((0, 0), (0, _MIN_FAST_ROWS - rows), (0, 0), (0, 0)))
         # The barrier keeps XLA from folding the pad back into the conv's own padding.
