@@ -318,6 +318,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     import orbax.checkpoint as ocp
     from clu import metric_writers
 
+    workdir = os.path.abspath(workdir)  # orbax needs absolute paths; users pass relative ones.
     os.makedirs(workdir, exist_ok=True)
     mixup_on = config.mixup != "none"
     if config.mixup not in ("none", "logmel", "wave"):

@@ -125,10 +125,12 @@ def test_eight_devices_give_the_same_loss_as_one(tmp_path):
                            params_1, params_8)
 
 
-def test_demo_training_learns_and_leaves_an_inference_checkpoint(data_dir, tmp_path):
+def test_demo_training_learns_and_leaves_an_inference_checkpoint(data_dir, tmp_path,
+                                                                monkeypatch):
     config = tiny_config(data_dir, num_train_steps=40, eval_every=40, checkpoint_every=20,
                          log_every=1, batch_size=8, eval_batch_size=16, learning_rate=3e-3)
-    result = train.train_and_evaluate(config, str(tmp_path))
+    monkeypatch.chdir(tmp_path.parent)  # A relative workdir, as users type it.
+    result = train.train_and_evaluate(config, tmp_path.name)
     losses = _losses(str(tmp_path))
     first, last = np.mean([losses[s] for s in range(1, 6)]), np.mean([losses[s] for s in range(36, 41)])
     assert last < 0.85 * first
