@@ -307,6 +307,29 @@ def torch_to_checkpoint(state_dict: Mapping[str, Any], model_name: str, *,
                                        overrides=overrides, step=step)
 
 
+def load_model_checkpoint(path: str, model_name: Optional[str] = None
+                          ) -> "checkpoints.ModelCheckpoint":
+    """A panns_jax checkpoint directory or an original ``.pth`` (named by ``model_name``).
+
+    The one loader behind every ``--checkpoint DIR_OR_PTH`` flag.
+    """
+    from panns_jax import checkpoints
+
+    path = os.fspath(path)
+    if checkpoints.is_model_checkpoint(path):
+        loaded = checkpoints.load(path)
+        if model_name and model_name != loaded.model:
+            raise ValueError(f"{path} holds {loaded.model}, not {model_name}")
+        return loaded
+    if os.path.isdir(path):
+        raise ValueError(f"{path}: not a panns_jax checkpoint directory")
+    if not model_name:
+        raise ValueError(f"{path}: not a panns_jax checkpoint directory; name the architecture "
+                         "of an original .pth with --model")
+    state, step = read_torch_checkpoint(path)
+    return torch_to_checkpoint(state, model_name, step=step)
+
+
 def main(argv: Optional[Iterable[str]] = None) -> int:
     """``panns-jax-convert from-torch | to-torch``."""
     import argparse

@@ -173,19 +173,9 @@ def resolve_source(source: Source, model_name: Optional[str] = None
         return model, dict(variables), model_name or type(model).__name__
     if isinstance(source, checkpoints.ModelCheckpoint):
         return source.build_model(), dict(source.variables), source.model
-    path = os.fspath(source)
-    if checkpoints.is_model_checkpoint(path):
-        loaded = checkpoints.load(path)
-        if model_name and model_name != loaded.model:
-            raise ValueError(f"{path} holds {loaded.model}, not {model_name}")
-        return loaded.build_model(), dict(loaded.variables), loaded.model
-    if not model_name:
-        raise ValueError(f"{path}: not a panns_jax checkpoint directory; name the architecture "
-                         "of an original .pth with model_name (--model)")
     from panns_jax import convert
 
-    state, step = convert.read_torch_checkpoint(path)
-    loaded = convert.torch_to_checkpoint(state, model_name, step=step)
+    loaded = convert.load_model_checkpoint(source, model_name)
     return loaded.build_model(), dict(loaded.variables), loaded.model
 
 

@@ -511,19 +511,9 @@ def load_tagger(checkpoint: Optional[str], model_name: Optional[str], **kwargs: 
     """A tagger from a panns_jax checkpoint directory, an original ``.pth``, or none (random)."""
     if checkpoint is None:
         return AudioTagger(model_name or "Cnn14", **kwargs)
-    from panns_jax import checkpoints, convert
+    from panns_jax import convert
 
-    if checkpoints.is_model_checkpoint(checkpoint):
-        loaded = checkpoints.load(checkpoint)
-        if model_name and model_name != loaded.model:
-            raise ValueError(f"{checkpoint} holds {loaded.model}, not {model_name}")
-    else:
-        if os.path.isdir(checkpoint):
-            raise ValueError(f"{checkpoint}: not a panns_jax checkpoint directory")
-        if not model_name:
-            raise ValueError(f"{checkpoint}: name the architecture of a .pth with --model")
-        state, step = convert.read_torch_checkpoint(checkpoint)
-        loaded = convert.torch_to_checkpoint(state, model_name, step=step)
+    loaded = convert.load_model_checkpoint(checkpoint, model_name)
     return AudioTagger(loaded.model, variables=loaded.variables, overrides=loaded.overrides,
                        labels=loaded.labels, **kwargs)
 
