@@ -8,6 +8,13 @@ Both steps: log-mel front end, Cnn14 forward in training mode (BatchNorm batch s
 binary cross-entropy on the sigmoid outputs, backward, Adam with AMSGrad. panns_jax also draws
 SpecAugment stripes and dropout inside its jitted step; the PyTorch baseline
 (benchmarks/torch_baselines.py) has neither, which favours it slightly.
+
+Measured on the 2-core AVX-512 CI machine (torch 2.13 CPU, jax 0.10.2), float32:
+  batch 8 x 5 s:   panns_jax 2.28 clips/s, PyTorch 2.75 clips/s -> 0.83x
+                   (0.61x before models/same_conv.py; XLA's own conv gradient)
+  batch 32 x 10 s: panns_jax 0.96 clips/s, PyTorch 1.60 clips/s -> 0.60x (0.41x before)
+Convolutions dominate: XLA:CPU's forward conv runs at ~60% of oneDNN's and its weight
+gradients on Cnn14's large maps at ~50% even after same_conv. bfloat16 does not help on CPU.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from panns_jax import models, optim, train  # noqa: E402
+from panns_jax import data, models, optim, train  # noqa: E402
 from timing import best_time  # noqa: E402
 from panns_jax.models import profile  # noqa: E402
 
@@ -84,6 +91,7 @@ def main() -> None:
                         help="device peak (e.g. 989 for H100 bf16 dense) to report MFU")
     args = parser.parse_args()
     samples = int(args.seconds * 32000)
+    data.pipeline.tune_malloc()  # as train.py does: reuse freed activation buffers
 
     ours = jax_step_time(args.batch, samples, args.dtype, args.steps)
     ours_rate = args.batch / ours

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from panns_jax import frontend as fe
+from panns_jax.models import same_conv
 
 Dtype = Any
 
@@ -94,7 +95,8 @@ def conv2d(features: int, kernel: int, name: str, dtype: Dtype, *, groups: int =
     """Stride-1, 'same'-padded 2-D conv without bias (every PANNs conv but one)."""
     pad = kernel // 2
     return SameConv2d(features, (kernel, kernel), padding=((pad, pad), (pad, pad)),
-                      feature_group_count=groups, use_bias=use_bias, dtype=dtype, name=name)
+                      feature_group_count=groups, use_bias=use_bias, dtype=dtype, name=name,
+                      conv_general_dilated=same_conv.conv_general_dilated)
 
 
 def conv1d(features: int, kernel: int, name: str, dtype: Dtype, *, stride: int = 1,

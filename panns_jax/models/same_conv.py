@@ -1,0 +1,128 @@
+"""A 'same'-padded stride-1 2-D convolution whose gradient stays fast on CPU.
+
+XLA:CPU differentiates a convolution into two more convolutions, and two of those
+shapes are slow there (measured on a 2-core AVX-512 machine, batch 8 of 5 s clips,
+``benchmarks/train_step.py``):
+
+* the weight gradient of a conv on a large map (Cnn14's first blocks) is a convolution
+  whose "kernel" is the whole (time, freq) map: 3-4x slower than the forward conv;
+* the input gradient on a tiny map (Cnn14's last blocks, 31x4 and 15x2) runs 2-4x
+  slower than the forward conv.
+
+On CPU this module computes both as matrix products instead (same sums, reassociated):
+the weight gradient of a large map as one product per kernel row of a width-unfolded
+input, the input gradient of a tiny map as one product followed by a scatter-add of
+the kernel taps (col2im). Other backends (GPU/TPU) keep XLA's own gradient, selected
+at lowering time with ``lax.platform_dependent``. The forward pass is always
+``lax.conv_general_dilated``, so inference and exports are unchanged.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+_DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
+# Maps with fewer (time x freq) positions than this are "tiny": input gradient as col2im.
+# Larger maps take the unfolded weight gradient. Tuned with benchmarks/train_step.py.
+_TINY_MAP = 256
+# The unfolded weight gradient needs enough input channels to make a useful matrix product.
+_MIN_UNFOLD_CHANNELS = 16
+
+
+def _conv(x: jax.Array, w: jax.Array, pad: int) -> jax.Array:
+    return lax.conv_general_dilated(x, w, (1, 1), ((pad, pad), (pad, pad)),
+                                    dimension_numbers=_DIMENSION_NUMBERS)
+
+
+def _xla_grads(x, w, dy, pad):
+    _, vjp = jax.vjp(functools.partial(_conv, pad=pad), x, w)
+    return vjp(dy)
+
+
+def _weight_grad_unfolded(x, dy, kernel, pad):
+    """dW[kh, kw] = sum over (n, t, f) of x_pad[n, t + kh, f + kw]^T dy[n, t, f]."""
+    n, h, w_, ci = x.shape
+    xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    # Unfold along frequency only (kernel x the input, not kernel^2 as a full im2col).
+    unfolded = jnp.concatenate([xp[:, :, k:k + w_] for k in range(kernel)], axis=-1)
+    dy2 = dy.reshape(-1, dy.shape[-1])
+    rows = [lax.dot_general(unfolded[:, k:k + h].reshape(-1, kernel * ci), dy2,
+                            (((0,), (0,)), ((), ())))
+            for k in range(kernel)]
+    return jnp.stack(rows).reshape(kernel, kernel, ci, dy.shape[-1])
+
+
+def _input_grad_col2im(w, dy, pad):
+    """dx = col2im(dy @ W^T): one product, then each tap's columns added at its shift."""
+    kernel, _, ci, co = w.shape
+    n, h, w_, _ = dy.shape
+    cols = lax.dot_general(dy.reshape(-1, co), w.reshape(kernel * kernel * ci, co),
+                           (((1,), (1,)), ((), ()))).reshape(n, h, w_, kernel, kernel, ci)
+    out = jnp.zeros((n, h + 2 * pad, w_ + 2 * pad, ci), cols.dtype)
+    for kh in range(kernel):
+        for kw in range(kernel):
+            out = out.at[:, kh:kh + h, kw:kw + w_].add(cols[:, :, :, kh, kw])
+    return out[:, pad:pad + h, pad:pad + w_]
+
+
+def _cpu_grads(x, w, dy, pad):
+    kernel = w.shape[0]
+    positions = x.shape[1] * x.shape[2]
+    dx, dw = None, None
+    if positions < _TINY_MAP:
+        dx = _input_grad_col2im(w, dy, pad)
+    elif x.shape[-1] >= _MIN_UNFOLD_CHANNELS:
+        dw = _weight_grad_unfolded(x, dy, kernel, pad)
+    if dx is None or dw is None:
+        xla_dx, xla_dw = _xla_grads(x, w, dy, pad)
+        dx = xla_dx if dx is None else dx
+        dw = xla_dw if dw is None else dw
+    return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def same_conv(x: jax.Array, w: jax.Array, pad: int) -> jax.Array:
+    """Stride-1 NHWC x HWIO conv with ``pad`` zeros on every side (a square odd kernel)."""
+    return _conv(x, w, pad)
+
+
+def _same_conv_fwd(x, w, pad):
+    return _conv(x, w, pad), (x, w)
+
+
+def _same_conv_bwd(pad, residuals, dy):
+    x, w = residuals
+    return lax.platform_dependent(x, w, dy, cpu=functools.partial(_cpu_grads, pad=pad),
+                                  default=functools.partial(_xla_grads, pad=pad))
+
+
+same_conv.defvjp(_same_conv_fwd, _same_conv_bwd)
+
+
+def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int],
+                         padding: Any, lhs_dilation=None, rhs_dilation=None,
+                         dimension_numbers=None, feature_group_count: int = 1,
+                         **kwargs) -> jax.Array:
+    """Drop-in for ``lax.conv_general_dilated`` (flax's ``Conv.conv_general_dilated``) that
+    routes plain same-padded stride-1 convs through :func:`same_conv`."""
+    kernel = rhs.shape[0]
+    plain = (tuple(window_strides) == (1, 1) and feature_group_count == 1
+             and not kwargs.get("precision") and kwargs.get("preferred_element_type") is None
+             and (lhs_dilation is None or tuple(lhs_dilation) == (1, 1))
+             and (rhs_dilation is None or tuple(rhs_dilation) == (1, 1))
+             and lhs.ndim == 4
+             and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+             == lax.conv_dimension_numbers(lhs.shape, rhs.shape, _DIMENSION_NUMBERS)
+             and kernel == rhs.shape[1] and kernel % 2 == 1 and kernel > 1
+             and not isinstance(padding, str)
+             and tuple(map(tuple, padding)) == ((kernel // 2,) * 2,) * 2)
+    if not plain:
+        return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation,
+                                        rhs_dilation, dimension_numbers, feature_group_count,
+                                        **kwargs)
+    return same_conv(lhs, rhs, kernel // 2)

@@ -1,0 +1,70 @@
+"""The CPU gradient of models.same_conv equals XLA's own conv gradient on every branch."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from panns_jax.models import same_conv
+
+
+def _lax_conv(x, w, pad):
+    return jax.lax.conv_general_dilated(x, w, (1, 1), ((pad, pad), (pad, pad)),
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@pytest.mark.parametrize(
+    "shape, kernel, branch",
+    [
+        ((2, 40, 16, 32, 24), 3, "unfolded weight gradient (large map)"),
+        ((2, 30, 12, 20, 8), 5, "unfolded weight gradient, 5x5 kernel"),
+        ((2, 7, 3, 48, 40), 3, "col2im input gradient (tiny map)"),
+        ((2, 6, 2, 16, 32), 5, "col2im, 5x5 kernel larger than the map"),
+        ((2, 40, 16, 1, 8), 3, "XLA gradient (one input channel)"),
+    ],
+)
+def test_gradients_match_xla(shape, kernel, branch):
+    n, h, w, ci, co = shape
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(n, h, w, ci)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(kernel, kernel, ci, co)), jnp.float32)
+    dy = jnp.asarray(rng.normal(size=(n, h, w, co)), jnp.float32)
+    pad = kernel // 2
+
+    ours_y, ours_vjp = jax.vjp(lambda a, b: same_conv.same_conv(a, b, pad), x, k)
+    ref_y, ref_vjp = jax.vjp(lambda a, b: _lax_conv(a, b, pad), x, k)
+    np.testing.assert_array_equal(ours_y, ref_y)  # the forward pass is lax's own
+    for ours, ref, name in zip(jax.jit(ours_vjp)(dy), ref_vjp(dy), ("dx", "dw")):
+        scale = float(jnp.max(jnp.abs(ref)))
+        assert scale > 0
+        np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-5 * scale, err_msg=f"{branch}: {name}")
+
+
+def test_bfloat16_gradients_keep_dtypes():
+    x = jnp.ones((1, 8, 4, 16), jnp.bfloat16)
+    w = jnp.ones((3, 3, 16, 8), jnp.bfloat16)
+    dx, dw = jax.grad(lambda a, b: same_conv.same_conv(a, b, 1).astype(jnp.float32).sum(),
+                      argnums=(0, 1))(x, w)
+    assert dx.dtype == dw.dtype == jnp.bfloat16
+    # Interior input positions feed all 9 taps x 8 output channels.
+    assert float(dx[0, 3, 1, 0]) == 72.0
+
+
+def test_dispatch_keeps_other_convs_on_lax():
+    x = jnp.ones((1, 8, 8, 4))
+    w = jnp.ones((3, 3, 4, 4))
+    dn = ("NHWC", "HWIO", "NHWC")
+    plain = same_conv.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn)
+    np.testing.assert_array_equal(plain, _lax_conv(x, w, 1))
+    strided = same_conv.conv_general_dilated(x, w, (2, 2), ((1, 1), (1, 1)), dimension_numbers=dn)
+    assert strided.shape == (1, 4, 4, 4)
+    grouped = same_conv.conv_general_dilated(x, jnp.ones((3, 3, 1, 4)), (1, 1), ((1, 1), (1, 1)),
+                                             dimension_numbers=dn, feature_group_count=4)
+    np.testing.assert_array_equal(grouped[0, 4, 4], jnp.full((4,), 9.0))
+    # Only the same-padded stride-1 case is routed through the custom gradient.
+    jaxpr = str(jax.make_jaxpr(lambda a: same_conv.conv_general_dilated(
+        a, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn))(x))
+    assert "custom_vjp" in jaxpr
+    jaxpr = str(jax.make_jaxpr(lambda a: same_conv.conv_general_dilated(
+        a, w, (2, 2), ((1, 1), (1, 1)), dimension_numbers=dn))(x))
+    assert "custom_vjp" not in jaxpr
