@@ -194,3 +194,22 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, m
     with pytest.raises(train.NonFiniteLossError, match="loss became nan at step 6"):
         train.train_and_evaluate(config, str(tmp_path))
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3"]
+
+
+def test_resume_onto_a_different_number_of_devices(data_dir, tmp_path):
+    """A checkpoint written by 8 devices resumes on 2 and continues the same run."""
+    straight, moved = str(tmp_path / "straight"), str(tmp_path / "moved")
+    train.train_and_evaluate(tiny_config(data_dir, num_train_steps=6, num_devices=8), straight)
+    train.train_and_evaluate(tiny_config(data_dir, num_train_steps=3, num_devices=8), moved)
+    assert sorted(os.listdir(os.path.join(moved, "checkpoints"))) == ["3"]
+    train.train_and_evaluate(tiny_config(data_dir, num_train_steps=6, num_devices=2), moved)
+    want, got = _losses(straight), _losses(moved)
+    with open(os.path.join(moved, "train_log.jsonl")) as f:
+        logged = [json.loads(line)["step"] for line in f]
+    assert logged == list(range(1, 7)), "the 2-device run must resume at step 4, not restart"
+    for step in range(4, 7):  # Steps after the restore ran on 2 devices.
+        assert got[step] == pytest.approx(want[step], rel=1e-5, abs=1e-6), step
+    final = checkpoints.load(os.path.join(moved, "model"))
+    reference = checkpoints.load(os.path.join(straight, "model"))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                 final.variables, reference.variables)
