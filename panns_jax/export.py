@@ -237,6 +237,10 @@ def _import(module: str, what: str):
     import importlib
 
     try:
+        if module == "tensorflow":
+            from panns_jax import tf_cpu
+
+            return tf_cpu.import_tensorflow()
         return importlib.import_module(module)
     except ImportError:
         raise ImportError(f"{what} needs {module.split('.')[0]}: pip install 'panns_jax[export]'"

@@ -1,13 +1,20 @@
-"""HEAR-benchmark API (Turian et al. 2022) for any PANNs model.
+"""HEAR-benchmark API (Turian et al. 2022) for any PANNs model; passes ``hear-validator``.
 
     from panns_jax import hear
     model = hear.load_model("ckpt/cnn14")                  # or an original .pth + model_name
     scene = hear.get_scene_embeddings(audio, model)        # (n_sounds, 2048)
     emb, ts = hear.get_timestamp_embeddings(audio, model)  # (n, n_timestamps, 2048), (n, n_ts) ms
 
-``audio`` is float32 ``(n_sounds, n_samples)`` at ``model.sample_rate`` as numpy,
-jax or torch arrays; results come back in the same array family.
+    hear-validator panns_jax.hear -m ckpt/cnn14            # the official check
 
+``audio`` is float32 ``(n_sounds, n_samples)`` at ``model.sample_rate`` as numpy, jax,
+torch or TensorFlow arrays; results come back in the same array family (torch: on the
+input's device).
+
+* Sample rate: HEAR accepts only 16, 22.05, 44.1 and 48 kHz. A model whose own rate is
+  one of those reads it directly; the others (the paper's 32 kHz, 8 kHz) take 48 kHz
+  input by default and resample it to their rate with soxr HQ, as ``load_audio`` does.
+  ``input_sample_rate=`` picks another rate (e.g. the model's own, to skip resampling).
 * Scene embedding: the model's ``embedding`` of each whole sound (unpadded, as the
   original inference). Decision-level models have none; theirs is the mean over
   time of ``segmentwise_embedding``.
@@ -22,24 +29,50 @@ from __future__ import annotations
 
 from typing import Any, Optional, Tuple
 
+import librosa
 import numpy as np
 
-from panns_jax import inference
+from panns_jax import inference, tf_cpu
+
+tf = tf_cpu.import_tensorflow()
+
+# The only input rates the HEAR API allows (hear-validator's ACCEPTABLE_SAMPLE_RATE).
+HEAR_SAMPLE_RATES = (16000, 22050, 44100, 48000)
 
 
-class PannsHearModel:
-    """An :class:`inference.AudioTagger` with the attributes HEAR expects."""
+def default_input_rate(model_rate: int) -> int:
+    """The model's own rate where HEAR allows it, else 48 kHz (32 kHz = 48 kHz x 2/3)."""
+    return model_rate if model_rate in HEAR_SAMPLE_RATES else 48000
+
+
+class PannsHearModel(tf.Module):
+    """An :class:`inference.AudioTagger` with the attributes HEAR expects.
+
+    A ``tf.Module`` because hear-validator and the HEAR evaluation kit accept only
+    TensorFlow or PyTorch modules; the computation is the tagger's jitted JAX model.
+    """
 
     def __init__(self, tagger: inference.AudioTagger, timestamp_window_s: float = 1.0,
-                 timestamp_hop_s: float = 0.05):
+                 timestamp_hop_s: float = 0.05, input_sample_rate: Optional[int] = None):
+        super().__init__(name="panns_jax_hear_model")
         self.tagger = tagger
-        self.sample_rate = tagger.sample_rate
-        self.timestamp_window = int(round(timestamp_window_s * self.sample_rate))
-        self.timestamp_hop = max(1, int(round(timestamp_hop_s * self.sample_rate)))
+        self.model_sample_rate = tagger.sample_rate
+        self.sample_rate = int(input_sample_rate or default_input_rate(tagger.sample_rate))
+        if self.sample_rate <= 0:
+            raise ValueError(f"input_sample_rate must be positive, got {input_sample_rate}")
+        self.timestamp_window = int(round(timestamp_window_s * self.model_sample_rate))
+        self.timestamp_hop = max(1, int(round(timestamp_hop_s * self.model_sample_rate)))
         tagger.check_length(self.timestamp_window, f"timestamp window ({timestamp_window_s} s)")
-        self.scene_embedding_size = self._embed(
-            np.zeros((1, self.timestamp_window), np.float32)).shape[-1]
+        self.scene_embedding_size = int(self._embed(
+            np.zeros((1, self.timestamp_window), np.float32)).shape[-1])
         self.timestamp_embedding_size = self.scene_embedding_size
+
+    def to_model_rate(self, array: np.ndarray) -> np.ndarray:
+        """``(n, L)`` at ``sample_rate`` -> at the model's rate (soxr HQ, librosa's default)."""
+        if self.sample_rate == self.model_sample_rate:
+            return array
+        return librosa.resample(array, orig_sr=self.sample_rate,
+                                target_sr=self.model_sample_rate, axis=-1).astype(np.float32)
 
     def _embed(self, waveforms: np.ndarray) -> np.ndarray:
         """``(B, L)`` -> ``(B, E)`` in batches of the tagger's batch size."""
@@ -52,19 +85,23 @@ class PannsHearModel:
 
 def load_model(model_file_path: str = "", model_name: Optional[str] = None, *,
                timestamp_window_s: float = 1.0, timestamp_hop_s: float = 0.05,
-               batch_size: int = 8) -> PannsHearModel:
+               input_sample_rate: Optional[int] = None, batch_size: int = 8) -> PannsHearModel:
     """A model from a panns_jax checkpoint directory or original ``.pth`` (needs ``model_name``).
 
     An empty path gives a randomly initialised ``model_name`` (default Cnn14), for tests.
     """
     tagger = inference.load_tagger(model_file_path or None, model_name, batch_size=batch_size)
-    return PannsHearModel(tagger, timestamp_window_s, timestamp_hop_s)
+    return PannsHearModel(tagger, timestamp_window_s, timestamp_hop_s, input_sample_rate)
 
 
-def _to_numpy(audio: Any) -> Tuple[np.ndarray, str]:
+def _to_numpy(audio: Any) -> Tuple[np.ndarray, Any]:
+    """The audio as numpy, and how to give results back in the caller's array family."""
     kind = type(audio).__module__.split(".")[0]
     if kind == "torch":
         array = audio.detach().cpu().numpy()
+        kind = ("torch", audio.device)
+    elif kind == "tensorflow":
+        array = audio.numpy()
     else:
         array = np.asarray(audio)
     if array.ndim != 2:
@@ -76,11 +113,13 @@ def _to_numpy(audio: Any) -> Tuple[np.ndarray, str]:
     return array.astype(np.float32), kind
 
 
-def _from_numpy(array: np.ndarray, kind: str) -> Any:
-    if kind == "torch":
+def _from_numpy(array: np.ndarray, kind: Any) -> Any:
+    if isinstance(kind, tuple) and kind[0] == "torch":
         import torch
 
-        return torch.from_numpy(np.ascontiguousarray(array))
+        return torch.from_numpy(np.ascontiguousarray(array)).to(kind[1])
+    if kind == "tensorflow":
+        return tf.convert_to_tensor(array)
     if kind in ("jax", "jaxlib"):
         import jax.numpy as jnp
 
@@ -91,6 +130,7 @@ def _from_numpy(array: np.ndarray, kind: str) -> Any:
 def get_scene_embeddings(audio: Any, model: PannsHearModel) -> Any:
     """``(n_sounds, scene_embedding_size)``: the model's embedding of each whole sound."""
     array, kind = _to_numpy(audio)
+    array = model.to_model_rate(array)
     model.tagger.check_length(array.shape[1], "audio")
     return _from_numpy(model._embed(array), kind)
 
@@ -98,6 +138,7 @@ def get_scene_embeddings(audio: Any, model: PannsHearModel) -> Any:
 def get_timestamp_embeddings(audio: Any, model: PannsHearModel) -> Tuple[Any, Any]:
     """``(n_sounds, n_timestamps, E)`` embeddings and ``(n_sounds, n_timestamps)`` times in ms."""
     array, kind = _to_numpy(audio)
+    array = model.to_model_rate(array)
     n, length = array.shape
     window, hop = model.timestamp_window, model.timestamp_hop
     padded = np.pad(array, ((0, 0), (window // 2, window - window // 2)))
@@ -107,6 +148,6 @@ def get_timestamp_embeddings(audio: Any, model: PannsHearModel) -> Tuple[Any, An
     for i in range(n):  # One sound's windows at a time bounds memory.
         windows = np.lib.stride_tricks.sliding_window_view(padded[i], window)[starts]
         embeddings[i] = model._embed(windows)
-    timestamps = np.broadcast_to(starts * 1000.0 / model.sample_rate, (n, num_timestamps))
+    timestamps = np.broadcast_to(starts * 1000.0 / model.model_sample_rate, (n, num_timestamps))
     return (_from_numpy(embeddings, kind),
             _from_numpy(np.ascontiguousarray(timestamps, np.float32), kind))

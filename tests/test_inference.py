@@ -369,8 +369,9 @@ def test_hear_api(cnn6_checkpoint, direct):
 
     from panns_jax import hear
 
-    model = hear.load_model(cnn6_checkpoint, timestamp_window_s=0.5, timestamp_hop_s=0.25)
-    assert model.sample_rate == SR
+    model = hear.load_model(cnn6_checkpoint, timestamp_window_s=0.5, timestamp_hop_s=0.25,
+                            input_sample_rate=SR)
+    assert model.sample_rate == model.model_sample_rate == SR
     assert model.scene_embedding_size == model.timestamp_embedding_size == 512
     x = audio.load_audio(WAV, SR)
     sounds = np.stack([x[:2 * SR], x[3 * SR:5 * SR]])
@@ -391,3 +392,36 @@ def test_hear_api(cnn6_checkpoint, direct):
     scene_t = hear.get_scene_embeddings(torch.from_numpy(sounds), model)
     assert isinstance(scene_t, torch.Tensor)
     np.testing.assert_allclose(scene_t.numpy(), scene, rtol=1e-6)
+
+
+def test_hear_model_takes_48khz_and_resamples(cnn6_checkpoint, direct):
+    import librosa
+    import tensorflow as tf
+
+    from panns_jax import hear
+
+    model = hear.load_model(cnn6_checkpoint, timestamp_window_s=0.5, timestamp_hop_s=0.05)
+    assert isinstance(model, tf.Module)  # What hear-validator and the HEAR kit accept.
+    assert model.sample_rate == 48000 and model.model_sample_rate == SR
+    x = audio.load_audio(WAV, 48000)[:2 * 48000]
+    scene = hear.get_scene_embeddings(tf.constant(x[None]), model)
+    assert isinstance(scene, tf.Tensor) and scene.dtype == tf.float32
+    at_model_rate = librosa.resample(x, orig_sr=48000, target_sr=SR)
+    assert len(at_model_rate) == 2 * SR
+    np.testing.assert_allclose(scene.numpy()[0], direct(at_model_rate)["embedding"][0],
+                               rtol=1e-5, atol=1e-5)
+    emb, ts = hear.get_timestamp_embeddings(x[None], model)
+    assert emb.shape == (1, 41, 512)
+    np.testing.assert_allclose(ts[0], np.arange(41) * 50.0, atol=1e-3)
+    with pytest.raises(ValueError, match="positive"):
+        hear.PannsHearModel(model.tagger, input_sample_rate=-1)
+
+
+def test_hear_validator_passes(cnn6_checkpoint, capsys):
+    """The official HEAR 2021 validator (pip install --no-deps hearvalidator; see .ci/run)."""
+    validate = pytest.importorskip("hearvalidator.validate")
+    validate.ValidateModel("panns_jax.hear", cnn6_checkpoint)()
+    out = capsys.readouterr().out
+    assert "Received tensorflow Module" in out and "Model sample rate is: 48000" in out
+    assert "Received embedding of shape: (16, 41, 512)" in out
+    assert "Received embedding of shape: (8, 512)" in out

@@ -47,12 +47,9 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from absl import logging
 import numpy as np
-import tensorflow as tf
+from panns_jax import tf_cpu
 
-try:  # Keep TF off accelerators: JAX owns them.
-  tf.config.set_visible_devices([], 'GPU')
-except Exception:  # pylint: disable=broad-except
-  pass
+tf = tf_cpu.import_tensorflow()  # Keep TF off accelerators: JAX owns them.
 
 import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
