@@ -9,12 +9,15 @@ binary cross-entropy on the sigmoid outputs, backward, Adam with AMSGrad. panns_
 SpecAugment stripes and dropout inside its jitted step; the PyTorch baseline
 (benchmarks/torch_baselines.py) has neither, which favours it slightly.
 
-Measured on the 2-core AVX-512 CI machine (torch 2.13 CPU, jax 0.10.2), float32:
-  batch 8 x 5 s:   panns_jax 2.28 clips/s, PyTorch 2.75 clips/s -> 0.83x
-                   (0.61x before models/same_conv.py; XLA's own conv gradient)
-  batch 32 x 10 s: panns_jax 0.96 clips/s, PyTorch 1.60 clips/s -> 0.60x (0.41x before)
-Convolutions dominate: XLA:CPU's forward conv runs at ~60% of oneDNN's and its weight
-gradients on Cnn14's large maps at ~50% even after same_conv. bfloat16 does not help on CPU.
+Measured on the 2-core AVX-512 CI machine (torch 2.13 CPU, jax 0.10.2), float32, both in
+one process with tune_malloc() (as train.py runs; it speeds up PyTorch by ~20% as well):
+  batch 8 x 5 s:   panns_jax 2.61 clips/s, PyTorch 3.44 clips/s -> 0.76x
+  batch 32 x 10 s: panns_jax 1.10 clips/s, PyTorch 1.89 clips/s -> 0.58x
+  (with XLA's own conv gradients instead of models/same_conv.py: 1.4x and 1.7x longer steps)
+Profile of our step (jax.profiler): ~70% in YNNPACK convolutions and matrix products, the
+rest in XLA's fused loops (BatchNorm, unfolding copies, pads, AMSGrad). XLA:CPU's forward
+conv on Cnn14's 64-channel first blocks runs at ~55% of oneDNN's speed; bfloat16 does not
+help on CPU. The CPU goal (>= 1.0x) is not met.
 """
 
 from __future__ import annotations
