@@ -284,19 +284,38 @@ def write_torch_checkpoint(path: str, state_dict: Mapping[str, np.ndarray], iter
         raise
 
 
+# Classifier weights of the clip models and of the decision-level (attention) models.
+_HEAD_WEIGHTS = ("fc_audioset.weight", "att_block.cla.weight")
+
+
+def head_classes(state_dict: Mapping[str, Any]) -> Optional[int]:
+    """Class count of an original state_dict's classifier (527 for the released models)."""
+    for key in _HEAD_WEIGHTS:
+        if key in state_dict:
+            return int(np.shape(state_dict[key])[0])
+    return None
+
+
 def torch_to_checkpoint(state_dict: Mapping[str, Any], model_name: str, *,
                         num_classes: Optional[int] = None, new_head: bool = False,
-                        step: int = 0, seed: int = 0) -> "checkpoints.ModelCheckpoint":
+                        step: int = 0, seed: int = 0,
+                        overrides: Optional[Mapping[str, Any]] = None
+                        ) -> "checkpoints.ModelCheckpoint":
     """An original state_dict -> a :class:`~panns_jax.checkpoints.ModelCheckpoint`.
 
-    With ``new_head`` the classifier is re-initialised for ``num_classes`` classes
-    (transfer learning); everything else is copied.
+    The class count is the checkpoint's own unless ``num_classes`` says otherwise. With
+    ``new_head`` the classifier is re-initialised for ``num_classes`` classes (transfer
+    learning); everything else is copied. ``overrides`` are further architecture
+    arguments of ``model_name`` (e.g. a front end).
     """
     from panns_jax import checkpoints
 
     if new_head and num_classes is None:
         raise ValueError("new_head needs num_classes: the class count of the new head")
-    overrides = {"num_classes": num_classes} if num_classes is not None else {}
+    overrides = dict(overrides or {})
+    classes = num_classes if num_classes is not None else head_classes(state_dict)
+    if classes is not None and classes != models.get(model_name, **overrides).num_classes:
+        overrides["num_classes"] = classes
     model = models.get(model_name, **overrides)
     variables = from_state_dict(state_dict, model, name=model_name, skip_head=new_head)
     if new_head and seed:
@@ -307,11 +326,13 @@ def torch_to_checkpoint(state_dict: Mapping[str, Any], model_name: str, *,
                                        overrides=overrides, step=step)
 
 
-def load_model_checkpoint(path: str, model_name: Optional[str] = None
+def load_model_checkpoint(path: str, model_name: Optional[str] = None,
+                          overrides: Optional[Mapping[str, Any]] = None
                           ) -> "checkpoints.ModelCheckpoint":
-    """A panns_jax checkpoint directory or an original ``.pth`` (named by ``model_name``).
+    """A panns_jax checkpoint directory or an original ``.pth`` (named by ``model_name``,
+    with further architecture ``overrides``; the class count is read from its head).
 
-    The one loader behind every ``--checkpoint DIR_OR_PTH`` flag.
+    The one loader behind every ``--checkpoint DIR_OR_PTH`` flag, and transfer learning's.
     """
     from panns_jax import checkpoints
 
@@ -327,7 +348,7 @@ def load_model_checkpoint(path: str, model_name: Optional[str] = None
         raise ValueError(f"{path}: not a panns_jax checkpoint directory; name the architecture "
                          "of an original .pth with --model")
     state, step = read_torch_checkpoint(path)
-    return torch_to_checkpoint(state, model_name, step=step)
+    return torch_to_checkpoint(state, model_name, step=step, overrides=overrides)
 
 
 def main(argv: Optional[Iterable[str]] = None) -> int:

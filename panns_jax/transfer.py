@@ -53,7 +53,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from panns_jax import checkpoints, frontend, models
+from panns_jax import checkpoints, convert, frontend, models
 
 STRATEGIES = ("scratch", "finetune", "freeze_l1", "freeze_l3")
 FROZEN_BASE = ("freeze_l1", "freeze_l3")
@@ -155,24 +155,16 @@ def load_base(config: ml_collections.ConfigDict) -> PretrainedBase:
                              "WORKDIR/best) or a PyTorch PANNs .pth")
         overrides = dict(config.get("model_overrides", {}) or {})
         return PretrainedBase(config.model, overrides)
-    if os.path.isfile(path) and path.endswith((".pth", ".pt")):
-        from panns_jax import convert
-
-        state, _ = convert.read_torch_checkpoint(path)
-        overrides = dict(config.get("model_overrides", {}) or {})
-        for key in ("fc_audioset.weight", "att_block.cla.weight"):
-            if key in state:  # The released checkpoints have 527 classes; others may not.
-                overrides["num_classes"] = int(np.shape(state[key])[0])
-        variables = convert.from_state_dict(state, models.get(config.model, **overrides),
-                                            name=config.model)
-        base = PretrainedBase(config.model, overrides, variables)
-    else:
-        checkpoint = checkpoints.load(path)
-        if _HEAD_KEY in checkpoint.overrides:
-            raise ValueError(f"{path} is a Freeze_L3 transfer checkpoint; transfer from a "
-                             "registry-model checkpoint instead")
-        base = PretrainedBase(checkpoint.model, dict(checkpoint.overrides),
-                              checkpoint.variables, checkpoint.labels)
+    is_pth = os.path.isfile(path) and path.endswith((".pth", ".pt"))
+    # A .pth is config.model (+ model_overrides) with the class count of its own head.
+    checkpoint = convert.load_model_checkpoint(
+        path, config.model if is_pth else None,
+        overrides=config.get("model_overrides") if is_pth else None)
+    if _HEAD_KEY in checkpoint.overrides:
+        raise ValueError(f"{path} is a Freeze_L3 transfer checkpoint; transfer from a "
+                         "registry-model checkpoint instead")
+    base = PretrainedBase(checkpoint.model, dict(checkpoint.overrides),
+                          checkpoint.variables, checkpoint.labels)
     wanted = (config.get("model_overrides") or {}).get("frontend")
     if wanted is not None and wanted != base.build().frontend:
         raise ValueError(f"config front end {wanted} differs from the checkpoint's "

@@ -200,6 +200,9 @@ def test_base_from_a_pytorch_state_dict(tmp_path):
     assert base.name == "Cnn10" and base.overrides["num_classes"] == 10  # Read from the file.
     for name, value in _leaves(variables).items():
         np.testing.assert_array_equal(_leaves(base.variables)[name], value)
+    # The same loader serves --checkpoint of inference and export.
+    loaded = convert.load_model_checkpoint(path, "Cnn10", overrides=TINY)
+    assert loaded.overrides == {**TINY, "num_classes": 10}
 
 
 def test_configs_strategies_and_folds():
