@@ -337,6 +337,8 @@ def load_model_checkpoint(path: str, model_name: Optional[str] = None,
     from panns_jax import checkpoints
 
     path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint directory or .pth file")
     if checkpoints.is_model_checkpoint(path):
         loaded = checkpoints.load(path)
         if model_name and model_name != loaded.model:

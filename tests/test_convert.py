@@ -197,3 +197,14 @@ def test_checkpoint_keeps_structured_overrides_and_labels(tmp_path):
     loaded = checkpoints.load(path)
     assert loaded.overrides == overrides and loaded.labels == ["a", "b", "c"]
     assert loaded.build_model() == model
+
+
+def test_load_model_checkpoint_names_what_is_wrong(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such checkpoint directory or .pth"):
+        convert.load_model_checkpoint(str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="not a panns_jax checkpoint directory"):
+        convert.load_model_checkpoint(str(tmp_path))
+    pth = tmp_path / "model.pth"
+    pth.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="name the architecture"):
+        convert.load_model_checkpoint(str(pth))
