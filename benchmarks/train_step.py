@@ -50,13 +50,13 @@ def jax_step_time(batch: int, samples: int, dtype: str, steps: int) -> float:
                              batch_stats=variables["batch_stats"],
                              opt_state=tx.init(variables["params"]), rng=jax.random.key(1))
     rng = np.random.default_rng(0)
-    data = {"audio": jnp.asarray(rng.uniform(-0.5, 0.5, (batch, samples)), jnp.float32),
-            "labels": jnp.asarray(rng.random((batch, 527)) < 0.02, jnp.float32)}
+    clips = {"audio": jnp.asarray(rng.uniform(-0.5, 0.5, (batch, samples)), jnp.float32),
+             "labels": jnp.asarray(rng.random((batch, 527)) < 0.02, jnp.float32)}
     step = jax.jit(train.make_train_step(model, tx, config), donate_argnums=0)
     holder = {"state": state}
 
     def run():
-        holder["state"], metrics = step(holder["state"], data)
+        holder["state"], metrics = step(holder["state"], clips)
         metrics["loss"].block_until_ready()
 
     return best_time(run, steps)

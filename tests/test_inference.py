@@ -236,7 +236,7 @@ def test_sed_decision_level_framewise_equals_model(sed_tagger, tmp_path):
     np.testing.assert_allclose(sed.framewise[1750:], chunk_out[2][250:], **TOL)
 
 
-def test_sed_events_follow_the_threshold(cnn6):
+def test_sed_events_follow_the_threshold():
     labels = ["a", "b"]
     framewise = np.array([[0.1, 0.9], [0.6, 0.9], [0.7, 0.2], [0.2, 0.8]], np.float32)
     events = inference.detect_events(framewise, np.arange(4) * 0.5, 0.5, 0.5, labels, 2.0)

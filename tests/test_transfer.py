@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +21,6 @@ TASK_CLASSES = ("low_tone", "chirp", "click_train", "hiss")  # Demo sound types,
 
 def transfer_config(strategy: str, **changes):
     """configs/esc50.py shrunk to a tiny Cnn10 on 1 s clips."""
-    sys.path.insert(0, ROOT)
     from configs import esc50
 
     c = esc50.get_config(f"strategy={strategy}")
@@ -145,7 +143,6 @@ def _task_source(per_class_per_fold: int = 10, folds: int = 2):
 
 def test_pretrained_checkpoint_transfers_to_a_held_out_task_with_cross_validation(tmp_path):
     # 1. Pretrain a tiny PANN on panns_demo-style tagging (40 steps).
-    sys.path.insert(0, ROOT)
     from configs import demo
 
     pre = demo.get_config()
@@ -206,7 +203,6 @@ def test_base_from_a_pytorch_state_dict(tmp_path):
 
 
 def test_configs_strategies_and_folds():
-    sys.path.insert(0, ROOT)
     from configs import esc50, gtzan, ravdess
 
     for module, dataset, folds, seconds in ((esc50, "esc50/32k", 5, 5.0),

@@ -1,11 +1,10 @@
-"""A seconds-long training config for the resume test (tests/test_train.py)."""
+"""A seconds-long training config: the demo shrunk to batch 4 (8 with mixup) of 1 s clips.
 
-import os
-import sys
+Used by the tests of tests/test_train.py, in process and through ``panns_jax.main``
+(whose config loader imports this file; it runs from the project root).
+"""
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from configs import demo  # noqa: E402
+from configs import demo
 
 
 def get_config(arg=None):
