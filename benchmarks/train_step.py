@@ -46,9 +46,7 @@ def jax_step_time(batch: int, samples: int, dtype: str, steps: int) -> float:
     model, _ = train.build_model(config, num_classes=527)
     tx = optim.paper_optimizer()
     variables = models.init(model, jax.random.key(0), samples)
-    state = train.TrainState(step=jnp.zeros([], jnp.int32), params=variables["params"],
-                             batch_stats=variables["batch_stats"],
-                             opt_state=tx.init(variables["params"]), rng=jax.random.key(1))
+    state = train.TrainState.create(variables, tx, jax.random.key(1))
     rng = np.random.default_rng(0)
     clips = {"audio": jnp.asarray(rng.uniform(-0.5, 0.5, (batch, samples)), jnp.float32),
              "labels": jnp.asarray(rng.random((batch, 527)) < 0.02, jnp.float32)}

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any, Dict, Iterator, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import flax
 import jax
@@ -48,6 +48,15 @@ class TrainState:
     batch_stats: Any
     opt_state: Any
     rng: jax.Array
+
+    @classmethod
+    def create(cls, variables: Mapping[str, Any], optimizer: optax.GradientTransformation,
+               rng: jax.Array) -> "TrainState":
+        """Step 0 of ``variables`` (``{'params', 'batch_stats'?}``) with a fresh optimizer."""
+        params = variables["params"]
+        return cls(step=jnp.zeros([], jnp.int32), params=params,
+                   batch_stats=variables.get("batch_stats", {}),
+                   opt_state=optimizer.init(params), rng=rng)
 
 
 # ----------------------------------------------------------------------------
@@ -285,26 +294,23 @@ def _input_pipelines(config, mixup_on: bool, sample_rate: int,
         missing = {config.train_split, config.eval_split} - set(sources)
         if missing:
             raise ValueError(f"sources has no split {sorted(missing)} (it has {sorted(sources)})")
-        train = data.make_train_iterator(
-            sources[config.train_split], batch_size=per_step, clip_samples=clip_samples,
-            balanced=config.balanced, seed=config.seed, folds=config.get("train_folds"),
-            fraction=config.get("data_fraction", 1.0))
-        evaluation = data.make_eval_iterator(
-            sources[config.eval_split], batch_size=config.eval_batch_size,
-            clip_samples=clip_samples, folds=config.get("eval_folds"))
-        return train, evaluation, getattr(sources[config.train_split], "class_names", None)
-    dataset = config.dataset
-    builder = data.get_builder(dataset, data_dir=config.get("data_dir"))
+        # A caller may name the classes on the source (the fine-tuning notebook does).
+        names = getattr(sources[config.train_split], "class_names", None)
+    else:
+        builder = data.get_builder(config.dataset, data_dir=config.get("data_dir"))
+        features = builder.info.features
+        labels = features["labels"] if "labels" in features else features.get("label")
+        names = getattr(getattr(labels, "feature", labels), "names", None)
+        # One Source per split: transfer configs train and evaluate folds of one split.
+        sources = {split: data.make_source(builder, split)
+                   for split in {config.train_split, config.eval_split}}
     train = data.make_train_iterator(
-        builder, config.train_split, batch_size=per_step, clip_samples=clip_samples,
-        balanced=config.balanced, seed=config.seed, data_dir=config.get("data_dir"),
-        folds=config.get("train_folds"), fraction=config.get("data_fraction", 1.0))
+        sources[config.train_split], batch_size=per_step, clip_samples=clip_samples,
+        balanced=config.balanced, seed=config.seed, folds=config.get("train_folds"),
+        fraction=config.get("data_fraction", 1.0))
     evaluation = data.make_eval_iterator(
-        builder, config.eval_split, batch_size=config.eval_batch_size, clip_samples=clip_samples,
-        data_dir=config.get("data_dir"), folds=config.get("eval_folds"))
-    features = builder.info.features
-    labels = features["labels"] if "labels" in features else features.get("label")
-    names = getattr(getattr(labels, "feature", labels), "names", None)
+        sources[config.eval_split], batch_size=config.eval_batch_size,
+        clip_samples=clip_samples, folds=config.get("eval_folds"))
     return train, evaluation, names
 
 
@@ -355,13 +361,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
     def init_state(rng, pretrained):
         init_rng, state_rng = jax.random.split(rng)
-        variables = model.init(init_rng, jnp.zeros((1, clip_samples), jnp.float32), train=False)
+        variables = models.init(model, init_rng, clip_samples)
         if base is not None:
             variables = transfer.merge_pretrained(variables, pretrained)
-        params = variables["params"]
-        return TrainState(step=jnp.zeros([], jnp.int32), params=params,
-                          batch_stats=variables.get("batch_stats", {}),
-                          opt_state=optimizer.init(params), rng=state_rng)
+        return TrainState.create(variables, optimizer, state_rng)
 
     abstract = jax.eval_shape(init_state, jax.random.key(config.seed), pretrained)
     state_sharding = param_sharding(mesh, abstract, config.get("fsdp_min_size"))
@@ -430,17 +433,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                     step=step_now, labels=labels)
             checkpoints.save(os.path.join(workdir, name), checkpoint, overwrite=True)
 
+    def run_eval(step_now: int) -> Dict[str, Any]:
+        """Evaluate, log, write per-class AP, and export 'best' when it improves."""
+        nonlocal best_value
+        results = evaluate(eval_step, state, eval_batches, mesh, task)
+        writer.write_scalars(step_now, {f"eval/{k}": results[k] for k in task.summary_keys})
+        if jax.process_index() == 0:
+            write_per_class_ap(workdir, step_now, results, class_names)
+        if np.isfinite(results[best_key]) and results[best_key] > best_value:
+            best_value = results[best_key]
+            export_model("best", step_now)
+            _write_best(workdir, best_key, best_value, step_now)
+        return results
+
     while step < config.num_train_steps:
         # Evaluate at step 0 (fresh runs) and every eval_every steps, as the original.
         if config.eval_every and step % config.eval_every == 0 and (step > start_step or latest is None):
-            last_eval = evaluate(eval_step, state, eval_batches, mesh, task)
-            writer.write_scalars(step, {f"eval/{k}": last_eval[k] for k in task.summary_keys})
-            if jax.process_index() == 0:
-                write_per_class_ap(workdir, step, last_eval, class_names)
-            if np.isfinite(last_eval[best_key]) and last_eval[best_key] > best_value:
-                best_value = last_eval[best_key]
-                export_model("best", step)
-                _write_best(workdir, best_key, best_value, step)
+            last_eval = run_eval(step)
 
         batch = global_batch(mesh, next(train_iter))
         state, step_metrics = train_step(state, batch)
@@ -467,13 +476,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
     manager.wait_until_finished()
     if config.eval_every:
-        last_eval = evaluate(eval_step, state, eval_batches, mesh, task)
-        writer.write_scalars(step, {f"eval/{k}": last_eval[k] for k in task.summary_keys})
-        if jax.process_index() == 0:
-            write_per_class_ap(workdir, step, last_eval, class_names)
-        if np.isfinite(last_eval[best_key]) and last_eval[best_key] > best_value:
-            export_model("best", step)
-            _write_best(workdir, best_key, last_eval[best_key], step)
+        last_eval = run_eval(step)
     export_model("model", step)
     writer.flush()
     manager.close()

@@ -94,9 +94,7 @@ def _first_step_loss(config, num_devices):
     model, _ = train.build_model(config, num_classes=10)
     tx = optim.paper_optimizer()
     variables = model.init(jax.random.key(0), jnp.zeros((1, 32000)), train=False)
-    state = train.TrainState(step=jnp.zeros([], jnp.int32), params=variables["params"],
-                             batch_stats=variables["batch_stats"],
-                             opt_state=tx.init(variables["params"]), rng=jax.random.key(1))
+    state = train.TrainState.create(variables, tx, jax.random.key(1))
     rng = np.random.default_rng(0)
     batch = {"audio": rng.uniform(-0.5, 0.5, (16, 32000)).astype(np.float32),
              "labels": (rng.random((16, 10)) < 0.3).astype(np.float32)}

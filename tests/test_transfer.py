@@ -59,10 +59,7 @@ def test_each_strategy_updates_exactly_its_parameters(strategy, pretrained):
     optimizer = train.make_optimizer(config)
     variables = jax.jit(lambda rng: transfer.merge_pretrained(
         model.init(rng, jnp.zeros((1, SR)), train=False), base.variables))(jax.random.key(0))
-    state = train.TrainState(step=jnp.zeros([], jnp.int32), params=variables["params"],
-                             batch_stats=variables["batch_stats"],
-                             opt_state=optimizer.init(variables["params"]),
-                             rng=jax.random.key(1))
+    state = train.TrainState.create(variables, optimizer, jax.random.key(1))
     before_params, before_stats = _leaves(state.params), _leaves(state.batch_stats)
     pretrained_params = _leaves({"base": pretrained["params"]})
 
