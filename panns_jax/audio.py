@@ -34,6 +34,18 @@ def _check_path(path: str) -> None:
         raise AudioError(f"{path}: empty file (0 bytes)")
 
 
+def resample(samples: np.ndarray, orig_rate: int, target_rate: int) -> np.ndarray:
+    """Float32 ``samples`` (last axis = time) at ``target_rate``, with librosa's default
+    soxr HQ resampler, as the original inference; the identity when the rates agree."""
+    samples = np.asarray(samples, np.float32)
+    if orig_rate == target_rate:
+        return samples
+    import librosa
+
+    return librosa.resample(samples, orig_sr=orig_rate, target_sr=target_rate,
+                            res_type="soxr_hq").astype(np.float32)
+
+
 def _check_samples(name: str, samples: np.ndarray) -> None:
     if not np.all(np.isfinite(samples)):
         raise AudioError(f"{name}: contains NaN or Inf samples")
@@ -57,11 +69,7 @@ def load_audio(path: str, sample_rate: int) -> np.ndarray:
     if samples.size == 0:
         raise AudioError(f"{path}: contains no audio samples")
     _check_samples(path, samples)
-    if rate != sample_rate:
-        import librosa
-
-        samples = librosa.resample(samples, orig_sr=rate, target_sr=sample_rate)
-    return np.ascontiguousarray(samples, dtype=np.float32)
+    return np.ascontiguousarray(resample(samples, rate, sample_rate))
 
 
 def _librosa_load(path: str, sf_error: Exception) -> Tuple[np.ndarray, int]:
@@ -89,11 +97,7 @@ def _sf_blocks(path: str, sample_rate: int, block_frames: int) -> Iterator[np.nd
         samples, rate = _librosa_load(path, sf_error)
         if samples.size:
             _check_samples(path, samples)
-        if samples.size and rate != sample_rate:
-            import librosa
-
-            samples = librosa.resample(samples, orig_sr=rate, target_sr=sample_rate)
-        yield np.asarray(samples, np.float32)
+        yield resample(samples, rate, sample_rate) if samples.size else samples.astype(np.float32)
         return
     with handle:
         if handle.frames == 0:

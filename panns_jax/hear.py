@@ -29,10 +29,10 @@ from __future__ import annotations
 
 from typing import Any, Optional, Tuple
 
-import librosa
 import numpy as np
 
 from panns_jax import inference, tf_cpu
+from panns_jax.audio import resample  # (``audio`` is the HEAR API's argument name)
 
 tf = tf_cpu.import_tensorflow()
 
@@ -69,10 +69,7 @@ class PannsHearModel(tf.Module):
 
     def to_model_rate(self, array: np.ndarray) -> np.ndarray:
         """``(n, L)`` at ``sample_rate`` -> at the model's rate (soxr HQ, librosa's default)."""
-        if self.sample_rate == self.model_sample_rate:
-            return array
-        return librosa.resample(array, orig_sr=self.sample_rate,
-                                target_sr=self.model_sample_rate, axis=-1).astype(np.float32)
+        return resample(array, self.sample_rate, self.model_sample_rate)
 
     def _embed(self, waveforms: np.ndarray) -> np.ndarray:
         """``(B, L)`` -> ``(B, E)`` in batches of the tagger's batch size."""

@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from panns_jax import audio, models
+from panns_jax import frontend as fe
 
 Source = Union[str, np.ndarray]
 
@@ -484,21 +485,23 @@ def _pool_columns(x: np.ndarray, reduce, max_columns: int = 4000) -> np.ndarray:
 
 def streamed_logmel(tagger: AudioTagger, source: Source, block_s: float = 60.0) -> np.ndarray:
     """Log-mel of a recording for plots, computed block by block (bounded memory)."""
-    from panns_jax import frontend as fe
-
     config = tagger.model.frontend
     block = int(block_s * tagger.sample_rate)
     hop = config.hop_size
-    logmel = jax.jit(lambda x: fe.logmel(x, config))
-    parts = []
+    parts, frames_so_far = [], 0
     for chunk in audio.iter_chunks(source, tagger.sample_rate, block, block, align=hop):
         x = chunk.samples
         if len(x) < config.window_size:
             x = np.pad(x, (0, config.window_size - len(x)))
-        frames = np.asarray(logmel(x[None]))[0]
-        skip = sum(len(p) for p in parts) - chunk.start // hop
-        parts.append(frames[max(skip, 0):])
+        frames = np.asarray(_jit_logmel(x[None], config))[0]
+        part = frames[max(frames_so_far - chunk.start // hop, 0):]
+        parts.append(part)
+        frames_so_far += len(part)
     return np.concatenate(parts)
+
+
+# One compiled front end per (config, block length) for every file plotted, not one per call.
+_jit_logmel = jax.jit(lambda x, config: fe.logmel(x, config), static_argnums=1)
 
 
 # ---------------------------------------------------------------------------

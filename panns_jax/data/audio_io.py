@@ -26,18 +26,7 @@ AUDIO_EXTENSIONS = frozenset({
 # One decoder for the whole package: the builders count and skip what it rejects.
 AudioDecodeError = audio.AudioError
 load_audio = audio.load_audio
-
-
-def resample(samples: np.ndarray, orig_rate: int,
-             target_rate: int) -> np.ndarray:
-  """Float32 `samples` at `target_rate` (identity when the rates agree)."""
-  samples = np.asarray(samples, np.float32)
-  if orig_rate == target_rate:
-    return samples
-  import librosa  # pylint: disable=g-import-not-at-top
-  return librosa.resample(
-      samples, orig_sr=orig_rate, target_sr=target_rate,
-      res_type='soxr_hq').astype(np.float32)
+resample = audio.resample
 
 
 def float_to_int16(samples: np.ndarray) -> np.ndarray:
