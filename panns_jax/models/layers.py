@@ -66,37 +66,17 @@ class BatchNorm(nn.Module):
         return y.astype(self.dtype or x.dtype)
 
 
-class SameConv2d(nn.Conv):
-    """Stride-1 conv with symmetric zero padding that stays fast on very short inputs.
-
-    XLA's CPU convolution is ~100x slower when the time axis has fewer than ~6 rows
-    (e.g. Cnn14's deep blocks on a 1 s window). Extra zero rows at the end of time
-    are what the padding adds anyway, so padding the input to 6 rows and cropping
-    the output gives identical results at the fast speed.
-    """
-
-    @nn.compact
-    def __call__(self, inputs: jax.Array) -> jax.Array:
-        rows = inputs.shape[1]
-        # Symbolic lengths (shape-polymorphic export) keep the plain conv: comparing them
-        # would add a length constraint to the exported graph.
-        if not isinstance(rows, int) or rows >= _MIN_FAST_ROWS:
-            return super().__call__(inputs)
-        padded = jnp.pad(inputs, ((0, 0), (0, _MIN_FAST_ROWS - rows), (0, 0), (0, 0)))
-        # The barrier keeps XLA from folding the pad back into the conv's own padding.
-        return super().__call__(jax.lax.optimization_barrier(padded))[:, :rows]
-
-
-_MIN_FAST_ROWS = 6
-
-
 def conv2d(features: int, kernel: int, name: str, dtype: Dtype, *, groups: int = 1,
            use_bias: bool = False) -> nn.Conv:
-    """Stride-1, 'same'-padded 2-D conv without bias (every PANNs conv but one)."""
+    """Stride-1, 'same'-padded 2-D conv without bias (every PANNs conv but one).
+
+    Convolves with :func:`same_conv.conv_general_dilated`: fast on very short inputs
+    and with a fast gradient on CPU.
+    """
     pad = kernel // 2
-    return SameConv2d(features, (kernel, kernel), padding=((pad, pad), (pad, pad)),
-                      feature_group_count=groups, use_bias=use_bias, dtype=dtype, name=name,
-                      conv_general_dilated=same_conv.conv_general_dilated)
+    return nn.Conv(features, (kernel, kernel), padding=((pad, pad), (pad, pad)),
+                   feature_group_count=groups, use_bias=use_bias, dtype=dtype, name=name,
+                   conv_general_dilated=same_conv.conv_general_dilated)
 
 
 def conv1d(features: int, kernel: int, name: str, dtype: Dtype, *, stride: int = 1,

@@ -23,18 +23,13 @@ from panns_jax.models import layers
 def multiply_adds(model: nn.Module, num_samples: int) -> int:
     """Paper-style operation count of one forward pass on a ``(1, num_samples)`` clip."""
     total = 0
-    active = set()  # Modules inside their own call (a subclass calling super().__call__).
 
     def count(next_fun, args, kwargs, context):
         nonlocal total
         module = context.module
-        if context.method_name != "__call__" or id(module) in active:
-            return next_fun(*args, **kwargs)
-        active.add(id(module))
-        try:
-            out = next_fun(*args, **kwargs)
-        finally:
-            active.discard(id(module))
+        out = next_fun(*args, **kwargs)
+        if context.method_name != "__call__":
+            return out
         if isinstance(module, nn.Conv):
             x = args[0]
             kernel = math.prod(module.kernel_size)
