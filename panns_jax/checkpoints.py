@@ -17,7 +17,6 @@ import shutil
 import tempfile
 from typing import Any, Dict, List, Optional
 
-
 METADATA_FILE = "panns_jax.json"
 VARIABLES_DIR = "variables"
 FORMAT_VERSION = 1

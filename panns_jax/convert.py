@@ -85,16 +85,12 @@ def frontend_state(config: fe.FrontendConfig) -> Dict[str, np.ndarray]:
 
     ``conv_real[k, 0, n] = hann[n] cos(2 pi k n / N)``, ``conv_imag = -hann[n] sin(...)``.
     """
-    n_fft = config.window_size
-    n = np.arange(n_fft, dtype=np.float64)
-    k = np.arange(config.n_freq, dtype=np.float64)[:, None]
-    window = fe.hann_window(n_fft).astype(np.float64)
-    angle = 2.0 * np.pi * k * n / n_fft
+    real, imag = fe.windowed_dft_basis(config.window_size)
     return {
-        FRONTEND_KEYS[0]: (window * np.cos(angle)).astype(np.float32)[:, None, :],
-        FRONTEND_KEYS[1]: (-window * np.sin(angle)).astype(np.float32)[:, None, :],
-        FRONTEND_KEYS[2]: np.array(fe.mel_filterbank(config.sample_rate, n_fft, config.mel_bins,
-                                                     config.fmin, config.fmax)),
+        FRONTEND_KEYS[0]: real.astype(np.float32)[:, None, :],
+        FRONTEND_KEYS[1]: imag.astype(np.float32)[:, None, :],
+        FRONTEND_KEYS[2]: np.array(fe.mel_filterbank(config.sample_rate, config.window_size,
+                                                     config.mel_bins, config.fmin, config.fmax)),
     }
 
 

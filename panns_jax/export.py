@@ -112,12 +112,8 @@ def dft_kernel(n_fft: int) -> np.ndarray:
     The original's ``conv_real`` / ``conv_imag`` STFT weights (torchlibrosa), built in
     float64 and rounded once to float32.
     """
-    n = np.arange(n_fft)
-    k = np.arange(n_fft // 2 + 1)
-    angle = 2.0 * np.pi * np.outer(n, k) / n_fft
-    window = fe.hann_window(n_fft).astype(np.float64)[:, None]
-    kernel = np.concatenate([window * np.cos(angle), -window * np.sin(angle)], axis=1)
-    return kernel.astype(np.float32)[:, None, :]
+    real, imag = fe.windowed_dft_basis(n_fft)
+    return np.concatenate([real, imag]).T.astype(np.float32)[:, None, :]
 
 
 def dft_power_spectrogram(waveform: jax.Array, n_fft: int, hop: int, pad_mode: str = "reflect"

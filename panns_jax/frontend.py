@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-
+from typing import Tuple
 
 import jax
 import jax.numpy as jnp
@@ -83,6 +83,16 @@ def hann_window(n: int) -> np.ndarray:
     window = (0.5 - 0.5 * np.cos(2.0 * np.pi * k / n)).astype(np.float32)
     window.setflags(write=False)
     return window
+
+
+def windowed_dft_basis(n_fft: int) -> Tuple[np.ndarray, np.ndarray]:
+    """float64 ``(n_freq, n_fft)`` ``hann[n] cos(2 pi k n / N)`` and ``-hann[n] sin(...)``:
+    the original's (torchlibrosa's) DFT-as-convolution STFT weights, before rounding."""
+    n = np.arange(n_fft, dtype=np.float64)
+    k = np.arange(n_fft // 2 + 1, dtype=np.float64)[:, None]
+    window = hann_window(n_fft).astype(np.float64)
+    angle = 2.0 * np.pi * k * n / n_fft
+    return window * np.cos(angle), -window * np.sin(angle)
 
 
 @functools.lru_cache(maxsize=None)
