@@ -283,13 +283,14 @@ def test_tfrecord_datasets_fall_back_to_memory(tmp_path):
   assert np.flatnonzero(first['labels'][0]).tolist() == sorted(ref['labels'])
 
 
-def test_demo_by_name_prepares_itself_and_uses_jax_process(tmp_path):
+def test_demo_by_name_prepares_itself_and_uses_jax_process(panns_demo_dir):
   it = pipeline.make_train_iterator('panns_demo', 'train', batch_size=8,
-                                    clip_samples=32000, data_dir=str(tmp_path))
+                                    clip_samples=32000, data_dir=str(panns_demo_dir))
   batch = next(it)
   assert batch['audio'].shape == (8, 32000) and batch['labels'].shape == (8, 10)
   assert it.source.num_examples == 400 and len(it.records) == 400  # 1 process
-  ev = pipeline.make_eval_iterator('panns_demo', batch_size=32, data_dir=str(tmp_path))
+  ev = pipeline.make_eval_iterator('panns_demo', batch_size=32,
+                                  data_dir=str(panns_demo_dir))
   assert len(ev) == 4 and ev.clip_samples == 64000
 
 

@@ -33,13 +33,12 @@ def tiny_config(data_dir, **changes):
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    """panns_demo prepared once for the module (it is generated, no download)."""
+def data_dir(panns_demo_dir):
+    """panns_demo prepared once for the session (it is generated, no download)."""
     from panns_jax import data
 
-    path = tmp_path_factory.mktemp("tfds")
-    data.get_builder("panns_demo", data_dir=str(path))
-    return path
+    data.get_builder("panns_demo", data_dir=str(panns_demo_dir))
+    return panns_demo_dir
 
 
 def _losses(workdir):
