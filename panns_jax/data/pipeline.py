@@ -486,22 +486,24 @@ def tune_malloc() -> bool:
   threshold, so by default each one is a fresh mmap whose pages fault in one
   by one; on VMs that costs ~0.4 ms of CPU per clip, a third of the pipeline
   (benchmarks/input_pipeline.py). XLA:CPU's per-step buffers (1.5 GB for a
-  Cnn14 step of 8 x 5 s clips) are allocated on worker threads, whose glibc
-  arenas cannot hold blocks over 64 MB: they were mmapped and faulted in anew
-  every step (~0.7 s of system time per step, benchmarks/train_step.py). One
-  arena and high mmap/trim thresholds turn all of these into reuses of
-  already-mapped memory (what tcmalloc/jemalloc, common under TF, do anyway);
-  neither benchmark got slower from the single arena. Process-wide, hence
-  opt-in: call once at start-up. Returns False where glibc's mallopt is
-  unavailable.
+  Cnn14 step of 8 x 5 s clips, 9 GB for the paper's 32 x 10 s) were mmapped
+  and faulted in anew every step: worker threads' arenas cannot hold blocks
+  over 64 MB, and no finite threshold mallopt accepts (an int) covers 9 GB.
+  One arena and unbounded mmap/trim thresholds (-1 is SIZE_MAX to glibc) make
+  all of these reuses of already-mapped heap memory (what tcmalloc/jemalloc,
+  common under TF, do anyway): the 32 x 10 s step lost 2.2 M page faults and
+  7 s of system time (28 s -> 23.5 s, benchmarks/train_step.py). The price is
+  that the process keeps its peak memory. Process-wide, hence opt-in: call
+  once at start-up. Returns False where glibc's mallopt is unavailable.
   """
   try:
     import ctypes  # pylint: disable=g-import-not-at-top
     libc = ctypes.CDLL('libc.so.6')
     m_trim_threshold, m_mmap_threshold, m_arena_max = -1, -3, -8
+    unbounded = -1  # mallopt takes an int; glibc reads it as size_t: SIZE_MAX.
     return bool(libc.mallopt(m_arena_max, 1) and
-                libc.mallopt(m_mmap_threshold, 2**31 - 1) and
-                libc.mallopt(m_trim_threshold, 2**31 - 1))
+                libc.mallopt(m_mmap_threshold, unbounded) and
+                libc.mallopt(m_trim_threshold, unbounded))
   except (OSError, AttributeError):
     return False
 
