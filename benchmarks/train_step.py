@@ -10,14 +10,21 @@ SpecAugment stripes and dropout inside its jitted step; the PyTorch baseline
 (benchmarks/torch_baselines.py) has neither, which favours it slightly.
 
 Measured on the 2-core AVX-512 CI machine (torch 2.13 CPU, jax 0.10.2), float32, both in
-one process with tune_malloc() (as train.py runs; it speeds up PyTorch by ~20% as well):
-  batch 8 x 5 s:   panns_jax 2.61 clips/s, PyTorch 3.44 clips/s -> 0.76x
-  batch 32 x 10 s: panns_jax 1.10 clips/s, PyTorch 1.89 clips/s -> 0.58x
-  (with XLA's own conv gradients instead of models/same_conv.py: 1.4x and 1.7x longer steps)
-Profile of our step (jax.profiler): ~70% in YNNPACK convolutions and matrix products, the
-rest in XLA's fused loops (BatchNorm, unfolding copies, pads, AMSGrad). XLA:CPU's forward
-conv on Cnn14's 64-channel first blocks runs at ~55% of oneDNN's speed; bfloat16 does not
-help on CPU. The CPU goal (>= 1.0x) is not met.
+one process with tune_malloc() (as train.py runs; it speeds up PyTorch as well):
+  batch 8 x 5 s:   panns_jax 2.71 clips/s, PyTorch 3.43 clips/s -> 0.76-0.79x
+  batch 32 x 10 s: panns_jax 1.33 clips/s, PyTorch 2.00 clips/s -> 0.67x
+  (with XLA's own conv gradients instead of models/same_conv.py: 1.4x and 1.7x longer steps;
+  before tune_malloc's unbounded thresholds the 32 x 10 s step re-faulted its 9 GB buffer:
+  0.58x)
+Where the time goes (jax.profiler vs torch.profiler, 8 x 5 s): PyTorch spends 0.54 s in
+forward convs, 1.29 s in conv backward and 0.47 s elsewhere; we spend ~0.75 s in forward
+convs, ~1.7 s in conv gradients and ~0.5 s elsewhere, with 87% of both cores busy. Per layer,
+XLA:CPU's forward conv runs at 33-80% of oneDNN's speed, slowest on the 64-channel and 31x4
+maps (the same convs with time and frequency swapped run 1.5-1.9x faster, but the transposes
+eat the gain in a whole step), and the conv gradients of the largest maps at 35-60%. Tried without a step-level
+gain beyond noise: gather-based unfolding with the weight-gradient product split per core
+(1.4x faster in isolation), a swapped (freq, time) conv layout, XLA flags (xnnpack/onednn/ynn
+fusion types, fast math, scheduler), bfloat16. The CPU goal (>= 1.0x) is not met.
 """
 
 from __future__ import annotations
