@@ -18,13 +18,14 @@ one process with tune_malloc() (as train.py runs; it speeds up PyTorch as well):
   0.58x)
 Where the time goes (jax.profiler vs torch.profiler, 8 x 5 s): PyTorch spends 0.54 s in
 forward convs, 1.29 s in conv backward and 0.47 s elsewhere; we spend ~0.75 s in forward
-convs, ~1.7 s in conv gradients and ~0.5 s elsewhere, with 87% of both cores busy. Per layer,
-XLA:CPU's forward conv runs at 33-80% of oneDNN's speed, slowest on the 64-channel and 31x4
-maps (the same convs with time and frequency swapped run 1.5-1.9x faster, but the transposes
-eat the gain in a whole step), and the conv gradients of the largest maps at 35-60%. Tried without a step-level
-gain beyond noise: gather-based unfolding with the weight-gradient product split per core
-(1.4x faster in isolation), a swapped (freq, time) conv layout, XLA flags (xnnpack/onednn/ynn
-fusion types, fast math, scheduler), bfloat16. The CPU goal (>= 1.0x) is not met.
+convs, ~1.7 s in conv gradients and ~0.5 s elsewhere, with 87% of both cores busy. Per
+layer, XLA:CPU's forward conv runs at 33-80% of oneDNN's speed, slowest on the 64-channel
+and 31x4 maps (the same convs with time and frequency swapped run 1.5-1.9x faster, but the
+transposes eat the gain in a whole step), and the conv gradients of the largest maps at
+35-60%. Tried without a step-level gain beyond noise: gather-based unfolding with the
+weight-gradient product split per core (1.4x faster in isolation), a swapped (freq, time)
+conv layout, XLA flags (xnnpack/onednn/ynn fusion types, fast math, scheduler), bfloat16.
+The CPU goal (>= 1.0x) is not met.
 """
 
 from __future__ import annotations
