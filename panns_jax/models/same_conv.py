@@ -18,9 +18,10 @@ On CPU this module computes both as matrix products instead (same sums, reassoci
 the weight gradient of a large map as one product of a frequency-unfolded input and
 time-shifted output gradients, the input gradient of a tiny map as one product followed
 by a scatter-add of the kernel taps (col2im). A Cnn14 train step takes 1.4x (batch 8 x
-5 s) to 1.7x (32 x 10 s) longer without them (jax 0.10.2). Other backends (GPU/TPU) keep XLA's own gradient, selected
-at lowering time with ``lax.platform_dependent``. The forward pass is always
-``lax.conv_general_dilated``, so inference and exports are unchanged.
+5 s) to 1.7x (32 x 10 s) longer without them (jax 0.10.2). Other backends (GPU/TPU)
+keep XLA's own gradient, selected at lowering time with ``lax.platform_dependent``. The
+forward pass is always ``lax.conv_general_dilated``, so inference and exports are
+unchanged.
 """
 
 from __future__ import annotations
