@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import functools
 import os
-import tempfile
+import uuid
 from typing import TYPE_CHECKING, Any, Dict, Iterable, Mapping, Optional, Tuple
 
 import flax
@@ -89,14 +89,29 @@ def frontend_state(config: fe.FrontendConfig) -> Dict[str, np.ndarray]:
     return {
         FRONTEND_KEYS[0]: real.astype(np.float32)[:, None, :],
         FRONTEND_KEYS[1]: imag.astype(np.float32)[:, None, :],
-        FRONTEND_KEYS[2]: np.array(fe.mel_filterbank(config.sample_rate, config.window_size,
-                                                     config.mel_bins, config.fmin, config.fmax)),
+        FRONTEND_KEYS[2]: np.array(
+            fe.mel_filterbank(
+                config.sample_rate, config.window_size, config.mel_bins, config.fmin, config.fmax
+            )
+        ),
     }
 
 
-def to_state_dict(variables: Mapping[str, Any], model: Any, *, include_frontend: bool = True,
-                  num_batches_tracked: int = 0) -> Dict[str, np.ndarray]:
+def to_state_dict(
+    variables: Mapping[str, Any],
+    model: Any,
+    *,
+    include_frontend: bool = True,
+    num_batches_tracked: int = 0,
+) -> Dict[str, np.ndarray]:
     """Our ``{'params', 'batch_stats'}`` -> an original-PANNs state_dict of numpy arrays."""
+    from panns_jax.models.transfer_head import Transfer
+
+    if isinstance(model, Transfer):  # Its base/ and fc_hidden* keys fit no original model.
+        raise ValueError(
+            f"a transfer model with a {model.head_layers}-layer head (Freeze_L3) "
+            "has no original PANNs layout; export it with `panns-jax export`"
+        )
     state: Dict[str, np.ndarray] = {}
     if include_frontend and uses_logmel(model):
         state.update(frontend_state(model.frontend))
@@ -109,7 +124,8 @@ def to_state_dict(variables: Mapping[str, Any], model: Any, *, include_frontend:
             state[_torch_key(collection, path)] = np.ascontiguousarray(value.astype(np.float32))
             if collection == "batch_stats" and path[-1] == "mean":
                 state[".".join(path[:-1] + ("num_batches_tracked",))] = np.array(
-                    num_batches_tracked, dtype=np.int64)
+                    num_batches_tracked, dtype=np.int64
+                )
     return state
 
 
@@ -125,8 +141,9 @@ def expected_state_shapes(model: Any) -> Dict[str, tuple]:
     return {k: tuple(v.shape) for k, v in to_state_dict(zeros, model).items()}
 
 
-def guess_architecture(state_dict: Mapping[str, Any], candidates: Optional[Iterable[str]] = None
-                       ) -> Tuple[str, float]:
+def guess_architecture(
+    state_dict: Mapping[str, Any], candidates: Optional[Iterable[str]] = None
+) -> Tuple[str, float]:
     """Name of the registered model whose keys and shapes best fit ``state_dict``."""
     got = {k: tuple(np.shape(v)) for k, v in state_dict.items()}
     best, best_score = "", -1.0
@@ -145,25 +162,43 @@ def guess_architecture(state_dict: Mapping[str, Any], candidates: Optional[Itera
 def _describe_mismatch(name: str, missing, unexpected, wrong_shape, state_dict) -> str:
     lines = [f"checkpoint does not fit {name}:"]
     if missing:
-        lines.append(f"  {len(missing)} missing key(s): {', '.join(sorted(missing)[:10])}"
-                     + (" ..." if len(missing) > 10 else ""))
+        lines.append(
+            f"  {len(missing)} missing key(s): {', '.join(sorted(missing)[:10])}"
+            + (" ..." if len(missing) > 10 else "")
+        )
     if unexpected:
-        lines.append(f"  {len(unexpected)} unexpected key(s): {', '.join(sorted(unexpected)[:10])}"
-                     + (" ..." if len(unexpected) > 10 else ""))
+        lines.append(
+            f"  {len(unexpected)} unexpected key(s): {', '.join(sorted(unexpected)[:10])}"
+            + (" ..." if len(unexpected) > 10 else "")
+        )
     for key, (got, want) in sorted(wrong_shape.items())[:10]:
         lines.append(f"  shape mismatch for {key}: checkpoint {got}, {name} expects {want}")
-    if "fc_audioset.weight" in wrong_shape:
-        classes = wrong_shape["fc_audioset.weight"][0][0]
-        lines.append(f"  the checkpoint has {classes} classes: pass num_classes={classes}, or "
-                     "use the transfer option to keep everything but the head")
+    head = wrong_shape.get("fc_audioset.weight")
+    if head and head[0][:1] != head[1][:1]:  # Only when the class count itself differs.
+        classes = head[0][0]
+        lines.append(
+            f"  the checkpoint has {classes} classes: pass num_classes={classes}, or "
+            "use the transfer option to keep everything but the head"
+        )
+    if not missing and not unexpected:
+        # Same layers, other sizes: the architecture is right, its arguments are not (a
+        # narrow model exported with to-torch). Guessing among all models would take ~1 min.
+        if not (head and head[0][:1] != head[1][:1] and len(wrong_shape) <= 2):
+            lines.append(
+                f"  every layer of {name} is there with other sizes: pass the "
+                'architecture arguments it was built with (--overrides \'{"widths": '
+                "[...], ...}')"
+            )
+        return "\n".join(lines)
     guess, score = guess_architecture(state_dict)
     if guess and guess != name and score > 0.5:
         lines.append(f"  the checkpoint looks like {guess} ({score:.0%} of keys and shapes match)")
     return "\n".join(lines)
 
 
-def from_state_dict(state_dict: Mapping[str, Any], model: Any, *, name: str = "the model",
-                    skip_head: bool = False) -> Dict[str, Any]:
+def from_state_dict(
+    state_dict: Mapping[str, Any], model: Any, *, name: str = "the model", skip_head: bool = False
+) -> Dict[str, Any]:
     """An original-PANNs state_dict -> our ``{'params', 'batch_stats'}`` for ``model``.
 
     Strict: missing, unexpected or mis-shaped entries raise one
@@ -197,10 +232,11 @@ def from_state_dict(state_dict: Mapping[str, Any], model: Any, *, name: str = "t
             wrong_shape[key] = (got, tuple(torch_shape))
     if missing or unexpected or wrong_shape:
         raise CheckpointMismatchError(
-            _describe_mismatch(name, missing, unexpected, wrong_shape, state_dict))
+            _describe_mismatch(name, missing, unexpected, wrong_shape, state_dict)
+        )
 
     flat: Dict[str, Dict[Tuple[str, ...], np.ndarray]] = {"params": {}, "batch_stats": {}}
-    for key, (collection, path, shape) in wanted.items():
+    for key, (collection, path, _shape) in wanted.items():
         if is_head(key):
             continue
         value = np.asarray(state_dict[key], dtype=np.float32)
@@ -218,61 +254,80 @@ def from_state_dict(state_dict: Mapping[str, Any], model: Any, *, name: str = "t
 
 
 # ----------------------------------------------------------------------------
-# .pth files (torch is an optional extra) and the command line.
+# .pth files (read and written by panns_jax.pth: no torch needed) and the command line.
 # ----------------------------------------------------------------------------
 
 
-def _import_torch():
-    try:
-        import torch
-    except ImportError:
-        raise ImportError("reading or writing .pth files needs PyTorch: "
-                          "pip install 'panns_jax[torch]'") from None
-    return torch
-
-
 def read_torch_checkpoint(path: str) -> Tuple[Dict[str, np.ndarray], int]:
-    """``(state_dict as numpy, iteration)`` of an original PANNs ``.pth``.
+    """``(state_dict as numpy, iteration)`` of an original PANNs ``.pth``, without torch.
 
     Accepts ``{'model': state_dict, 'iteration': ..., ...}`` as saved by the original
-    training script, or a bare state_dict. Never executes pickled code: the file is
-    read with ``weights_only=True``, allowing only numpy's array types beside torch's
-    (the original's sampler state holds numpy arrays).
+    training script, or a bare state_dict, of tensors or numpy arrays. Never executes
+    pickled code: :mod:`panns_jax.pth` refuses every global outside its allow-list.
+    bfloat16 and float16 tensors are widened to float32 (exactly).
     """
-    torch = _import_torch()
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such checkpoint file")
-    multiarray = getattr(np, "_core", None) or np.core
-    safe = [np.ndarray, np.dtype, multiarray.multiarray._reconstruct]
-    safe += [type(np.dtype(t)) for t in ("float32", "float64", "int64", "int32", "bool")]
-    try:
-        with torch.serialization.safe_globals(safe):
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(f"{path}: cannot be read as a PyTorch checkpoint with weights_only=True "
-                         f"({type(err).__name__}: {str(err).splitlines()[0]})") from None
+    from panns_jax import pth
+
+    payload = pth.load(path)
     if isinstance(payload, dict) and isinstance(payload.get("model"), dict):
-        state, iteration = payload["model"], int(payload.get("iteration", 0))
-    elif isinstance(payload, dict) and all(hasattr(v, "shape") for v in payload.values()):
+        state, iteration = payload["model"], payload.get("iteration", 0)
+    elif (
+        isinstance(payload, dict)
+        and payload
+        and all(isinstance(v, np.ndarray) for v in payload.values())
+    ):
         state, iteration = payload, 0
     else:
-        raise ValueError(f"{path}: neither a state_dict nor a dict with a 'model' state_dict "
-                         f"(top-level keys: {sorted(payload)[:10] if isinstance(payload, dict) else type(payload).__name__})")
-    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
-    return {k: v.detach().cpu().numpy() for k, v in state.items()}, iteration
+        found = (
+            f"top-level keys: {sorted(map(str, payload))[:10]}"
+            if isinstance(payload, dict)
+            else f"a {type(payload).__name__}"
+        )
+        raise ValueError(
+            f"{path}: neither a state_dict nor a dict with a 'model' state_dict ({found})"
+        )
+    if not isinstance(iteration, (int, np.integer)) or isinstance(iteration, bool):
+        iteration = 0  # Not the original's training step: not ours to interpret.
+    result: Dict[str, np.ndarray] = {}
+    for key, value in state.items():
+        if not isinstance(key, str):
+            raise ValueError(f"{path}: state_dict key {key!r} is not a string")
+        if not isinstance(value, np.ndarray) or not (
+            value.dtype.kind in "fiub" or value.dtype.name == "bfloat16"
+        ):
+            what = (
+                f"a {value.dtype} array"
+                if isinstance(value, np.ndarray)
+                else f"a {type(value).__name__}"
+            )
+            raise ValueError(f"{path}: state_dict entry {key!r} is {what}, not a numeric tensor")
+        if value.dtype.name in ("bfloat16", "float16"):
+            value = value.astype(np.float32)
+        result[key[len("module.") :] if key.startswith("module.") else key] = value
+    return result, int(iteration)
 
 
-def write_torch_checkpoint(path: str, state_dict: Mapping[str, np.ndarray], iteration: int = 0
-                           ) -> None:
-    """Save ``{'model': state_dict, 'iteration': iteration}`` as the original does, atomically."""
-    torch = _import_torch()
-    tensors = {k: torch.from_numpy(np.array(v, order="C")) for k, v in state_dict.items()}
+def write_torch_checkpoint(
+    path: str, state_dict: Mapping[str, np.ndarray], iteration: int = 0
+) -> None:
+    """Save ``{'model': state_dict, 'iteration': iteration}`` as the original does, atomically.
+
+    Written by :mod:`panns_jax.pth` (no torch needed); ``torch.load(weights_only=True)``
+    reads it and the original model classes load it strictly.
+    """
+    import collections
+
+    from panns_jax import pth
+
+    tensors = collections.OrderedDict((k, np.asarray(v)) for k, v in state_dict.items())
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, staging = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=directory)
-    os.close(fd)
+    staging = os.path.join(directory, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:12]}")
     try:
-        torch.save({"model": tensors, "iteration": int(iteration)}, staging)
+        with open(staging, "xb") as f:  # The umask's mode, unlike mkstemp's 0o600.
+            pth.save(f, {"model": tensors, "iteration": int(iteration)})
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(staging, path)
     except BaseException:
         if os.path.exists(staging):
@@ -292,11 +347,16 @@ def head_classes(state_dict: Mapping[str, Any]) -> Optional[int]:
     return None
 
 
-def torch_to_checkpoint(state_dict: Mapping[str, Any], model_name: str, *,
-                        num_classes: Optional[int] = None, new_head: bool = False,
-                        step: int = 0, seed: int = 0,
-                        overrides: Optional[Mapping[str, Any]] = None
-                        ) -> "checkpoints.ModelCheckpoint":
+def torch_to_checkpoint(
+    state_dict: Mapping[str, Any],
+    model_name: str,
+    *,
+    num_classes: Optional[int] = None,
+    new_head: bool = False,
+    step: int = 0,
+    seed: int = 0,
+    overrides: Optional[Mapping[str, Any]] = None,
+) -> "checkpoints.ModelCheckpoint":
     """An original state_dict -> a :class:`~panns_jax.checkpoints.ModelCheckpoint`.
 
     The class count is the checkpoint's own unless ``num_classes`` says otherwise. With
@@ -318,23 +378,35 @@ def torch_to_checkpoint(state_dict: Mapping[str, Any], model_name: str, *,
         fresh = models.init(model, jax.random.key(seed))
         head = {k: v for k, v in fresh["params"].items() if k in ("fc_audioset", "att_block")}
         variables["params"] = {**variables["params"], **jax.device_get(head)}
-    return checkpoints.ModelCheckpoint(model=model_name, variables=variables,
-                                       overrides=overrides, step=step)
+    return checkpoints.ModelCheckpoint(
+        model=model_name, variables=variables, overrides=overrides, step=step
+    )
 
 
-def load_model_checkpoint(path: str, model_name: Optional[str] = None,
-                          overrides: Optional[Mapping[str, Any]] = None
-                          ) -> "checkpoints.ModelCheckpoint":
-    """A panns_jax checkpoint directory or an original ``.pth`` (named by ``model_name``,
-    with further architecture ``overrides``; the class count is read from its head).
+def load_model_checkpoint(
+    path: str, model_name: Optional[str] = None, overrides: Optional[Mapping[str, Any]] = None
+) -> "checkpoints.ModelCheckpoint":
+    """A panns_jax checkpoint directory, an original ``.pth`` (named by ``model_name``,
+    with further architecture ``overrides``; the class count is read from its head), or
+    the name of a released model (``Cnn14``: :mod:`panns_jax.zoo`, downloaded, verified
+    and converted on first use). An existing path wins over a zoo name.
 
-    The one loader behind every ``--checkpoint DIR_OR_PTH`` flag, and transfer learning's.
+    The one loader behind every ``--checkpoint`` flag (tag, sed, embed, export, stream,
+    HEAR) and transfer learning's.
     """
-    from panns_jax import checkpoints
+    from panns_jax import checkpoints, zoo
 
     path = os.fspath(path)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: no such checkpoint directory or .pth file")
+        if zoo.is_zoo_name(path):
+            loaded = zoo.load(path)
+            if model_name and model_name != loaded.model:
+                raise ValueError(f"{path} is a pretrained {loaded.model}, not {model_name}")
+            return loaded
+        raise FileNotFoundError(
+            f"{path}: no such checkpoint directory or .pth file, nor a "
+            "pretrained model name (`panns-jax download --list`)"
+        )
     if checkpoints.is_model_checkpoint(path):
         loaded = checkpoints.load(path)
         if model_name and model_name != loaded.model:
@@ -343,8 +415,10 @@ def load_model_checkpoint(path: str, model_name: Optional[str] = None,
     if os.path.isdir(path):
         raise ValueError(f"{path}: not a panns_jax checkpoint directory")
     if not model_name:
-        raise ValueError(f"{path}: not a panns_jax checkpoint directory; name the architecture "
-                         "of an original .pth with --model")
+        raise ValueError(
+            f"{path}: not a panns_jax checkpoint directory; name the architecture "
+            "of an original .pth with --model"
+        )
     state, step = read_torch_checkpoint(path)
     return torch_to_checkpoint(state, model_name, step=step, overrides=overrides)
 
@@ -356,19 +430,39 @@ def main(argv: Optional[Iterable[str]] = None) -> int:
 
     from panns_jax import checkpoints
 
-    parser = argparse.ArgumentParser(prog="panns-jax-convert",
-                                     description="Convert PANNs checkpoints between PyTorch and panns_jax.")
+    parser = argparse.ArgumentParser(
+        prog="panns-jax-convert",
+        description="Convert PANNs checkpoints between PyTorch and panns_jax.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     a = sub.add_parser("from-torch", help="original .pth -> panns_jax checkpoint directory")
     a.add_argument("checkpoint", help="a .pth: {'model': state_dict, ...} or a bare state_dict")
     a.add_argument("--model", required=True, help="architecture, e.g. Cnn14")
     a.add_argument("--out", required=True, help="output checkpoint directory")
-    a.add_argument("--num-classes", type=int, default=None,
-                   help="classes of the model (default: those of the checkpoint's architecture, 527)")
-    a.add_argument("--new-head", action="store_true",
-                   help="transfer: keep everything but the classifier, which is re-initialised "
-                        "for --num-classes classes")
-    a.add_argument("--overwrite", action="store_true")
+    a.add_argument(
+        "--num-classes",
+        type=int,
+        default=None,
+        help="classes of the model (default: those of the checkpoint's architecture, 527)",
+    )
+    a.add_argument(
+        "--new-head",
+        action="store_true",
+        help="transfer: keep everything but the classifier, which is re-initialised "
+        "for --num-classes classes",
+    )
+    a.add_argument(
+        "--overrides",
+        type=checkpoints.parse_overrides,
+        default=None,
+        help="JSON object of further architecture arguments, e.g. the widths of a "
+        "narrow model exported with to-torch: '{\"widths\": [16, 32, 64, 128]}'",
+    )
+    a.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace --out if it is a panns_jax checkpoint (never another directory)",
+    )
     b = sub.add_parser("to-torch", help="panns_jax checkpoint directory -> original .pth")
     b.add_argument("checkpoint", help="panns_jax checkpoint directory")
     b.add_argument("--model", default=None, help="architecture (default: the checkpoint's own)")
@@ -376,11 +470,18 @@ def main(argv: Optional[Iterable[str]] = None) -> int:
     args = parser.parse_args(None if argv is None else list(argv))
 
     try:
+        _check_output(args)  # Before reading or converting anything.
         if args.command == "from-torch":
             state, iteration = read_torch_checkpoint(args.checkpoint)
-            checkpoint = torch_to_checkpoint(state, args.model, num_classes=args.num_classes,
-                                             new_head=args.new_head, step=iteration)
-            path = checkpoints.save(args.out, checkpoint, overwrite=args.overwrite)
+            checkpoint = torch_to_checkpoint(
+                state,
+                args.model,
+                num_classes=args.num_classes,
+                new_head=args.new_head,
+                step=iteration,
+                overrides=args.overrides,
+            )
+            path = _quiet_orbax(checkpoints.save, args.out, checkpoint, overwrite=args.overwrite)
             print(f"wrote {path} ({args.model}, iteration {iteration})")
         else:
             checkpoint = checkpoints.load(args.checkpoint)
@@ -393,7 +494,66 @@ def main(argv: Optional[Iterable[str]] = None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # A full disk, a read-only or vanished directory.
+        print(
+            f"error: cannot write {args.out}: {err.strerror or err}"
+            f"{f' ({err.filename})' if err.filename else ''}; nothing was written",
+            file=sys.stderr,
+        )
+        return 2
     return 0
+
+
+def _check_output(args) -> None:
+    """``--out`` must be writable and not the input; ``--overwrite`` replaces only one of
+    our checkpoints (from-torch) or a file (to-torch), never an arbitrary directory."""
+    from panns_jax import checkpoints
+
+    out, source = os.path.abspath(args.out), os.path.abspath(args.checkpoint)
+    if os.path.exists(out) and os.path.exists(source) and os.path.samefile(out, source):
+        raise ValueError(f"--out {args.out} is the input checkpoint; choose another path")
+    if args.command == "from-torch" and os.path.lexists(out):
+        if not args.overwrite:
+            raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+        if not checkpoints.is_model_checkpoint(out):
+            raise FileExistsError(
+                f"{out} exists and is not a panns_jax checkpoint (no "
+                f"{checkpoints.METADATA_FILE}); refusing to replace it: choose "
+                "another --out or remove it yourself"
+            )
+    if args.command == "to-torch" and os.path.isdir(out):
+        raise ValueError(f"--out {args.out} is a directory; give a .pth file name")
+    parent = os.path.dirname(out)
+    while parent and not os.path.exists(parent):  # Created on save: check what exists.
+        parent = os.path.dirname(parent) if os.path.dirname(parent) != parent else ""
+    if parent and (not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK)):
+        raise ValueError(f"--out {args.out}: cannot write in {parent} (not a writable directory)")
+
+
+def _quiet_orbax(function, *args, **kwargs):
+    """Run ``function`` with the asyncio / orbax loggers and exception hooks held back.
+
+    When a save fails (e.g. a full disk), orbax's background threads log every
+    pending write ("Event loop is closed", hundreds of lines) before the real
+    error surfaces; the error itself is reported by the caller in one line.
+    """
+    import logging
+    import sys
+    import threading
+
+    names = ("asyncio", "absl", "orbax", "concurrent.futures")
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    hooks = sys.excepthook, sys.unraisablehook, threading.excepthook
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    # tensorstore callbacks into a closed event loop print through these hooks.
+    sys.excepthook = sys.unraisablehook = threading.excepthook = lambda *a: None
+    result = function(*args, **kwargs)  # On failure they stay quiet: the CLI is ending.
+    for lg, level in zip(loggers, levels):
+        lg.setLevel(level)
+    sys.excepthook, sys.unraisablehook, threading.excepthook = hooks
+    return result
 
 
 if __name__ == "__main__":

@@ -7,6 +7,14 @@ import pytest
 # Must happen before jax is imported anywhere.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# No test may download a released checkpoint: the zoo is offline, with an empty cache, unless
+# a test points it at its own server on 127.0.0.1 (tests/test_zoo.py).
+os.environ["PANNS_JAX_OFFLINE"] = "1"
+os.environ.pop("PANNS_JAX_MIRROR", None)
+os.environ.pop("PANNS_JAX_ZOO_TABLE", None)
+os.environ["PANNS_JAX_HOME"] = os.path.join(
+    os.environ.get("TMPDIR", "/tmp"), f"panns_jax_test_cache_{os.getpid()}"
+)
 
 sys.path.insert(0, os.path.dirname(__file__))  # golden_utils, train_config
 # configs/ of the project root (tests import them as modules).
