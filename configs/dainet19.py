@@ -1,7 +1,7 @@
 """DaiNet19 with the paper's AudioSet recipe (Kong et al. 2020); see panns_jax/recipe.py.
 
-    python -m panns_jax.main --config=configs/dainet19.py --workdir=DIR
-    python -m panns_jax.main --config=configs/dainet19.py:runlocal --workdir=/tmp/dainet19   # smoke run
+python -m panns_jax.main --config=configs/dainet19.py --workdir=DIR
+python -m panns_jax.main --config=configs/dainet19.py:runlocal --workdir=/tmp/dainet19   # smoke run
 """
 
 from panns_jax import recipe

@@ -1,7 +1,7 @@
 """GTZAN genres transfer (Kong et al. 2020, Sec. VI-D, Table XVII): 10 genres, 10-fold CV,
 30 s clips (``fold`` = track number mod 10 + 1, see panns_jax/data/transfer.py).
 
-    python -m panns_jax.transfer cv --config=configs/gtzan.py:strategy=finetune \
+    python -m panns_jax.crossval cv --config=configs/gtzan.py:strategy=finetune \
         --config.transfer.checkpoint=CKPT --workdir=DIR
 """
 

@@ -1,7 +1,7 @@
 """LeeNet24 with the paper's AudioSet recipe (Kong et al. 2020); see panns_jax/recipe.py.
 
-    python -m panns_jax.main --config=configs/leenet24.py --workdir=DIR
-    python -m panns_jax.main --config=configs/leenet24.py:runlocal --workdir=/tmp/leenet24   # smoke run
+python -m panns_jax.main --config=configs/leenet24.py --workdir=DIR
+python -m panns_jax.main --config=configs/leenet24.py:runlocal --workdir=/tmp/leenet24   # smoke run
 """
 
 from panns_jax import recipe

@@ -1,7 +1,7 @@
 """MobileNetV1 with the paper's AudioSet recipe (Kong et al. 2020); see panns_jax/recipe.py.
 
-    python -m panns_jax.main --config=configs/mobilenetv1.py --workdir=DIR
-    python -m panns_jax.main --config=configs/mobilenetv1.py:runlocal --workdir=/tmp/mobilenetv1   # smoke run
+python -m panns_jax.main --config=configs/mobilenetv1.py --workdir=DIR
+python -m panns_jax.main --config=configs/mobilenetv1.py:runlocal --workdir=/tmp/mobilenetv1
 """
 
 from panns_jax import recipe

@@ -1,7 +1,7 @@
 """MobileNetV2 with the paper's AudioSet recipe (Kong et al. 2020); see panns_jax/recipe.py.
 
-    python -m panns_jax.main --config=configs/mobilenetv2.py --workdir=DIR
-    python -m panns_jax.main --config=configs/mobilenetv2.py:runlocal --workdir=/tmp/mobilenetv2   # smoke run
+python -m panns_jax.main --config=configs/mobilenetv2.py --workdir=DIR
+python -m panns_jax.main --config=configs/mobilenetv2.py:runlocal --workdir=/tmp/mobilenetv2
 """
 
 from panns_jax import recipe

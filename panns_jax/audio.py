@@ -13,16 +13,77 @@ import dataclasses
 import functools
 import importlib.resources
 import os
+import warnings
 from typing import Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 
-# Samples read from disk at a time (at the file's rate) when streaming.
+# Samples decoded at a time when streaming, counted at the OUTPUT rate: a file that
+# declares a low rate is read in proportionally fewer frames, so resampling up never
+# makes a block larger than this (issue 16, item 4).
 BLOCK_FRAMES = 1 << 20
+# Sample rates a recording may declare. Below 1 kHz nothing audible to these models is
+# left (and a 40 KB file at 1 Hz would be 11 hours at 32 kHz): such a header is damaged
+# or mislabelled. Above 1 MHz no audio format is real.
+MIN_SAMPLE_RATE = 1000
+MAX_SAMPLE_RATE = 1_000_000
+# Peak amplitudes that make a recording's tags suspicious (see :func:`level_warning`).
+SILENCE_PEAK = 1.0 / 32768  # Below one 16-bit step: digital silence.
+LOUD_PEAK = 2.0  # Float samples far beyond full scale (1.0): wrong scaling upstream.
 
 
 class AudioError(ValueError):
     """An audio file that cannot be used; the message names the file and the reason."""
+
+
+class AudioWarning(UserWarning):
+    """Audio that was used but may give misleading results (truncated, silent, too loud)."""
+
+
+def check_rate(name: str, rate: int) -> None:
+    """Refuse sample rates no real recording has (a damaged or hostile header)."""
+    if not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
+        raise AudioError(
+            f"{name}: declares a sample rate of {rate} Hz, outside "
+            f"{MIN_SAMPLE_RATE}..{MAX_SAMPLE_RATE} Hz; the header is damaged or "
+            "the file is not audio (re-encode it with its true rate)"
+        )
+
+
+def as_waveform(array, name: str = "<waveform>") -> np.ndarray:
+    """A float32 copy of an array of samples; integer PCM is scaled to [-1, 1).
+
+    int16 / int32 are divided by 2**15 / 2**31 (as soundfile reads PCM files); other
+    integer, boolean and complex arrays are refused rather than silently misread.
+    """
+    array = np.asarray(array)
+    if np.issubdtype(array.dtype, np.complexfloating):
+        raise AudioError(
+            f"{name}: complex samples ({array.dtype}); pass real audio samples "
+            "(e.g. np.real(x) if the imaginary part is known to be 0)"
+        )
+    if array.dtype == np.int16:
+        return array.astype(np.float32) / np.float32(1 << 15)
+    if array.dtype == np.int32:
+        return (array.astype(np.float64) / (1 << 31)).astype(np.float32)
+    if not np.issubdtype(array.dtype, np.floating):
+        raise AudioError(
+            f"{name}: samples of dtype {array.dtype} are not supported; pass "
+            "float samples in [-1, 1] or int16 / int32 PCM"
+        )
+    return array.astype(np.float32)
+
+
+def level_warning(name: str, peak: float) -> Optional[str]:
+    """A warning for silent or far-too-loud audio, whose tags mean little; else None."""
+    if peak < SILENCE_PEAK:
+        return f"{name}: digital silence (peak {peak:.2g}); its tags describe no sound"
+    if peak > LOUD_PEAK:
+        return (
+            f"{name}: peak amplitude {peak:.3g} is far above full scale (1.0); float samples "
+            "should lie in [-1, 1] (int16 PCM: divide by 32768), so its tags are unreliable"
+        )
+    return None
 
 
 def _check_path(path: str) -> None:
@@ -42,8 +103,9 @@ def resample(samples: np.ndarray, orig_rate: int, target_rate: int) -> np.ndarra
         return samples
     import librosa
 
-    return librosa.resample(samples, orig_sr=orig_rate, target_sr=target_rate,
-                            res_type="soxr_hq").astype(np.float32)
+    return librosa.resample(
+        samples, orig_sr=orig_rate, target_sr=target_rate, res_type="soxr_hq"
+    ).astype(np.float32)
 
 
 def _check_samples(name: str, samples: np.ndarray) -> None:
@@ -57,24 +119,33 @@ def load_audio(path: str, sample_rate: int) -> np.ndarray:
     Reads anything soundfile reads (wav, flac, ogg, mp3 with libsndfile >= 1.1),
     falling back to librosa's audioread backends; averages channels; resamples
     with librosa's default (soxr) resampler, as the original inference does.
+    A truncated file is read as far as it goes, with an :class:`AudioWarning`.
     """
     import soundfile as sf
 
     _check_path(path)
     try:
-        samples, rate = sf.read(path, dtype="float32", always_2d=True)
+        with sf.SoundFile(path) as handle:
+            check_rate(path, handle.samplerate)
+            note = truncation_warning(path, handle)
+            samples = handle.read(dtype="float32", always_2d=True)
+            rate = handle.samplerate
         samples = samples.mean(axis=1)
+    except AudioError:
+        raise
     except Exception as sf_error:  # Not a format libsndfile knows: try librosa's backends.
+        note = None
         samples, rate = _librosa_load(path, sf_error)
+        check_rate(path, rate)
     if samples.size == 0:
         raise AudioError(f"{path}: contains no audio samples")
     _check_samples(path, samples)
+    if note:
+        warnings.warn(note, AudioWarning, stacklevel=2)
     return np.ascontiguousarray(resample(samples, rate, sample_rate))
 
 
 def _librosa_load(path: str, sf_error: Exception) -> Tuple[np.ndarray, int]:
-    import warnings
-
     try:
         import librosa
 
@@ -86,8 +157,53 @@ def _librosa_load(path: str, sf_error: Exception) -> Tuple[np.ndarray, int]:
     return samples, int(rate)
 
 
-def _sf_blocks(path: str, sample_rate: int, block_frames: int) -> Iterator[np.ndarray]:
-    """Mono blocks of ``path`` at ``sample_rate``; the whole file at once if soundfile can't."""
+def truncation_warning(path: str, handle) -> Optional[str]:
+    """A warning when a WAV's header declares more sample data than the file holds.
+
+    libsndfile silently shortens such a file to what is present; the RIFF ``data``
+    chunk's declared size tells how much is missing.
+    """
+    if handle.format not in ("WAV", "WAVEX"):
+        return None
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1 << 16)
+        size = os.path.getsize(path)
+    except OSError:
+        return None
+    if head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+        return None
+    offset, block_align = 12, None
+    while offset + 8 <= len(head):
+        chunk, length = (
+            head[offset : offset + 4],
+            int.from_bytes(head[offset + 4 : offset + 8], "little"),
+        )
+        if chunk == b"fmt " and offset + 22 <= len(head):
+            block_align = int.from_bytes(head[offset + 20 : offset + 22], "little")
+        if chunk == b"data":
+            present = size - (offset + 8)
+            if length in (0, 0xFFFFFFFF) or length <= present or not block_align:
+                return None  # 0 / 0xFFFFFFFF: a stream written without a final size.
+            rate = handle.samplerate
+            return (
+                f"{path}: truncated file: its header declares "
+                f"{length // block_align / rate:.3f} s of audio but only "
+                f"{present // block_align / rate:.3f} s are present; using what is there"
+            )
+        offset += 8 + length + (length & 1)
+    return None
+
+
+def decoded_blocks(
+    path: str, sample_rate: int, block_frames: int = BLOCK_FRAMES, notes: Optional[List[str]] = None
+) -> Iterator[np.ndarray]:
+    """Mono float32 blocks of ``path`` at ``sample_rate``, of at most ~``block_frames``
+    samples each (at ``sample_rate``): memory stays bounded whatever rate the file declares.
+
+    Formats soundfile cannot stream are decoded whole by librosa's backends. Warnings
+    (a truncated file) are appended to ``notes`` when given.
+    """
     import soundfile as sf
 
     _check_path(path)
@@ -95,28 +211,43 @@ def _sf_blocks(path: str, sample_rate: int, block_frames: int) -> Iterator[np.nd
         handle = sf.SoundFile(path)
     except Exception as sf_error:  # Decoded whole by audioread (mp4, m4a, ...).
         samples, rate = _librosa_load(path, sf_error)
+        check_rate(path, rate)
         if samples.size:
             _check_samples(path, samples)
         yield resample(samples, rate, sample_rate) if samples.size else samples.astype(np.float32)
         return
     with handle:
+        check_rate(path, handle.samplerate)
+        note = truncation_warning(path, handle)
+        if note and notes is not None:
+            notes.append(note)
         if handle.frames == 0:
             return
+        # Input frames per block such that the resampled block has <= block_frames samples.
+        step = max(1, min(block_frames, block_frames * handle.samplerate // sample_rate))
         resampler = None
         if handle.samplerate != sample_rate:
             import soxr
 
             # librosa.resample(res_type='soxr_hq') == soxr HQ; streaming gives the same samples.
-            resampler = soxr.ResampleStream(handle.samplerate, sample_rate, 1, dtype="float32",
-                                            quality="HQ")
+            resampler = soxr.ResampleStream(
+                handle.samplerate, sample_rate, 1, dtype="float32", quality="HQ"
+            )
         remaining = handle.frames
         while remaining > 0:
             try:
-                block = handle.read(min(block_frames, remaining), dtype="float32", always_2d=True)
+                block = handle.read(min(step, remaining), dtype="float32", always_2d=True)
             except Exception as err:
                 raise AudioError(f"{path}: decoding failed ({err})") from None
-            if len(block) == 0:
-                break  # Truncated file: libsndfile stops early.
+            if len(block) == 0:  # Truncated file: libsndfile stops early.
+                if notes is not None and not note:
+                    rate = handle.samplerate
+                    notes.append(
+                        f"{path}: truncated file: decoding stopped "
+                        f"{remaining / rate:.3f} s before the declared end "
+                        f"({handle.frames / rate:.3f} s); using what is there"
+                    )
+                break
             remaining -= len(block)
             block = block.mean(axis=1)
             _check_samples(path, block)
@@ -146,10 +277,19 @@ class Chunk:
     samples: np.ndarray
     last: bool
     total: Optional[int] = None  # Length of the recording, known on the last chunk.
+    peak: float = 0.0  # Last chunk: max |sample| of the whole recording.
+    warnings: List[str] = dataclasses.field(default_factory=list)  # Last chunk: decoder notes.
 
 
-def iter_chunks(source: Union[str, np.ndarray], sample_rate: int, window: int, hop: int, *,
-                align: int = 1, block_frames: int = BLOCK_FRAMES) -> Iterator[Chunk]:
+def iter_chunks(
+    source: Union[str, np.ndarray],
+    sample_rate: int,
+    window: int,
+    hop: int,
+    *,
+    align: int = 1,
+    block_frames: int = BLOCK_FRAMES,
+) -> Iterator[Chunk]:
     """Windows of ``window`` samples every ``hop`` samples of a mono recording.
 
     A recording no longer than ``window`` is one chunk, whole and unpadded (as the
@@ -164,14 +304,16 @@ def iter_chunks(source: Union[str, np.ndarray], sample_rate: int, window: int, h
     """
     if window <= 0 or hop <= 0:
         raise ValueError(f"window ({window}) and hop ({hop}) must be positive")
+    notes: List[str] = []
     if isinstance(source, str):
-        name, blocks = source, _sf_blocks(source, sample_rate, block_frames)
+        name, blocks = source, decoded_blocks(source, sample_rate, block_frames, notes)
     else:
         name = "<waveform>"
-        array = np.asarray(source, np.float32)
+        array = as_waveform(source, name)
         if array.ndim != 1:
-            raise AudioError(f"{name}: expected a mono waveform (samples,), "
-                             f"got shape {array.shape}")
+            raise AudioError(
+                f"{name}: expected a mono waveform (samples,), got shape {array.shape}"
+            )
         _check_samples(name, array)
         blocks = iter([array])
 
@@ -179,39 +321,43 @@ def iter_chunks(source: Union[str, np.ndarray], sample_rate: int, window: int, h
     buffer_start = 0  # Recording offset of buffer[0].
     next_start = 0
     pending: Optional[Chunk] = None  # Held back so that the last chunk can be flagged.
+    peak = 0.0
     for block in blocks:
-        buffer = np.concatenate([buffer, np.asarray(block, np.float32)])
+        block = np.asarray(block, np.float32)
+        if block.size:
+            peak = max(peak, float(np.max(np.abs(block))))
+        buffer = np.concatenate([buffer, block])
         # Full windows are emitted only once a sample past them exists, so that a
         # recording of exactly ``window`` samples stays one chunk.
         while next_start + window < buffer_start + len(buffer):
             offset = next_start - buffer_start
             if pending is not None:
                 yield pending
-            pending = Chunk(next_start, buffer[offset:offset + window].copy(), last=False)
+            pending = Chunk(next_start, buffer[offset : offset + window].copy(), last=False)
             next_start += hop
         # Keep what the next chunks and an end-aligned last chunk may need.
         keep_from = min(next_start, buffer_start + len(buffer) - window - align)
         if keep_from > buffer_start:
-            buffer = buffer[keep_from - buffer_start:]
+            buffer = buffer[keep_from - buffer_start :]
             buffer_start = keep_from
     total = buffer_start + len(buffer)
     if total == 0:
         raise AudioError(f"{name}: contains no audio samples")
+    end = dict(last=True, total=total, peak=peak, warnings=notes)
     if total <= window:
-        yield Chunk(0, buffer.copy(), last=True, total=total)
+        yield Chunk(0, buffer.copy(), **end)
         return
     if next_start + window == total:  # One exact window is left.
         final = next_start
     else:
         final = (total - window) // align * align
     if pending is not None and final <= pending.start:  # Alignment left nothing new.
-        pending.last, pending.total = True, total
-        yield pending
+        yield dataclasses.replace(pending, **end)
         return
     if pending is not None:
         yield pending
     offset = final - buffer_start
-    yield Chunk(final, buffer[offset:offset + window].copy(), last=True, total=total)
+    yield Chunk(final, buffer[offset : offset + window].copy(), **end)
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,36 +1,61 @@
 """Model checkpoints: a directory with the variables (orbax) and what built them (JSON).
 
     DIR/panns_jax.json   {"format": 1, "model": "Cnn14", "overrides": {...}, "step": 0,
-                          "labels": null | [class names]}
+                          "labels": null | [class names], "digest": "sha256:...",
+                          "extra": {...}}
     DIR/variables/       orbax checkpoint of {'params', 'batch_stats'}
 
 Written atomically: everything goes to a temporary sibling directory that is renamed
 into place only when complete, so a crash or an error never leaves a half checkpoint.
+Replacing an existing checkpoint swaps the two directories in one ``renameat2``
+(``RENAME_EXCHANGE``, Linux) where available, so ``DIR`` always names a complete
+checkpoint, the old or the new one. Files and directories get the usual modes
+(``0o666`` / ``0o777`` less the umask), not ``mkdtemp``'s private ``0o700``.
+
+Integrity: ``digest`` is a SHA-256 of every weight (path, dtype, shape, bytes),
+checked on load, so a flipped bit is an error rather than NaN probabilities.
+``panns_jax.json`` is validated (keys, types, overrides that build the model,
+weights whose shapes fit it) with one-line errors naming the file.
 """
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import hashlib
 import json
 import os
+import re
 import shutil
-import tempfile
-from typing import Any, Dict, List, Optional
+import uuid
+from typing import Any, Dict, List, Mapping, Optional
+
+import numpy as np
 
 METADATA_FILE = "panns_jax.json"
 VARIABLES_DIR = "variables"
 FORMAT_VERSION = 1
+COLLECTIONS = ("params", "batch_stats")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be used; the message names it and the reason."""
 
 
 @dataclasses.dataclass
 class ModelCheckpoint:
-    """A model's name, its registry overrides, its variables and its training step."""
+    """A model's name, its registry overrides, its variables and its training step.
+
+    ``extra`` is free JSON metadata stored with the weights (e.g. the score that made
+    a checkpoint the best), so that both are replaced together.
+    """
 
     model: str
     variables: Dict[str, Any]
     overrides: Dict[str, Any] = dataclasses.field(default_factory=dict)
     step: int = 0
     labels: Optional[List[str]] = None  # Class names, when not AudioSet's 527.
+    extra: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def build_model(self):
         from panns_jax import models
@@ -65,52 +90,308 @@ def _decode_overrides(overrides: Dict[str, Any]) -> Dict[str, Any]:
     return decoded
 
 
+def parse_overrides(text: str) -> Dict[str, Any]:
+    """A command line's ``--overrides '{"widths": [16, 32, 64, 128]}'`` -> registry overrides.
+
+    Lists become tuples, as :func:`load` decodes them; raises
+    ``argparse.ArgumentTypeError`` (argparse prints it as one usage line).
+    """
+    import argparse
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({err})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object, e.g. '{\"num_classes\": 10}'")
+    try:
+        return _decode_overrides(value)
+    except (TypeError, ValueError) as err:
+        raise argparse.ArgumentTypeError(f"bad overrides ({err})") from None
+
+
 def is_model_checkpoint(path: str) -> bool:
     return os.path.isfile(os.path.join(path, METADATA_FILE))
 
 
-def save(path: str, checkpoint: ModelCheckpoint, *, overwrite: bool = False) -> str:
-    """Write ``checkpoint`` to directory ``path`` atomically; returns the absolute path."""
+def weights_digest(variables: Mapping[str, Any]) -> str:
+    """``sha256:<hex>`` of the ``params`` and ``batch_stats`` leaves: path, dtype, shape, bytes."""
+    import flax
+
+    digest = hashlib.sha256()
+    for collection in COLLECTIONS:
+        flat = flax.traverse_util.flatten_dict(dict(variables.get(collection, {})), sep="/")
+        for path in sorted(flat):
+            value = np.ascontiguousarray(np.asarray(flat[path]))
+            digest.update(f"{collection}/{path}|{value.dtype.str}|{value.shape}\n".encode())
+            digest.update(value.tobytes())
+    return "sha256:" + digest.hexdigest()
+
+
+def _make_dir(parent: str, prefix: str) -> str:
+    """A new directory with the umask's mode (``mkdtemp`` would make it 0o700)."""
+    for _ in range(100):
+        path = os.path.join(parent, f"{prefix}{uuid.uuid4().hex[:12]}")
+        try:
+            os.mkdir(path, 0o777)
+            return path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"cannot create a staging directory in {parent}")
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Swap two paths in one ``renameat2(RENAME_EXCHANGE)``; False where unsupported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    result = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
+    return result == 0
+
+
+def replace_dir(staging: str, path: str) -> None:
+    """Move the complete directory ``staging`` to ``path``, replacing what is there.
+
+    With an existing ``path`` the two are exchanged atomically where the kernel allows
+    (then the old one is removed); elsewhere the old one is moved aside first, so at
+    worst a crash leaves it beside ``path`` as ``.NAME.old-*``, never half written.
+    """
+    if not os.path.lexists(path):
+        os.replace(staging, path)
+        return
+    if _exchange(staging, path):
+        shutil.rmtree(staging, ignore_errors=True)  # Now the old checkpoint.
+        return
+    parent, base = os.path.split(path)
+    old = os.path.join(parent, f".{base}.old-{uuid.uuid4().hex[:12]}")
+    os.replace(path, old)
+    os.replace(staging, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _this_process_checkpointer():
+    """An orbax checkpointer that involves this process only. Model checkpoints hold host
+    numpy arrays and one process writes them; orbax's default waits at a barrier for every
+    process of a multi-host job, which deadlocks when process 0 alone exports ``best``."""
+    import jax
     import orbax.checkpoint as ocp
 
+    me = jax.process_index()
+    return ocp.StandardCheckpointer(
+        multiprocessing_options=ocp.options.MultiprocessingOptions(
+            primary_host=me, active_processes={me}
+        )
+    )
+
+
+def save(path: str, checkpoint: ModelCheckpoint, *, overwrite: bool = False) -> str:
+    """Write ``checkpoint`` to directory ``path`` atomically; returns the absolute path.
+
+    ``overwrite`` replaces an existing panns_jax checkpoint only: any other existing
+    path is refused, so a typo cannot delete a directory of other files.
+    """
     path = os.path.abspath(path)
-    if os.path.exists(path) and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True (--overwrite) to replace it")
+    if os.path.lexists(path):
+        if not overwrite:
+            raise FileExistsError(f"{path} exists; pass overwrite=True (--overwrite) to replace it")
+        if not is_model_checkpoint(path):
+            raise FileExistsError(
+                f"{path} exists and is not a panns_jax checkpoint (no "
+                f"{METADATA_FILE}); refusing to replace it: choose another "
+                "output path or remove it yourself"
+            )
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+    staging = _make_dir(parent, f".{os.path.basename(path)}.tmp-")
     try:
-        variables = {k: v for k, v in checkpoint.variables.items() if k in ("params", "batch_stats")}
-        checkpointer = ocp.StandardCheckpointer()
+        variables = {k: v for k, v in checkpoint.variables.items() if k in COLLECTIONS}
+        checkpointer = _this_process_checkpointer()
         checkpointer.save(os.path.join(staging, VARIABLES_DIR), variables)
         checkpointer.wait_until_finished()
-        metadata = {"format": FORMAT_VERSION, "model": checkpoint.model,
-                    "overrides": _encode_overrides(checkpoint.overrides), "step": int(checkpoint.step),
-                    "labels": checkpoint.labels}
+        metadata = {
+            "format": FORMAT_VERSION,
+            "model": checkpoint.model,
+            "overrides": _encode_overrides(checkpoint.overrides),
+            "step": int(checkpoint.step),
+            "labels": checkpoint.labels,
+            "digest": weights_digest(variables),
+        }
+        if checkpoint.extra:
+            metadata["extra"] = checkpoint.extra
         with open(os.path.join(staging, METADATA_FILE), "w") as f:
             json.dump(metadata, f, indent=2)
-        if os.path.exists(path):
-            shutil.rmtree(path)
-        os.replace(staging, path)
-    except BaseException:
+            f.flush()
+            os.fsync(f.fileno())
+        replace_dir(staging, path)
+    except BaseException as err:
         shutil.rmtree(staging, ignore_errors=True)
+        code = re.search(r"os_error_code='(\d+)'", str(err))
+        if not isinstance(err, OSError) and code:
+            # tensorstore reports a full disk (ENOSPC), a size limit... as a ValueError
+            # with the errno inside: say it as the OS would, in one line.
+            number = int(code.group(1))
+            raise OSError(number, os.strerror(number), parent) from None
         raise
     return path
 
 
-def load(path: str) -> ModelCheckpoint:
-    """Read a checkpoint written by :func:`save` (variables as numpy arrays)."""
-    import orbax.checkpoint as ocp
+def read_metadata(path: str) -> Dict[str, Any]:
+    """``panns_jax.json`` of checkpoint ``path``, validated; :class:`CheckpointError` if bad."""
+    file = os.path.join(path, METADATA_FILE)
+    where = f"{file}:"
+    fix = "restore it from a copy or re-create the checkpoint"
+    try:
+        with open(file, encoding="utf-8") as f:
+            metadata = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{where} not valid JSON ({err}); {fix}") from None
+    if not isinstance(metadata, dict):
+        raise CheckpointError(
+            f"{where} expected a JSON object, got a {type(metadata).__name__}; {fix}"
+        )
+    if "model" not in metadata:
+        raise CheckpointError(f"{where} missing key 'model' (the architecture name); {fix}")
+    checks = [
+        ("model", str, "a model name"),
+        ("overrides", dict, "an object"),
+        ("step", int, "an integer"),
+        ("labels", (list, type(None)), "a list or null"),
+        ("digest", str, "a string"),
+        ("extra", dict, "an object"),
+    ]
+    for key, kind, what in checks:
+        if key in metadata and (
+            not isinstance(metadata[key], kind) or isinstance(metadata[key], bool)
+        ):
+            raise CheckpointError(
+                f"{where} '{key}' must be {what}, got {json.dumps(metadata[key])[:80]}; {fix}"
+            )
+    version = metadata.get("format", FORMAT_VERSION)
+    if version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{where} format {version!r} is not one this version reads "
+            f"({FORMAT_VERSION}); upgrade panns_jax or re-create it"
+        )
+    labels = metadata.get("labels")
+    if labels is not None and not all(isinstance(x, str) for x in labels):
+        raise CheckpointError(f"{where} 'labels' must be a list of strings; {fix}")
+    return metadata
 
+
+def _build(path: str, name: str, overrides: Dict[str, Any]):
+    from panns_jax import models
+
+    try:
+        return models.get(name, **overrides)
+    except (TypeError, ValueError) as err:
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise CheckpointError(
+            f"{os.path.join(path, METADATA_FILE)}: model {name!r} with "
+            f"overrides {overrides} cannot be built ({message}); fix the "
+            "overrides or re-create the checkpoint"
+        ) from None
+
+
+def _check_shapes(path: str, name: str, model: Any, variables: Mapping[str, Any]) -> None:
+    """The weights must have the shapes the model (with its overrides) declares."""
+    import flax
+    import jax
+
+    from panns_jax import models
+
+    try:
+        want = jax.eval_shape(lambda: models.init(model, jax.random.key(0)))
+    except Exception as err:  # Overrides that build a module but not a network.
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise CheckpointError(
+            f"{os.path.join(path, METADATA_FILE)}: {name} with these "
+            f"overrides cannot run ({type(err).__name__}: {message}); fix "
+            "the overrides or re-create the checkpoint"
+        ) from None
+    for collection in COLLECTIONS:
+        want_flat = flax.traverse_util.flatten_dict(dict(want.get(collection, {})), sep="/")
+        got_flat = flax.traverse_util.flatten_dict(dict(variables.get(collection, {})), sep="/")
+        for key in sorted(set(want_flat) | set(got_flat)):
+            w = tuple(want_flat[key].shape) if key in want_flat else None
+            g = tuple(np.shape(got_flat[key])) if key in got_flat else None
+            if w != g:
+                detail = (
+                    f"has no {collection}/{key}"
+                    if g is None
+                    else f"has an unexpected {collection}/{key}"
+                    if w is None
+                    else f"{collection}/{key} is {g}, {name} expects {w}"
+                )
+                raise CheckpointError(
+                    f"{path}: the weights do not fit {name} with the overrides in "
+                    f"{METADATA_FILE} (the checkpoint {detail}); were the overrides edited? "
+                    "Restore the original panns_jax.json"
+                )
+
+
+def load(path: str, *, verify: bool = True) -> ModelCheckpoint:
+    """Read a checkpoint written by :func:`save` (variables as numpy arrays).
+
+    Raises :class:`CheckpointError` (a ``ValueError``) with one line for damaged
+    metadata, weights that fail their digest, or overrides that do not fit them;
+    ``verify=False`` skips the digest and shape checks.
+    """
     path = os.path.abspath(path)
     if not is_model_checkpoint(path):
         raise FileNotFoundError(
             f"{path} is not a panns_jax checkpoint (no {METADATA_FILE}); convert an original "
-            "PyTorch checkpoint with `panns-jax-convert from-torch CKPT.pth --model NAME --out DIR`")
-    with open(os.path.join(path, METADATA_FILE)) as f:
-        metadata = json.load(f)
-    variables = ocp.StandardCheckpointer().restore(os.path.join(path, VARIABLES_DIR))
+            "PyTorch checkpoint with `panns-jax-convert from-torch CKPT.pth --model NAME "
+            "--out DIR`"
+        )
+    metadata = read_metadata(path)
+    name = metadata["model"]
+    try:
+        overrides = _decode_overrides(metadata.get("overrides", {}))
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(
+            f"{os.path.join(path, METADATA_FILE)}: bad overrides ({err}); "
+            "fix them or re-create the checkpoint"
+        ) from None
+    model = _build(path, name, overrides)
+    labels = metadata.get("labels")
+    classes = getattr(model, "num_classes", None)
+    if labels is not None and classes is not None and len(labels) != classes:
+        raise CheckpointError(
+            f"{os.path.join(path, METADATA_FILE)}: {len(labels)} labels for "
+            f"a {classes}-class model; fix 'labels' or re-create the checkpoint"
+        )
+    variables_dir = os.path.join(path, VARIABLES_DIR)
+    if not os.path.isdir(variables_dir):
+        raise CheckpointError(
+            f"{path}: no {VARIABLES_DIR}/ directory (the weights are missing); "
+            "restore the checkpoint from a copy"
+        )
+    try:
+        variables = _this_process_checkpointer().restore(variables_dir)
+    except Exception as err:  # orbax/tensorstore errors on damaged files.
+        message = str(err).splitlines()[0] if str(err) else ""
+        raise CheckpointError(
+            f"{path}: the weights cannot be read ({type(err).__name__}: "
+            f"{message[:200]}); restore the checkpoint from a copy"
+        ) from None
     variables = {k: v for k, v in variables.items()}
-    return ModelCheckpoint(model=metadata["model"], variables=variables,
-                           overrides=_decode_overrides(metadata.get("overrides", {})), step=metadata.get("step", 0),
-                           labels=metadata.get("labels"))
+    if verify:
+        expected = metadata.get("digest")
+        if expected is not None and weights_digest(variables) != expected:
+            raise CheckpointError(
+                f"{path}: the weights do not match the digest in "
+                f"{METADATA_FILE}: the files are damaged (e.g. a flipped bit); "
+                "restore the checkpoint from a copy"
+            )
+        _check_shapes(path, name, model, variables)
+    return ModelCheckpoint(
+        model=name,
+        variables=variables,
+        overrides=overrides,
+        step=metadata.get("step", 0),
+        labels=labels,
+        extra=metadata.get("extra", {}),
+    )

@@ -49,8 +49,18 @@ import os
 import shutil
 import sys
 import tempfile
-from typing import (TYPE_CHECKING, Any, Callable, Dict, Iterator, Mapping, Optional, Sequence,
-                    Tuple, Union)
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Callable,
+    Dict,
+    Iterator,
+    Mapping,
+    Optional,
+    Sequence,
+    Tuple,
+    Union,
+)
 
 import jax
 import jax.numpy as jnp
@@ -93,9 +103,11 @@ class ExportResult:
 
     def summary(self) -> str:
         shape = ", ".join("any" if d is None else str(d) for d in self.input_shape)
-        lines = [f"wrote {self.format} {self.path}",
-                 f"  model {self.model} @ {self.sample_rate} Hz; input waveform ({shape})"
-                 + (f", at least {self.min_samples} samples" if self.input_shape[1] is None else "")]
+        lines = [
+            f"wrote {self.format} {self.path}",
+            f"  model {self.model} @ {self.sample_rate} Hz; input waveform ({shape})"
+            + (f", at least {self.min_samples} samples" if self.input_shape[1] is None else ""),
+        ]
         for key, (err, bound) in self.errors.items():
             lines.append(f"  {key}: max abs error {err:.3g} <= {bound:.3g} (validated)")
         return "\n".join(lines)
@@ -116,8 +128,9 @@ def dft_kernel(n_fft: int) -> np.ndarray:
     return np.concatenate([real, imag]).T.astype(np.float32)[:, None, :]
 
 
-def dft_power_spectrogram(waveform: jax.Array, n_fft: int, hop: int, pad_mode: str = "reflect"
-                          ) -> jax.Array:
+def dft_power_spectrogram(
+    waveform: jax.Array, n_fft: int, hop: int, pad_mode: str = "reflect"
+) -> jax.Array:
     """:func:`panns_jax.frontend.power_spectrogram` as one strided conv (no FFT, no gather).
 
     Lowers to plain convolutions in ONNX/TFLite/StableHLO and works for symbolic
@@ -127,8 +140,13 @@ def dft_power_spectrogram(waveform: jax.Array, n_fft: int, hop: int, pad_mode: s
     pad = n_fft // 2
     x = jnp.pad(x, ((0, 0), (pad, pad)), mode=pad_mode)
     y = jax.lax.conv_general_dilated(
-        x[:, :, None], jnp.asarray(dft_kernel(n_fft)), window_strides=(hop,), padding="VALID",
-        dimension_numbers=("NWC", "WIO", "NWC"), precision=jax.lax.Precision.HIGHEST)
+        x[:, :, None],
+        jnp.asarray(dft_kernel(n_fft)),
+        window_strides=(hop,),
+        padding="VALID",
+        dimension_numbers=("NWC", "WIO", "NWC"),
+        precision=jax.lax.Precision.HIGHEST,
+    )
     n_freq = n_fft // 2 + 1
     real, imag = y[..., :n_freq], y[..., n_freq:]
     return real * real + imag * imag
@@ -142,10 +160,15 @@ def export_friendly_frontend() -> Iterator[None]:
     safe: trace exports from one thread). A ``method='dft'`` option of
     ``frontend.power_spectrogram`` would make this patch unnecessary.
     """
+    from panns_jax.models import depthwise
+
     original = fe.power_spectrogram
     fe.power_spectrogram = dft_power_spectrogram
     try:
-        yield
+        # Depthwise convs as one lax conv: exporters have a native op for it, and
+        # jax2onnx cannot lower the CPU/other-backend switch of models/depthwise.py.
+        with depthwise.plain_lax_convolutions():
+            yield
     finally:
         fe.power_spectrogram = original
 
@@ -155,12 +178,14 @@ def export_friendly_frontend() -> Iterator[None]:
 # ----------------------------------------------------------------------------
 
 
-def resolve_source(source: Source, model_name: Optional[str] = None
-                   ) -> Tuple[Any, Dict[str, Any], str]:
-    """``(model, variables, name)`` of a checkpoint path, a ModelCheckpoint or ``(model, variables)``.
+def resolve_source(
+    source: Source, model_name: Optional[str] = None, overrides: Optional[Mapping[str, Any]] = None
+) -> Tuple[Any, Dict[str, Any], str]:
+    """``(model, variables, name)`` of a checkpoint path, a ModelCheckpoint or
+    ``(model, variables)``.
 
     Paths: a panns_jax checkpoint directory, or an original PANNs ``.pth`` (needs
-    ``model_name`` and the torch extra).
+    ``model_name``, and ``overrides`` for a model built with other arguments).
     """
     from panns_jax import checkpoints
 
@@ -171,12 +196,18 @@ def resolve_source(source: Source, model_name: Optional[str] = None
         return source.build_model(), dict(source.variables), source.model
     from panns_jax import convert
 
-    loaded = convert.load_model_checkpoint(source, model_name)
+    if overrides and checkpoints.is_model_checkpoint(os.fspath(source)):
+        raise ValueError(
+            f"{source}: a panns_jax checkpoint directory records its own "
+            "overrides; --overrides applies to .pth files only"
+        )
+    loaded = convert.load_model_checkpoint(source, model_name, overrides=overrides)
     return loaded.build_model(), dict(loaded.variables), loaded.model
 
 
-def serving_function(model: Any, variables: Mapping[str, Any],
-                     output_keys: Sequence[str] = OUTPUT_KEYS) -> Callable[[jax.Array], dict]:
+def serving_function(
+    model: Any, variables: Mapping[str, Any], output_keys: Sequence[str] = OUTPUT_KEYS
+) -> Callable[[jax.Array], dict]:
     """``waveform (B, L) -> {output: array}`` in eval mode, the exported outputs only."""
     variables = {k: v for k, v in variables.items() if k in ("params", "batch_stats")}
 
@@ -193,8 +224,13 @@ def _symbolic_spec(min_samples: int, batch_size: Optional[int]) -> jax.ShapeDtyp
     return jax.ShapeDtypeStruct(shape, jnp.float32)
 
 
-def _input_spec(model: Any, serve: Callable, seconds: Optional[float], batch_size: Optional[int],
-                dynamic_length: bool) -> Tuple[jax.ShapeDtypeStruct, int]:
+def _input_spec(
+    model: Any,
+    serve: Callable,
+    seconds: Optional[float],
+    batch_size: Optional[int],
+    dynamic_length: bool,
+) -> Tuple[jax.ShapeDtypeStruct, int]:
     """The input spec to trace with and the shortest accepted clip.
 
     A symbolic length needs a lower bound that makes every pooling in the trunk
@@ -211,9 +247,11 @@ def _input_spec(model: Any, serve: Callable, seconds: Optional[float], batch_siz
                 return spec, int(min_seconds * rate)
             except (jax.errors.InconclusiveDimensionOperation, TypeError, ValueError):
                 continue
-        print(f"note: {type(model).__name__} cannot be exported for any clip length; using a "
-              f"fixed {DEFAULT_SECONDS:g} s window (pass seconds= / --seconds to choose)",
-              file=sys.stderr)
+        print(
+            f"note: {type(model).__name__} cannot be exported for any clip length; using a "
+            f"fixed {DEFAULT_SECONDS:g} s window (pass seconds= / --seconds to choose)",
+            file=sys.stderr,
+        )
     length = int(round((seconds or DEFAULT_SECONDS) * rate))
     shape = (batch_size, length) if batch_size else jax.export.symbolic_shape(f"B, {length}")
     return jax.ShapeDtypeStruct(shape, jnp.float32), length
@@ -239,12 +277,14 @@ def _import(module: str, what: str):
             return tf_cpu.import_tensorflow()
         return importlib.import_module(module)
     except ImportError:
-        raise ImportError(f"{what} needs {module.split('.')[0]}: pip install 'panns_jax[export]'"
-                          ) from None
+        raise ImportError(
+            f"{what} needs {module.split('.')[0]}: pip install 'panns_jax[export]'"
+        ) from None
 
 
-def _write_onnx(serve: Callable, spec: jax.ShapeDtypeStruct, path: str, name: str,
-                opset: int = 18) -> None:
+def _write_onnx(
+    serve: Callable, spec: jax.ShapeDtypeStruct, path: str, name: str, opset: int = 18
+) -> None:
     """jax2onnx on a jaxpr traced beforehand.
 
     jax2onnx monkey-patches flax.linen layers while it traces (its own pooling and
@@ -258,8 +298,15 @@ def _write_onnx(serve: Callable, spec: jax.ShapeDtypeStruct, path: str, name: st
         closed = jax.make_jaxpr(serve)(spec)
     keys = sorted(_output_shapes(serve, spec))  # A flattened dict's order: sorted keys.
     replay = jex_core.jaxpr_as_fun(closed)
-    model = jax2onnx.to_onnx(lambda w: tuple(replay(w)), [spec], model_name=name, opset=opset,
-                             input_names=["waveform"], output_names=keys, return_mode="proto")
+    model = jax2onnx.to_onnx(
+        lambda w: tuple(replay(w)),
+        [spec],
+        model_name=name,
+        opset=opset,
+        input_names=["waveform"],
+        output_names=keys,
+        return_mode="proto",
+    )
     with open(path, "wb") as f:
         f.write(model.SerializeToString())
 
@@ -270,25 +317,38 @@ def _output_shapes(serve: Callable, spec: jax.ShapeDtypeStruct) -> Dict[str, tup
     return {k: v.shape for k, v in shapes.items()}
 
 
-def _tf_concrete_function(serve: Callable, shape: Tuple[Optional[int], ...], min_samples: int,
-                          platforms: Sequence[str]):
+def _tf_concrete_function(
+    serve: Callable, shape: Tuple[Optional[int], ...], min_samples: int, platforms: Sequence[str]
+):
     """jax2tf (native StableHLO serialization) of ``serve`` for a (B, L) shape, None = any."""
     tf = _import("tensorflow", "SavedModel/TFLite export")
     from jax.experimental import jax2tf
 
     poly = ", ".join(("b", "l")[i] if d is None else str(d) for i, d in enumerate(shape))
     constraints = [f"l >= {min_samples}"] if shape[1] is None else []
-    converted = jax2tf.convert(serve, polymorphic_shapes=[f"({poly})"],
-                               polymorphic_constraints=constraints, with_gradient=False,
-                               native_serialization_platforms=tuple(platforms))
-    function = tf.function(converted, autograph=False, input_signature=[
-        tf.TensorSpec(shape, tf.float32, name="waveform")])
+    converted = jax2tf.convert(
+        serve,
+        polymorphic_shapes=[f"({poly})"],
+        polymorphic_constraints=constraints,
+        with_gradient=False,
+        native_serialization_platforms=tuple(platforms),
+    )
+    function = tf.function(
+        converted,
+        autograph=False,
+        input_signature=[tf.TensorSpec(shape, tf.float32, name="waveform")],
+    )
     with export_friendly_frontend():  # jax2tf traces here, once.
         return function.get_concrete_function()
 
 
-def _write_savedmodel(serve: Callable, shape: Tuple[Optional[int], ...], min_samples: int,
-                      path: str, platforms: Sequence[str] = ("cpu",)) -> None:
+def _write_savedmodel(
+    serve: Callable,
+    shape: Tuple[Optional[int], ...],
+    min_samples: int,
+    path: str,
+    platforms: Sequence[str] = ("cpu",),
+) -> None:
     """A SavedModel with one ``serving_default`` signature (XlaCallModule, weights inlined)."""
     tf = _import("tensorflow", "SavedModel export")
     concrete = _tf_concrete_function(serve, shape, min_samples, platforms)
@@ -297,8 +357,9 @@ def _write_savedmodel(serve: Callable, shape: Tuple[Optional[int], ...], min_sam
     tf.saved_model.save(tf.Module(), path, signatures={"serving_default": concrete})
 
 
-def _write_tflite(serve: Callable, shape: Tuple[Optional[int], ...], min_samples: int,
-                  path: str) -> None:
+def _write_tflite(
+    serve: Callable, shape: Tuple[Optional[int], ...], min_samples: int, path: str
+) -> None:
     """The StableHLO of jax2tf lowered to TFLite builtins (float32, no quantisation)."""
     tf = _import("tensorflow", "TFLite export")
     concrete = _tf_concrete_function(serve, shape, min_samples, ("cpu",))
@@ -321,12 +382,15 @@ def detect_format(path: str) -> str:
         return "onnx"
     if ext in (".tflite", ".litert"):
         return "tflite"
-    raise ValueError(f"{path}: cannot tell the format (expected a .onnx or .tflite file or a "
-                     "SavedModel directory)")
+    raise ValueError(
+        f"{path}: cannot tell the format (expected a .onnx or .tflite file or a "
+        "SavedModel directory)"
+    )
 
 
-def load(path: str, format: Optional[str] = None, num_threads: Optional[int] = None
-         ) -> Callable[[np.ndarray], Dict[str, np.ndarray]]:
+def load(
+    path: str, format: Optional[str] = None, num_threads: Optional[int] = None
+) -> Callable[[np.ndarray], Dict[str, np.ndarray]]:
     """A callable ``waveform (B, L) float32 -> {output: np.ndarray}`` running an export.
 
     ONNX runs in onnxruntime, SavedModels in TensorFlow, TFLite in the LiteRT
@@ -385,8 +449,9 @@ def tolerance(key: str, reference: np.ndarray) -> float:
     return PROBABILITY_TOLERANCE
 
 
-def compare(got: Mapping[str, np.ndarray], want: Mapping[str, np.ndarray]
-            ) -> Tuple[Dict[str, Tuple[float, float]], list]:
+def compare(
+    got: Mapping[str, np.ndarray], want: Mapping[str, np.ndarray]
+) -> Tuple[Dict[str, Tuple[float, float]], list]:
     """Per output ``(max abs error, bound)`` and a list of failures (empty when all pass)."""
     errors, failures = {}, []
     for key, ref in want.items():
@@ -406,8 +471,9 @@ def compare(got: Mapping[str, np.ndarray], want: Mapping[str, np.ndarray]
     return errors, failures
 
 
-def validation_batches(sample_rate: int, length: Optional[int], min_samples: int,
-                       batch_size: Optional[int]) -> list:
+def validation_batches(
+    sample_rate: int, length: Optional[int], min_samples: int, batch_size: Optional[int]
+) -> list:
     """Deterministic test audio like the golden inputs: a log chirp + noise and AM tones over
     a noise floor with a gap of digital silence (frames at the log floor); plus an
     odd-length clip when the length is free."""
@@ -420,7 +486,7 @@ def validation_batches(sample_rate: int, length: Optional[int], min_samples: int
     # A -50 dBFS noise floor as real recordings have: bins ~100 dB below full scale are
     # float32 round-off, where the FFT and the DFT-matrix STFT differ by > 0.1 dB.
     tones += 3e-3 * rng.standard_normal(n)
-    tones[n // 3: n // 3 + n // 10] = 0.0
+    tones[n // 3 : n // 3 + n // 10] = 0.0
     rows = [chirp + 0.05 * rng.standard_normal(n), tones]
     rows += [rng.uniform(-0.5, 0.5, n) for _ in range(max(0, (batch_size or 2) - 2))]
     batches = [np.stack(rows[: batch_size or 2]).astype(np.float32)]
@@ -432,11 +498,15 @@ def validation_batches(sample_rate: int, length: Optional[int], min_samples: int
 
 def _check_fits(batch: np.ndarray, shape: Tuple[Optional[int], ...], min_samples: int) -> None:
     if batch.ndim != 2 or any(d is not None and d != b for d, b in zip(shape, batch.shape)):
-        raise ValueError(f"validation batch of shape {batch.shape} does not fit the exported "
-                         f"input shape {shape} (None = any)")
+        raise ValueError(
+            f"validation batch of shape {batch.shape} does not fit the exported "
+            f"input shape {shape} (None = any)"
+        )
     if batch.shape[1] < min_samples:
-        raise ValueError(f"validation batch has {batch.shape[1]} samples; the export needs at "
-                         f"least {min_samples}")
+        raise ValueError(
+            f"validation batch has {batch.shape[1]} samples; the export needs at "
+            f"least {min_samples}"
+        )
 
 
 # ----------------------------------------------------------------------------
@@ -444,11 +514,59 @@ def _check_fits(batch: np.ndarray, shape: Tuple[Optional[int], ...], min_samples
 # ----------------------------------------------------------------------------
 
 
-def export(source: Source, format: str = "onnx", out: Optional[str] = None, *,
-           model_name: Optional[str] = None, seconds: Optional[float] = None,
-           batch_size: Optional[int] = None, validation_batch: Optional[np.ndarray] = None,
-           overwrite: bool = False, platforms: Sequence[str] = ("cpu",),
-           onnx_opset: int = 18) -> ExportResult:
+def check_shape_options(seconds: Optional[float], batch_size: Optional[int]) -> None:
+    """``seconds`` positive and finite, ``batch_size`` a positive integer (or None)."""
+    import math
+
+    if seconds is not None and not (
+        isinstance(seconds, (int, float)) and math.isfinite(seconds) and seconds > 0
+    ):
+        raise ValueError(f"seconds must be a positive, finite clip length, got {seconds!r}")
+    if batch_size is not None and (
+        isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
+    ):
+        raise ValueError(f"batch size must be a positive integer, got {batch_size!r}")
+
+
+def check_output(out: str, format: str, overwrite: bool, source: Any = None) -> None:
+    """Refuse to overwrite without ``overwrite``, to replace the source checkpoint, or to
+    replace anything but an export of the same kind (never an arbitrary directory)."""
+    out = os.path.abspath(out)
+    if isinstance(source, (str, os.PathLike)) and os.path.exists(source):
+        source = os.path.abspath(source)
+        if (
+            os.path.exists(out)
+            and os.path.samefile(out, source)
+            or out.startswith(source.rstrip(os.sep) + os.sep)
+        ):
+            raise ValueError(f"{out} is (inside) the source checkpoint; choose another output")
+    if not os.path.lexists(out):
+        return
+    if not overwrite:
+        raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
+    is_savedmodel = os.path.isfile(os.path.join(out, "saved_model.pb"))
+    if format == "savedmodel" and not is_savedmodel:
+        raise FileExistsError(
+            f"{out} exists and is not a SavedModel directory; refusing to "
+            "replace it: choose another output or remove it yourself"
+        )
+    if format != "savedmodel" and not os.path.isfile(out):
+        raise FileExistsError(f"{out} exists and is not a file; refusing to replace it")
+
+
+def export(
+    source: Source,
+    format: str = "onnx",
+    out: Optional[str] = None,
+    *,
+    model_name: Optional[str] = None,
+    seconds: Optional[float] = None,
+    batch_size: Optional[int] = None,
+    validation_batch: Optional[np.ndarray] = None,
+    overwrite: bool = False,
+    platforms: Sequence[str] = ("cpu",),
+    onnx_opset: int = 18,
+) -> ExportResult:
     """Export ``source`` as ``format`` to ``out`` and validate it in its runtime.
 
     Args:
@@ -470,16 +588,23 @@ def export(source: Source, format: str = "onnx", out: Optional[str] = None, *,
     """
     if format not in FORMATS:
         raise ValueError(f"unknown format {format!r}; expected one of {', '.join(FORMATS)}")
+    check_shape_options(seconds, batch_size)
+    if out is not None:
+        check_output(out, format, overwrite, source)
     model, variables, name = resolve_source(source, model_name)
-    out = os.path.abspath(out or {"onnx": f"{name}.onnx", "tflite": f"{name}.tflite",
-                                  "savedmodel": f"{name}_savedmodel"}[format])
-    if os.path.exists(out) and not overwrite:
-        raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
+    out = os.path.abspath(
+        out
+        or {"onnx": f"{name}.onnx", "tflite": f"{name}.tflite", "savedmodel": f"{name}_savedmodel"}[
+            format
+        ]
+    )
+    check_output(out, format, overwrite, source)
     serve = serving_function(model, variables)
     if format == "tflite":  # LiteRT graphs have static shapes here: fix batch and length.
         batch_size = batch_size or 1
-    spec, min_samples = _input_spec(model, serve, seconds, batch_size,
-                                    dynamic_length=format != "tflite")
+    spec, min_samples = _input_spec(
+        model, serve, seconds, batch_size, dynamic_length=format != "tflite"
+    )
     static = _static_shape(spec.shape)
     rate = models.sample_rate(model)
 
@@ -512,9 +637,12 @@ def export(source: Source, format: str = "onnx", out: Optional[str] = None, *,
             if failures:
                 raise ExportValidationError(
                     f"{format} export of {name} does not match the JAX model on a "
-                    f"{batch.shape} batch (nothing written):\n  " + "\n  ".join(failures))
+                    f"{batch.shape} batch (nothing written):\n  " + "\n  ".join(failures)
+                )
             for key, (err, bound) in errors.items():
-                if key not in worst or err / max(bound, 1e-30) > worst[key][0] / max(worst[key][1], 1e-30):
+                if key not in worst or err / max(bound, 1e-30) > worst[key][0] / max(
+                    worst[key][1], 1e-30
+                ):
                     worst[key] = (err, bound)
         if os.path.exists(out):
             shutil.rmtree(out) if os.path.isdir(out) else os.remove(out)
@@ -523,11 +651,16 @@ def export(source: Source, format: str = "onnx", out: Optional[str] = None, *,
         shutil.rmtree(staging_dir, ignore_errors=True)
         runner = reference = forward = None
         gc.collect()  # Converter/runtime copies of the weights: GBs for Cnn14.
-    return ExportResult(path=out, format=format, model=name, sample_rate=rate,
-                        input_shape=static, min_samples=min_samples if static[1] is None
-                        else static[1], outputs={k: _static_shape(s) for k, s in
-                                                 _output_shapes(serve, spec).items()},
-                        errors=worst)
+    return ExportResult(
+        path=out,
+        format=format,
+        model=name,
+        sample_rate=rate,
+        input_shape=static,
+        min_samples=min_samples if static[1] is None else static[1],
+        outputs={k: _static_shape(s) for k, s in _output_shapes(serve, spec).items()},
+        errors=worst,
+    )
 
 
 # ----------------------------------------------------------------------------
@@ -547,49 +680,95 @@ def _load_validation_batch(path: str, sample_rate: int) -> np.ndarray:
     return np.asarray(audio.load_audio(path, sample_rate), np.float32)[None]
 
 
+def _parse_overrides(text: str) -> Dict[str, Any]:
+    from panns_jax import checkpoints
+
+    return checkpoints.parse_overrides(text)
+
+
 def main_export(argv: Optional[Sequence[str]] = None) -> int:
     """``panns-jax export``: write and validate an ONNX / SavedModel / TFLite export."""
     parser = argparse.ArgumentParser(
-        prog="panns-jax export", description="Export a PANNs model to ONNX, a TensorFlow "
-        "SavedModel or LiteRT (TFLite); the export is validated against the JAX model.")
-    parser.add_argument("--checkpoint", default=None,
-                        help="panns_jax checkpoint directory or original PANNs .pth "
-                             "(default: none, a randomly initialised --model)")
-    parser.add_argument("--model", default=None,
-                        help="architecture name (default: the checkpoint's, else Cnn14)")
+        prog="panns-jax export",
+        description="Export a PANNs model to ONNX, a TensorFlow "
+        "SavedModel or LiteRT (TFLite); the export is validated against the JAX model.",
+    )
+    parser.add_argument(
+        "--checkpoint",
+        default=None,
+        help="panns_jax checkpoint directory, original PANNs .pth, or a "
+        "pretrained model name such as Cnn14 (`panns-jax download "
+        "--list`; downloaded and cached on first use); default: none, "
+        "a randomly initialised --model",
+    )
+    parser.add_argument(
+        "--model", default=None, help="architecture name (default: the checkpoint's, else Cnn14)"
+    )
+    parser.add_argument(
+        "--overrides",
+        type=_parse_overrides,
+        default=None,
+        help="JSON object of architecture arguments for a .pth",
+    )
     parser.add_argument("--format", choices=FORMATS, required=True)
-    parser.add_argument("--out", default=None,
-                        help="output .onnx / .tflite file or SavedModel directory "
-                             "(default: MODEL.onnx, MODEL.tflite, MODEL_savedmodel)")
-    parser.add_argument("--seconds", type=float, default=None,
-                        help="fixed clip length (default: any length for onnx/savedmodel, "
-                             f"{DEFAULT_SECONDS:g} s for tflite)")
-    parser.add_argument("--batch-size", type=int, default=None,
-                        help="fixed batch size (default: any; 1 for tflite)")
-    parser.add_argument("--validation", default=None,
-                        help="validate on this .npy/.npz batch or audio file instead of test "
-                             "signals (its shape must fit the export)")
-    parser.add_argument("--platforms", default="cpu",
-                        help="savedmodel: comma-separated XLA platforms, e.g. cpu,cuda")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="output .onnx / .tflite file or SavedModel directory "
+        "(default: MODEL.onnx, MODEL.tflite, MODEL_savedmodel)",
+    )
+    parser.add_argument(
+        "--seconds",
+        type=float,
+        default=None,
+        help="fixed clip length (default: any length for onnx/savedmodel, "
+        f"{DEFAULT_SECONDS:g} s for tflite)",
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=None, help="fixed batch size (default: any; 1 for tflite)"
+    )
+    parser.add_argument(
+        "--validation",
+        default=None,
+        help="validate on this .npy/.npz batch or audio file instead of test "
+        "signals (its shape must fit the export)",
+    )
+    parser.add_argument(
+        "--platforms",
+        default="cpu",
+        help="savedmodel: comma-separated XLA platforms, e.g. cpu,cuda",
+    )
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
 
     try:
+        check_shape_options(args.seconds, args.batch_size)  # Before loading anything.
+        if args.out is not None:
+            check_output(args.out, args.format, args.overwrite, args.checkpoint)
         if args.checkpoint is None:
             name = args.model or "Cnn14"
-            model = models.get(name)
-            print(f"warning: no checkpoint given; exporting a randomly initialised {name}",
-                  file=sys.stderr)
+            model = models.get(name, **(args.overrides or {}))
+            print(
+                f"warning: no checkpoint given; exporting a randomly initialised {name}",
+                file=sys.stderr,
+            )
             variables = models.init(model, jax.random.key(0), models.sample_rate(model))
         else:
-            model, variables, name = resolve_source(args.checkpoint, args.model)
+            model, variables, name = resolve_source(args.checkpoint, args.model, args.overrides)
         validation = None
         if args.validation:
             validation = _load_validation_batch(args.validation, models.sample_rate(model))
-        result = export((model, variables), args.format, args.out, model_name=name,
-                        seconds=args.seconds, batch_size=args.batch_size,
-                        validation_batch=validation, overwrite=args.overwrite,
-                        platforms=tuple(p for p in args.platforms.split(",") if p))
+        result = export(
+            (model, variables),
+            args.format,
+            args.out,
+            model_name=name,
+            seconds=args.seconds,
+            batch_size=args.batch_size,
+            validation_batch=validation,
+            overwrite=args.overwrite,
+            platforms=tuple(p for p in args.platforms.split(",") if p),
+        )
     except ExportValidationError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -1,7 +1,7 @@
 """HEAR-benchmark API (Turian et al. 2022) for any PANNs model; passes ``hear-validator``.
 
     from panns_jax import hear
-    model = hear.load_model("ckpt/cnn14")                  # or an original .pth + model_name
+    model = hear.load_model("ckpt/cnn14")   # or "Cnn14" (pretrained), or a .pth + model_name
     scene = hear.get_scene_embeddings(audio, model)        # (n_sounds, 2048)
     emb, ts = hear.get_timestamp_embeddings(audio, model)  # (n, n_timestamps, 2048), (n, n_ts) ms
 
@@ -32,12 +32,14 @@ from typing import Any, Optional, Tuple
 import numpy as np
 
 from panns_jax import inference, tf_cpu
-from panns_jax.audio import resample  # (``audio`` is the HEAR API's argument name)
+from panns_jax.audio import MAX_SAMPLE_RATE, resample  # (``audio`` is the HEAR API's argument)
 
 tf = tf_cpu.import_tensorflow()
 
 # The only input rates the HEAR API allows (hear-validator's ACCEPTABLE_SAMPLE_RATE).
 HEAR_SAMPLE_RATES = (16000, 22050, 44100, 48000)
+MIN_INPUT_RATE = 8000  # input_sample_rate= may also be a model's own rate (8 kHz and up).
+MIN_TIMESTAMP_HOP_S = 0.001
 
 
 def default_input_rate(model_rate: int) -> int:
@@ -52,19 +54,45 @@ class PannsHearModel(tf.Module):
     TensorFlow or PyTorch modules; the computation is the tagger's jitted JAX model.
     """
 
-    def __init__(self, tagger: inference.AudioTagger, timestamp_window_s: float = 1.0,
-                 timestamp_hop_s: float = 0.05, input_sample_rate: Optional[int] = None):
+    def __init__(
+        self,
+        tagger: inference.AudioTagger,
+        timestamp_window_s: float = 1.0,
+        timestamp_hop_s: float = 0.05,
+        input_sample_rate: Optional[int] = None,
+    ):
         super().__init__(name="panns_jax_hear_model")
         self.tagger = tagger
         self.model_sample_rate = tagger.sample_rate
-        self.sample_rate = int(input_sample_rate or default_input_rate(tagger.sample_rate))
-        if self.sample_rate <= 0:
-            raise ValueError(f"input_sample_rate must be positive, got {input_sample_rate}")
-        self.timestamp_window = int(round(timestamp_window_s * self.model_sample_rate))
-        self.timestamp_hop = max(1, int(round(timestamp_hop_s * self.model_sample_rate)))
+        rate = (
+            default_input_rate(tagger.sample_rate)
+            if input_sample_rate is None
+            else input_sample_rate
+        )
+        if (
+            isinstance(rate, bool)
+            or not isinstance(rate, (int, np.integer))
+            or not MIN_INPUT_RATE <= rate <= MAX_SAMPLE_RATE
+        ):
+            raise ValueError(
+                f"input_sample_rate must be a positive integer rate in "
+                f"{MIN_INPUT_RATE}..{MAX_SAMPLE_RATE} Hz (HEAR uses "
+                f"{', '.join(map(str, HEAR_SAMPLE_RATES))}), got {rate!r}"
+            )
+        self.sample_rate = int(rate)
+        self.timestamp_window = tagger.window_samples(timestamp_window_s, "timestamp_window_s")
+        hop_s = inference._positive_seconds(timestamp_hop_s, "timestamp_hop_s")
+        self.timestamp_hop = int(round(hop_s * self.model_sample_rate))
+        if hop_s < MIN_TIMESTAMP_HOP_S:
+            raise ValueError(
+                f"timestamp_hop_s {timestamp_hop_s:g} is below "
+                f"{MIN_TIMESTAMP_HOP_S:g} s; HEAR asks for hops of at most 50 ms, "
+                "finer ones multiply the work"
+            )
         tagger.check_length(self.timestamp_window, f"timestamp window ({timestamp_window_s} s)")
-        self.scene_embedding_size = int(self._embed(
-            np.zeros((1, self.timestamp_window), np.float32)).shape[-1])
+        self.scene_embedding_size = int(
+            self._embed(np.zeros((1, self.timestamp_window), np.float32)).shape[-1]
+        )
         self.timestamp_embedding_size = self.scene_embedding_size
 
     def to_model_rate(self, array: np.ndarray) -> np.ndarray:
@@ -74,16 +102,33 @@ class PannsHearModel(tf.Module):
     def _embed(self, waveforms: np.ndarray) -> np.ndarray:
         """``(B, L)`` -> ``(B, E)`` in batches of the tagger's batch size."""
         key = self.tagger.embedding_key
-        parts = [inference.chunk_embeddings(
-            self.tagger.predict_batch(waveforms[i:i + self.tagger.batch_size], [key])[key])
-            for i in range(0, len(waveforms), self.tagger.batch_size)]
-        return np.concatenate(parts).astype(np.float32)
+        parts = [
+            inference.chunk_embeddings(
+                self.tagger.predict_batch(waveforms[i : i + self.tagger.batch_size], [key])[key]
+            )
+            for i in range(0, len(waveforms), self.tagger.batch_size)
+        ]
+        embeddings = np.concatenate(parts).astype(np.float32)
+        if not np.all(np.isfinite(embeddings)):
+            raise ValueError(
+                "the model produced non-finite embeddings (NaN/Inf); check the "
+                "checkpoint and the audio's scale"
+            )
+        return embeddings
 
 
-def load_model(model_file_path: str = "", model_name: Optional[str] = None, *,
-               timestamp_window_s: float = 1.0, timestamp_hop_s: float = 0.05,
-               input_sample_rate: Optional[int] = None, batch_size: int = 8) -> PannsHearModel:
-    """A model from a panns_jax checkpoint directory or original ``.pth`` (needs ``model_name``).
+def load_model(
+    model_file_path: str = "",
+    model_name: Optional[str] = None,
+    *,
+    timestamp_window_s: float = 1.0,
+    timestamp_hop_s: float = 0.05,
+    input_sample_rate: Optional[int] = None,
+    batch_size: int = 8,
+) -> PannsHearModel:
+    """A model from a panns_jax checkpoint directory, an original ``.pth`` (needs
+    ``model_name``) or a pretrained model name such as ``"Cnn14"`` (``panns-jax download
+    --list``), which is downloaded, verified and converted once, then read from the cache.
 
     An empty path gives a randomly initialised ``model_name`` (default Cnn14), for tests.
     """
@@ -103,6 +148,10 @@ def _to_numpy(audio: Any) -> Tuple[np.ndarray, Any]:
         array = np.asarray(audio)
     if array.ndim != 2:
         raise ValueError(f"audio must be (n_sounds, n_samples), got shape {array.shape}")
+    if array.shape[1] == 0:
+        raise ValueError(
+            "audio has 0 samples per sound; pass (n_sounds, n_samples) with n_samples > 0"
+        )
     if not np.issubdtype(array.dtype, np.floating):
         raise ValueError(f"audio must be float in [-1, 1], got dtype {array.dtype}")
     if not np.all(np.isfinite(array)):
@@ -146,5 +195,7 @@ def get_timestamp_embeddings(audio: Any, model: PannsHearModel) -> Tuple[Any, An
         windows = np.lib.stride_tricks.sliding_window_view(padded[i], window)[starts]
         embeddings[i] = model._embed(windows)
     timestamps = np.broadcast_to(starts * 1000.0 / model.model_sample_rate, (n, num_timestamps))
-    return (_from_numpy(embeddings, kind),
-            _from_numpy(np.ascontiguousarray(timestamps, np.float32), kind))
+    return (
+        _from_numpy(embeddings, kind),
+        _from_numpy(np.ascontiguousarray(timestamps, np.float32), kind),
+    )

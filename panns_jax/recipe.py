@@ -21,7 +21,44 @@ The files in ``configs/`` call :func:`base_config`. Config arguments
 
 from __future__ import annotations
 
+import re
+import sys
+from typing import List, Sequence
+
 import ml_collections
+
+# The paper's four transfer systems (Sec. V); panns_jax/transfer.py implements them.
+STRATEGIES = ("scratch", "finetune", "freeze_l1", "freeze_l3")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot be trained with; the message names it and what to do.
+
+    The binaries (``panns_jax.main``, ``panns_jax.crossval``) print it as one line and
+    exit with status 2 instead of a traceback.
+    """
+
+
+def parse_flags(argv: Sequence[str]) -> List[str]:
+    """absl ``flags_parser`` of the training binaries: a bad flag or a config file that
+    refuses its arguments (``esc50.py:fold=99``) is one ``error:`` line and exit 2.
+
+    ml_collections wraps an exception of ``get_config`` in a flags error holding the
+    whole traceback; only its last line (the exception itself) is worth printing.
+    """
+    from absl import flags
+
+    try:
+        return flags.FLAGS(list(argv))
+    except flags.Error as err:
+        text = str(err)
+        lines = [l.strip() for l in text.splitlines() if l.strip()]
+        message = lines[0] if lines else type(err).__name__
+        if "Error whilst parsing config file" in text and len(lines) > 1:
+            cause = re.sub(r"^[\w.]*(Error|Exception): ", "", lines[-1])
+            message = message.split(": Error whilst parsing", 1)[0] + ": " + cause
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
 
 
 def parse_arg(arg) -> dict:
@@ -36,22 +73,36 @@ def parse_arg(arg) -> dict:
     return result
 
 
-def base_config(model: str, arg=None, family_supports_logmel: bool = True
-                ) -> ml_collections.ConfigDict:
+def base_config(
+    model: str, arg=None, family_supports_logmel: bool = True
+) -> ml_collections.ConfigDict:
     args = parse_arg(arg)
-    known = {"mixup", "specaug", "dropout", "sampling", "sr", "mel", "emb", "hop", "head",
-             "data_fraction", "runlocal"}
+    known = {
+        "mixup",
+        "specaug",
+        "dropout",
+        "sampling",
+        "sr",
+        "mel",
+        "emb",
+        "hop",
+        "head",
+        "data_fraction",
+        "runlocal",
+    }
     unknown = set(args) - known
     if unknown:
-        raise ValueError(f"unknown config argument(s) {sorted(unknown)}; known: {sorted(known)}")
+        raise ConfigError(f"unknown config argument(s) {sorted(unknown)}; known: {sorted(known)}")
 
     c = ml_collections.ConfigDict()
     c.model = model
     c.model_overrides = ml_collections.ConfigDict()
     c.dataset = "audioset/32k"
-    c.data_dir = ml_collections.config_dict.placeholder(str)  # TFDS data dir (default ~/tensorflow_datasets)
+    # TFDS data dir (default ~/tensorflow_datasets).
+    c.data_dir = ml_collections.config_dict.placeholder(str)
     c.train_split = "balanced_train"  # The paper's full data: a pack of balanced + unbalanced.
     c.eval_split = "eval"
+    c.task = "multilabel"  # Paper: tagging (BCE on sigmoids); transfer sets: 'singlelabel'.
     c.train_folds = ml_collections.config_dict.placeholder(tuple)  # Folds of ESC-50-like sets.
     c.eval_folds = ml_collections.config_dict.placeholder(tuple)
     c.clip_seconds = 10.0
@@ -72,11 +123,12 @@ def base_config(model: str, arg=None, family_supports_logmel: bool = True
     c.seed = 0
     c.num_devices = ml_collections.config_dict.placeholder(int)  # Default: all devices.
     c.compute_dtype = "float32"  # or 'bfloat16' (parameters stay float32)
-    c.fsdp_min_size = ml_collections.config_dict.placeholder(int)  # e.g. 2**20: shard every weight of >= 1M elements FSDP-style
+    # e.g. 2**20: shard every weight of >= 1M elements FSDP-style.
+    c.fsdp_min_size = ml_collections.config_dict.placeholder(int)
 
     m = c.model_overrides
     if c.mixup not in ("logmel", "wave", "none"):
-        raise ValueError(f"mixup must be logmel, wave or none, got {c.mixup!r}")
+        raise ConfigError(f"mixup must be logmel, wave or none, got {c.mixup!r}")
     if family_supports_logmel:
         if c.mixup == "wave":
             m.mixup_domain = "waveform"
@@ -84,10 +136,13 @@ def base_config(model: str, arg=None, family_supports_logmel: bool = True
             m.spec_augment = False
         frontend = {}
         sr = args.get("sr", "32k")
-        rates = {"32k": (32000, 1024, 320, 14000), "16k": (16000, 512, 160, 8000),
-                 "8k": (8000, 256, 80, 4000)}
+        rates = {
+            "32k": (32000, 1024, 320, 14000),
+            "16k": (16000, 512, 160, 8000),
+            "8k": (8000, 256, 80, 4000),
+        }
         if sr not in rates:
-            raise ValueError(f"sr must be one of {sorted(rates)}, got {sr!r}")
+            raise ConfigError(f"sr must be one of {sorted(rates)}, got {sr!r}")
         if sr != "32k":
             rate, window, hop, fmax = rates[sr]
             frontend.update(sample_rate=rate, window_size=window, hop_size=hop, fmax=fmax)
@@ -105,10 +160,13 @@ def base_config(model: str, arg=None, family_supports_logmel: bool = True
     if "emb" in args:
         m.embedding_size = int(args["emb"])
     if "head" in args:
-        heads = {"max": "Cnn14_DecisionLevelMax", "avg": "Cnn14_DecisionLevelAvg",
-                 "att": "Cnn14_DecisionLevelAtt"}
+        heads = {
+            "max": "Cnn14_DecisionLevelMax",
+            "avg": "Cnn14_DecisionLevelAvg",
+            "att": "Cnn14_DecisionLevelAtt",
+        }
         if model != "Cnn14" or args["head"] not in heads:
-            raise ValueError(f"head={args['head']} is a Cnn14 option: one of {sorted(heads)}")
+            raise ConfigError(f"head={args['head']} is a Cnn14 option: one of {sorted(heads)}")
         c.model = heads[args["head"]]
     if args.get("runlocal"):
         c.dataset = "panns_demo"
@@ -119,8 +177,16 @@ def base_config(model: str, arg=None, family_supports_logmel: bool = True
     return c
 
 
-def transfer_config(dataset: str, *, num_folds: int, clip_seconds: float, arg=None,
-                    model: str = "Cnn14") -> ml_collections.ConfigDict:
+def _int_arg(value, name: str) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"config argument {name} must be an integer, got {value!r}") from None
+
+
+def transfer_config(
+    dataset: str, *, num_folds: int, clip_seconds: float, arg=None, model: str = "Cnn14"
+) -> ml_collections.ConfigDict:
     """A transfer run (Sec. V) on a single-label set with folds: ESC-50, GTZAN, RAVDESS.
 
     The pretrained model is ``config.transfer.checkpoint`` (a placeholder: pass
@@ -136,16 +202,16 @@ def transfer_config(dataset: str, *, num_folds: int, clip_seconds: float, arg=No
     """
     args = parse_arg(arg)
     strategy = args.pop("strategy", "finetune")
-    fold = int(args.pop("fold", 1))
-    steps = int(args.pop("steps", 10_000))
+    fold = _int_arg(args.pop("fold", 1), "fold")
+    steps = _int_arg(args.pop("steps", 10_000), "steps")
+    if steps < 1:
+        raise ConfigError(f"steps must be a positive number of training steps, got {steps}")
     if args.get("runlocal") or "head" in args:
-        raise ValueError("transfer configs take no runlocal/head argument")
-    from panns_jax import transfer  # Validation only; cheap (no TensorFlow).
-
-    if strategy not in transfer.STRATEGIES:
-        raise ValueError(f"strategy must be one of {transfer.STRATEGIES}, got {strategy!r}")
+        raise ConfigError("transfer configs take no runlocal/head argument")
+    if strategy not in STRATEGIES:
+        raise ConfigError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     if not 1 <= fold <= num_folds:
-        raise ValueError(f"fold must be in 1..{num_folds}, got {fold}")
+        raise ConfigError(f"fold must be in 1..{num_folds}, got {fold}")
     c = base_config(model, ",".join(f"{k}={v}" for k, v in args.items()))
     c.dataset = f"{dataset}/{args.get('sr', '32k')}"
     c.train_split = c.eval_split = "train"  # One split; folds select train / held-out clips.

@@ -37,6 +37,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import os
 import sys
 import time
 from typing import Any, Callable, Iterable, Iterator, List, Mapping, Optional, Sequence
@@ -86,16 +88,16 @@ class RingBuffer:
 
     def write(self, samples: np.ndarray) -> None:
         self.total += samples.size
-        samples = samples[-self._data.size:]  # Older samples would be overwritten anyway.
+        samples = samples[-self._data.size :]  # Older samples would be overwritten anyway.
         n = samples.size
         first = min(n, self._data.size - self._end)
-        self._data[self._end:self._end + first] = samples[:first]
-        self._data[:n - first] = samples[first:]
+        self._data[self._end : self._end + first] = samples[:first]
+        self._data[: n - first] = samples[first:]
         self._end = (self._end + n) % self._data.size
 
     def latest(self) -> np.ndarray:
         """The buffer in time order, oldest first (a copy)."""
-        return np.concatenate([self._data[self._end:], self._data[:self._end]])
+        return np.concatenate([self._data[self._end :], self._data[: self._end]])
 
 
 class Hysteresis:
@@ -114,15 +116,24 @@ class Hysteresis:
             switch_on = ~self.active & (p >= self.on)
             switch_off = self.active & (p < self.off)
             for i in np.flatnonzero(switch_on | switch_off):
-                events.append(Event("onset" if switch_on[i] else "offset", float(t), int(i),
-                                    self._label(i), float(p[i])))
+                events.append(
+                    Event(
+                        "onset" if switch_on[i] else "offset",
+                        float(t),
+                        int(i),
+                        self._label(i),
+                        float(p[i]),
+                    )
+                )
             self.active = (self.active | switch_on) & ~switch_off
         return events
 
     def close(self, time_s: float) -> List[Event]:
         """Offsets for every class still on at the end of the stream."""
-        events = [Event("offset", time_s, int(i), self._label(i), float("nan"))
-                  for i in np.flatnonzero(self.active)]
+        events = [
+            Event("offset", time_s, int(i), self._label(i), float("nan"))
+            for i in np.flatnonzero(self.active)
+        ]
         self.active[:] = False
         return events
 
@@ -151,23 +162,38 @@ class StreamingTagger:
         jitted JAX model, e.g. ``panns_jax.export.load('m.onnx')``.
     """
 
-    def __init__(self, model: Any, variables: Optional[Mapping[str, Any]] = None, *,
-                 window: Optional[float] = None, hop: float = DEFAULT_HOP,
-                 on_threshold: float = 0.5, off_threshold: float = 0.3,
-                 labels: Optional[Sequence[str]] = None,
-                 predict: Optional[Callable[[np.ndarray], Mapping[str, Any]]] = None,
-                 decision_level: Optional[bool] = None):
+    def __init__(
+        self,
+        model: Any,
+        variables: Optional[Mapping[str, Any]] = None,
+        *,
+        window: Optional[float] = None,
+        hop: float = DEFAULT_HOP,
+        on_threshold: float = 0.5,
+        off_threshold: float = 0.3,
+        labels: Optional[Sequence[str]] = None,
+        predict: Optional[Callable[[np.ndarray], Mapping[str, Any]]] = None,
+        decision_level: Optional[bool] = None,
+    ):
         self.model = model
         self.sample_rate = models.sample_rate(model)
         self.frame_hop = model.frontend.hop_size
         self.decision_level = is_decision_level(model) if decision_level is None else decision_level
-        window = window or (DEFAULT_SED_WINDOW if self.decision_level else DEFAULT_WINDOW)
+        if window is None:
+            window = DEFAULT_SED_WINDOW if self.decision_level else DEFAULT_WINDOW
+        for value, what in ((window, "window"), (hop, "hop")):
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(
+                    f"{what} must be a positive, finite number of seconds, got {value!r}"
+                )
         self.window = int(round(window * self.sample_rate))
         self.hop = int(round(hop * self.sample_rate))
         if self.hop % self.frame_hop or self.window % self.frame_hop:
-            raise ValueError(f"window and hop must be multiples of the frame hop "
-                             f"({self.frame_hop / self.sample_rate * 1000:g} ms), got "
-                             f"{window} s and {hop} s")
+            raise ValueError(
+                f"window and hop must be multiples of the frame hop "
+                f"({self.frame_hop / self.sample_rate * 1000:g} ms), got "
+                f"{window} s and {hop} s"
+            )
         if not 0 < self.hop <= self.window:
             raise ValueError(f"need 0 < hop <= window, got hop {hop} s, window {window} s")
         if self.window < model.frontend.window_size:
@@ -185,7 +211,13 @@ class StreamingTagger:
         if labels is None:
             from panns_jax import audio
 
-            labels = audio.audioset_labels() if num_classes == 527 else []
+            labels = (
+                audio.audioset_labels()
+                if num_classes == 527
+                else [f"class {i}" for i in range(num_classes)]
+            )
+        if len(labels) != num_classes:
+            raise ValueError(f"{len(labels)} labels for a {num_classes}-class model")
         self.labels = list(labels)
         self._events = Hysteresis(num_classes, on_threshold, off_threshold, self.labels)
         self.reset()
@@ -236,6 +268,12 @@ class StreamingTagger:
         output = self._predict(self._buffer.latest()[None])[self._key]
         output = np.asarray(jax.device_get(output), np.float32)[0]
         compute = time.perf_counter() - start_time
+        if not np.all(np.isfinite(output)):  # Damaged weights: never silent non-events.
+            raise ValueError(
+                f"the model produced non-finite {self._key} (NaN/Inf) for the "
+                f"window ending at {end / self.sample_rate:.2f} s; check the "
+                "checkpoint and the input's scale"
+            )
         times, probabilities = self._frames(output, end - self.window, first=end == self.window)
         return Step(times, probabilities, self._events.update(times, probabilities), compute)
 
@@ -261,8 +299,8 @@ class StreamingTagger:
         ends = list(range(self.window, waveform.size + 1, self.hop))
         all_times, all_probs = [], []
         for i in range(0, len(ends), batch_size):
-            chunk = ends[i:i + batch_size]
-            windows = np.stack([waveform[e - self.window:e] for e in chunk])
+            chunk = ends[i : i + batch_size]
+            windows = np.stack([waveform[e - self.window : e] for e in chunk])
             out = np.asarray(jax.device_get(self._predict(windows)[self._key]), np.float32)
             for e, o in zip(chunk, out):
                 times, probs = self._frames(o, e - self.window, first=e == self.window)
@@ -278,15 +316,17 @@ def collect(steps: Iterable[Step]):
     steps = list(steps)
     if not steps:
         return np.zeros(0), np.zeros((0, 0), np.float32), []
-    return (np.concatenate([s.times for s in steps]),
-            np.concatenate([s.probabilities for s in steps]),
-            [e for s in steps for e in s.events])
+    return (
+        np.concatenate([s.times for s in steps]),
+        np.concatenate([s.probabilities for s in steps]),
+        [e for s in steps for e in s.events],
+    )
 
 
 def iter_blocks(waveform: np.ndarray, block: int) -> Iterator[np.ndarray]:
     """Fixed-size blocks of a recording (the last may be shorter)."""
     for start in range(0, waveform.size, block):
-        yield waveform[start:start + block]
+        yield waveform[start : start + block]
 
 
 # ----------------------------------------------------------------------------
@@ -298,8 +338,10 @@ def _import_sounddevice():
     try:
         import sounddevice
     except (ImportError, OSError) as err:  # OSError: PortAudio library missing.
-        raise ImportError(f"--mic needs sounddevice and PortAudio ({err}): pip install "
-                          "'panns_jax[stream]' (and e.g. apt-get install libportaudio2)") from None
+        raise ImportError(
+            f"--mic needs sounddevice and PortAudio ({err}): pip install "
+            "'panns_jax[stream]' (and e.g. apt-get install libportaudio2)"
+        ) from None
     return sounddevice
 
 
@@ -316,8 +358,14 @@ def _mic_blocks(sample_rate: int, block: int, device: Optional[str]) -> Iterator
         blocks.put(indata[:, 0].copy())
 
     def generate() -> Iterator[np.ndarray]:
-        with sd.InputStream(samplerate=sample_rate, blocksize=block, channels=1,
-                            dtype="float32", device=device, callback=callback):
+        with sd.InputStream(
+            samplerate=sample_rate,
+            blocksize=block,
+            channels=1,
+            dtype="float32",
+            device=device,
+            callback=callback,
+        ):
             print(f"listening at {sample_rate} Hz (Ctrl-C to stop)", file=sys.stderr)
             while True:
                 yield blocks.get()
@@ -325,89 +373,187 @@ def _mic_blocks(sample_rate: int, block: int, device: Optional[str]) -> Iterator
     return generate()  # Not a generator itself: a missing sounddevice fails right away.
 
 
-def _load_model(checkpoint: Optional[str], model_name: Optional[str]):
+def _load_model(
+    checkpoint: Optional[str], model_name: Optional[str], overrides: Optional[dict] = None
+):
+    """``(model, variables, labels)``: the checkpoint's class names, None for AudioSet's."""
     if checkpoint is None:
         name = model_name or "MobileNetV1"
-        model = models.get(name)
-        print(f"warning: no checkpoint given; {name} is randomly initialised, so its events "
-              "are meaningless (this demonstrates the pipeline only)", file=sys.stderr)
-        return model, models.init(model, jax.random.key(0), models.sample_rate(model))
-    from panns_jax import export
+        model = models.get(name, **(overrides or {}))
+        print(
+            f"warning: no checkpoint given; {name} is randomly initialised, so its events "
+            "are meaningless (this demonstrates the pipeline only)",
+            file=sys.stderr,
+        )
+        return model, models.init(model, jax.random.key(0), models.sample_rate(model)), None
+    from panns_jax import checkpoints, convert
 
-    model, variables, _ = export.resolve_source(checkpoint, model_name)
-    return model, variables
+    if overrides and checkpoints.is_model_checkpoint(checkpoint):
+        raise ValueError(
+            f"{checkpoint}: a panns_jax checkpoint directory records its own "
+            "overrides; --overrides applies to .pth files only"
+        )
+    loaded = convert.load_model_checkpoint(checkpoint, model_name, overrides=overrides)
+    return loaded.build_model(), dict(loaded.variables), loaded.labels
+
+
+def _file_blocks(path: str, sample_rate: int, block: int, notes: List[str]) -> Iterator[np.ndarray]:
+    """Blocks of ``block`` samples of a file, decoded and resampled in bounded memory."""
+    from panns_jax import audio
+
+    pending = np.zeros(0, np.float32)
+    for decoded in audio.decoded_blocks(path, sample_rate, notes=notes):
+        pending = np.concatenate([pending, decoded])
+        while pending.size >= block:
+            yield pending[:block]
+            pending = pending[block:]
+    if pending.size:
+        yield pending
+
+
+def _parse_overrides(text: str) -> dict:
+    from panns_jax import checkpoints
+
+    return checkpoints.parse_overrides(text)
 
 
 def main_stream(argv: Optional[Sequence[str]] = None) -> int:
     """``panns-jax stream FILE | --mic``: print sound events as they are detected."""
     parser = argparse.ArgumentParser(
-        prog="panns-jax stream", description="Streaming sound event detection: simulates a live "
-        "stream from an audio file, or listens to a microphone (--mic).")
+        prog="panns-jax stream",
+        description="Streaming sound event detection: simulates a live "
+        "stream from an audio file, or listens to a microphone (--mic).",
+    )
     parser.add_argument("file", nargs="?", help="audio file streamed in blocks")
     parser.add_argument("--mic", action="store_true", help="read the microphone (sounddevice)")
     parser.add_argument("--device", default=None, help="--mic: input device name or index")
-    parser.add_argument("--checkpoint", default=None,
-                        help="panns_jax checkpoint directory or original PANNs .pth")
-    parser.add_argument("--model", default=None,
-                        help="architecture (default: the checkpoint's, else MobileNetV1)")
-    parser.add_argument("--window", type=float, default=None,
-                        help=f"seconds per prediction (default {DEFAULT_WINDOW:g}; "
-                             f"{DEFAULT_SED_WINDOW:g} for decision-level models)")
-    parser.add_argument("--hop", type=float, default=DEFAULT_HOP, help="seconds between predictions")
+    parser.add_argument(
+        "--checkpoint",
+        default=None,
+        help="panns_jax checkpoint directory, original PANNs .pth, or a "
+        "pretrained model name such as MobileNetV1 (`panns-jax download "
+        "--list`; downloaded and cached on first use); default: none, "
+        "a randomly initialised --model",
+    )
+    parser.add_argument(
+        "--model", default=None, help="architecture (default: the checkpoint's, else MobileNetV1)"
+    )
+    parser.add_argument(
+        "--overrides",
+        type=_parse_overrides,
+        default=None,
+        help="JSON object of architecture arguments for a .pth or random model",
+    )
+    parser.add_argument(
+        "--window",
+        type=float,
+        default=None,
+        help=f"seconds per prediction (default {DEFAULT_WINDOW:g}; "
+        f"{DEFAULT_SED_WINDOW:g} for decision-level models)",
+    )
+    parser.add_argument(
+        "--hop", type=float, default=DEFAULT_HOP, help="seconds between predictions"
+    )
     parser.add_argument("--block", type=float, default=0.02, help="seconds of audio per block")
     parser.add_argument("--on-threshold", type=float, default=0.5)
     parser.add_argument("--off-threshold", type=float, default=0.3)
-    parser.add_argument("--realtime", action="store_true",
-                        help="FILE: feed blocks at the speed of a live stream")
-    parser.add_argument("--frames", action="store_true",
-                        help="also print the top class of every frame")
+    parser.add_argument(
+        "--realtime", action="store_true", help="FILE: feed blocks at the speed of a live stream"
+    )
+    parser.add_argument(
+        "--frames", action="store_true", help="also print the top class of every frame"
+    )
     args = parser.parse_args(argv)
     if bool(args.file) == args.mic:
         parser.error("give an audio FILE or --mic (not both)")
 
+    notes: List[str] = []
     try:
+        for value, option in (
+            (args.window, "--window"),
+            (args.hop, "--hop"),
+            (args.block, "--block"),
+        ):
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ValueError(
+                    f"{option} must be a positive, finite number of seconds, got {value:g}"
+                )
+        if args.block < 0.001:
+            raise ValueError(
+                f"--block {args.block:g} s is below 1 ms; use blocks of at least one millisecond"
+            )
         if args.mic:
             _import_sounddevice()  # Fail before loading a model.
-        model, variables = _load_model(args.checkpoint, args.model)
-        tagger = StreamingTagger(model, variables, window=args.window, hop=args.hop,
-                                 on_threshold=args.on_threshold, off_threshold=args.off_threshold)
+        elif not os.path.isfile(args.file):
+            raise FileNotFoundError(f"{args.file}: no such file")
+        model, variables, labels = _load_model(args.checkpoint, args.model, args.overrides)
+        tagger = StreamingTagger(
+            model,
+            variables,
+            window=args.window,
+            hop=args.hop,
+            on_threshold=args.on_threshold,
+            off_threshold=args.off_threshold,
+            labels=labels,
+        )
         block = max(1, int(round(args.block * tagger.sample_rate)))
         if args.mic:
             blocks = _mic_blocks(tagger.sample_rate, block, args.device)
         else:
-            from panns_jax import audio
-
-            blocks = iter_blocks(audio.load_audio(args.file, tagger.sample_rate), block)
+            blocks = _file_blocks(args.file, tagger.sample_rate, block, notes)
         tagger.warm_up()
     except (ValueError, FileNotFoundError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"# {type(model).__name__}: window {tagger.window / tagger.sample_rate:g} s, hop "
-          f"{tagger.hop / tagger.sample_rate:g} s, warm-up {tagger.warmup_seconds:g} s",
-          file=sys.stderr)
+    print(
+        f"# {type(model).__name__}: window {tagger.window / tagger.sample_rate:g} s, hop "
+        f"{tagger.hop / tagger.sample_rate:g} s, warm-up {tagger.warmup_seconds:g} s",
+        file=sys.stderr,
+    )
     compute, started = 0.0, time.perf_counter()
     try:
         for i, samples in enumerate(blocks):
+            for note in notes:
+                print(f"warning: {note}", file=sys.stderr)
+            notes.clear()
             if args.realtime and not args.mic:
-                time.sleep(max(0.0, started + i * block / tagger.sample_rate
-                               - time.perf_counter()))
+                time.sleep(max(0.0, started + i * block / tagger.sample_rate - time.perf_counter()))
             for step in tagger.push(samples):
                 compute += step.compute_seconds
                 if args.frames:
                     for t, p in zip(step.times, step.probabilities):
                         top = int(np.argmax(p))
-                        label = tagger.labels[top] if top < len(tagger.labels) else str(top)
+                        label = tagger.labels[top]
                         print(f"{t:8.2f} s  frame   {label} ({p[top]:.2f})")
                 for event in step.events:
                     print(event, flush=True)
     except KeyboardInterrupt:
         pass
+    except ValueError as err:  # An unreadable file (audio.AudioError) or non-finite output.
+        from panns_jax import audio
+
+        where = "" if isinstance(err, audio.AudioError) else f"{args.file or 'microphone'}: "
+        print(f"error: {where}{err}", file=sys.stderr)
+        return 1
     for event in tagger.flush():
         print(event)
     seconds = tagger._buffer.total / tagger.sample_rate
+    if not args.mic and tagger._buffer.total < tagger.window:
+        fit = tagger._buffer.total // tagger.frame_hop * tagger.frame_hop / tagger.sample_rate
+        hop = min(tagger.hop / tagger.sample_rate, fit)
+        print(
+            f"error: {args.file}: {seconds:.3f} s of audio is shorter than the "
+            f"{tagger.warmup_seconds:g} s window, so nothing was tagged; pass e.g. --window "
+            f"{fit:g} --hop {hop:g}",
+            file=sys.stderr,
+        )
+        return 1
     if seconds:
-        print(f"# {seconds:.2f} s of audio; model compute {compute:.2f} s "
-              f"(real-time factor {compute / seconds:.3f})", file=sys.stderr)
+        print(
+            f"# {seconds:.2f} s of audio; model compute {compute:.2f} s "
+            f"(real-time factor {compute / seconds:.3f})",
+            file=sys.stderr,
+        )
     return 0
 
 

@@ -11,11 +11,11 @@ import importlib.util
 import os
 import sys
 
+import golden_utils as G
 import jax
 import numpy as np
 import pytest
 
-import golden_utils as G
 from panns_jax import checkpoints, convert, export, models
 from panns_jax import frontend as fe
 
@@ -26,7 +26,8 @@ RUNTIMES = {
 }
 FAST, SLOW = ["MobileNetV2"], ["Cnn14", "Wavegram_Logmel_Cnn14"]
 CASES = [(n, f) for n in FAST for f in RUNTIMES] + [
-    pytest.param(n, f, marks=pytest.mark.slow) for n in SLOW for f in RUNTIMES]
+    pytest.param(n, f, marks=pytest.mark.slow) for n in SLOW for f in RUNTIMES
+]
 
 
 def require(format: str) -> None:
@@ -57,7 +58,7 @@ def _golden_mismatches(name: str, runner, cases, batch_limit=None) -> list:
         got = runner(x)
         assert got, "the export returned no outputs"
         for key, value in got.items():
-            problem = G.check_array(f"{case}/{key}", value, reference[f"{case}/{key}"][:len(x)])
+            problem = G.check_array(f"{case}/{key}", value, reference[f"{case}/{key}"][: len(x)])
             if problem:
                 problems.append(problem)
     return problems
@@ -74,8 +75,9 @@ def test_export_reproduces_golden(golden_models, tmp_path, name, format):
     seconds = 5.0 if fixed else None
     batch_size = 1 if format == "tflite" else None
     out = str(tmp_path / f"{name}.{format}")
-    result = export.export((model, variables), format, out, model_name=name, seconds=seconds,
-                           batch_size=batch_size)
+    result = export.export(
+        (model, variables), format, out, model_name=name, seconds=seconds, batch_size=batch_size
+    )
     assert os.path.exists(out) and result.path == out
     assert set(result.outputs) == {"clipwise_output", "clipwise_logits", "embedding"}
     assert result.errors and all(err <= bound for err, bound in result.errors.values())
@@ -93,8 +95,10 @@ def test_dft_front_end_matches_fft_within_golden_tolerance():
             got = jax.jit(fe.logmel)(x)
         want = fe.logmel(x)
         assert float(np.max(np.abs(np.asarray(got) - np.asarray(want)))) <= G.LOGMEL_ATOL_DB
-        assert float(np.max(np.abs(np.asarray(got) - G.outputs("Cnn14")[f"{case}/logmel"]))
-                     ) <= G.LOGMEL_ATOL_DB
+        assert (
+            float(np.max(np.abs(np.asarray(got) - G.outputs("Cnn14")[f"{case}/logmel"])))
+            <= G.LOGMEL_ATOL_DB
+        )
     assert fe.power_spectrogram is not export.dft_power_spectrogram  # Patch undone.
 
 
@@ -108,25 +112,36 @@ def test_mismatching_export_fails_and_writes_nothing(golden_models, tmp_path, mo
 
     def bad_kernel(n_fft):
         periodic = fe.hann_window(n_fft)
-        return real_kernel(n_fft) / np.where(periodic == 0, 1, periodic)[:, None, None] * (
-            symmetric[:, None, None])
+        return (
+            real_kernel(n_fft)
+            / np.where(periodic == 0, 1, periodic)[:, None, None]
+            * (symmetric[:, None, None])
+        )
 
     monkeypatch.setattr(export, "dft_kernel", bad_kernel)
     out = tmp_path / "bad.tflite"
     with pytest.raises(export.ExportValidationError, match="max abs error"):
-        export.export((model, variables), "tflite", str(out), seconds=5.0, batch_size=1,
-                      validation_batch=G.inputs()["batch"][:1])
+        export.export(
+            (model, variables),
+            "tflite",
+            str(out),
+            seconds=5.0,
+            batch_size=1,
+            validation_batch=G.inputs()["batch"][:1],
+        )
     assert os.listdir(tmp_path) == []  # No file, no staging directory.
 
 
 def test_cli_exports_a_checkpoint(golden_models, tmp_path, capsys):
     require("tflite")
     model, variables = golden_models("MobileNetV2")
-    ckpt = checkpoints.save(str(tmp_path / "ckpt"),
-                            checkpoints.ModelCheckpoint("MobileNetV2", variables))
+    ckpt = checkpoints.save(
+        str(tmp_path / "ckpt"), checkpoints.ModelCheckpoint("MobileNetV2", variables)
+    )
     out = tmp_path / "m.tflite"
-    rc = export.main_export(["--checkpoint", ckpt, "--format", "tflite", "--out", str(out),
-                             "--seconds", "2"])
+    rc = export.main_export(
+        ["--checkpoint", ckpt, "--format", "tflite", "--out", str(out), "--seconds", "2"]
+    )
     assert rc == 0, capsys.readouterr().err
     assert out.exists() and "validated" in capsys.readouterr().out
     rc = export.main_export(["--checkpoint", ckpt, "--format", "tflite", "--out", str(out)])
@@ -136,5 +151,9 @@ def test_cli_exports_a_checkpoint(golden_models, tmp_path, capsys):
 def test_missing_runtime_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "jax2onnx", None)  # As if not installed.
     with pytest.raises(ImportError, match=r"panns_jax\[export\]"):
-        export._write_onnx(lambda x: {"y": x}, jax.ShapeDtypeStruct((1, 32000), np.float32),
-                           "/nonexistent/m.onnx", "m")
+        export._write_onnx(
+            lambda x: {"y": x},
+            jax.ShapeDtypeStruct((1, 32000), np.float32),
+            "/nonexistent/m.onnx",
+            "m",
+        )

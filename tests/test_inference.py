@@ -10,12 +10,12 @@ import csv
 import io
 import json
 
+import golden_utils as G
 import jax
 import numpy as np
 import pytest
 import soundfile as sf
 
-import golden_utils as G
 from panns_jax import audio, checkpoints, convert, inference
 
 WAV = str(G.AUDIO / "R9_ZSCveAHg_7s.wav")
@@ -65,7 +65,7 @@ def _tag_json(capsys, *argv) -> list:
 
 
 def _assert_top(labels: list, probabilities: np.ndarray) -> None:
-    top = np.argsort(-probabilities, kind="stable")[:len(labels)]
+    top = np.argsort(-probabilities, kind="stable")[: len(labels)]
     assert [row["index"] for row in labels] == top.tolist()
     np.testing.assert_allclose([row["probability"] for row in labels], probabilities[top], **TOL)
     assert labels[0]["label"] == audio.audioset_labels()[top[0]]
@@ -83,13 +83,33 @@ def test_cli_tag_json_equals_model_applied_directly(cnn6_checkpoint, direct, cap
 
 def test_cli_tag_csv_and_output_file(cnn6_checkpoint, direct, tmp_path, capsys):
     out = tmp_path / "tags.csv"
-    assert inference.main(["tag", WAV, "--checkpoint", cnn6_checkpoint, "--top-k", "4",
-                           "--format", "csv", "--output", str(out)]) == 0
+    assert (
+        inference.main(
+            [
+                "tag",
+                WAV,
+                "--checkpoint",
+                cnn6_checkpoint,
+                "--top-k",
+                "4",
+                "--format",
+                "csv",
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert capsys.readouterr().out == ""
     rows = list(csv.DictReader(out.open()))
     probabilities = direct(audio.load_audio(WAV, SR))["clipwise_output"][0]
-    _assert_top([{"index": int(r["index"]), "label": r["label"],
-                  "probability": float(r["probability"])} for r in rows], probabilities)
+    _assert_top(
+        [
+            {"index": int(r["index"]), "label": r["label"], "probability": float(r["probability"])}
+            for r in rows
+        ],
+        probabilities,
+    )
     assert [int(r["rank"]) for r in rows] == [1, 2, 3, 4]
 
 
@@ -130,9 +150,22 @@ def test_directories_globs_and_progress_bar(cnn6_checkpoint, direct, tmp_path, c
     for i, x in enumerate(clips):  # Equal lengths: one batch across files.
         sf.write(tmp_path / "sub" / f"c{i}.wav", x, SR, subtype="FLOAT")
     (tmp_path / "sub" / "notes.txt").write_text("not listed: not an audio extension")
-    assert inference.main(["tag", str(tmp_path / "sub"), str(tmp_path / "sub" / "c1.*"),
-                           "--checkpoint", cnn6_checkpoint, "--top-k", "2",
-                           "--format", "json"]) == 0
+    assert (
+        inference.main(
+            [
+                "tag",
+                str(tmp_path / "sub"),
+                str(tmp_path / "sub" / "c1.*"),
+                "--checkpoint",
+                cnn6_checkpoint,
+                "--top-k",
+                "2",
+                "--format",
+                "json",
+            ]
+        )
+        == 0
+    )
     captured = capsys.readouterr()
     result = json.loads(captured.out)
     assert [r["file"].rsplit("/", 1)[1] for r in result] == ["c0.wav", "c1.wav", "c2.wav", "c1.wav"]
@@ -153,11 +186,10 @@ def long_reference(direct, long_wav):
     """The model applied directly to each chunk's sample range of the whole decoded file."""
     full = audio.load_audio(long_wav, SR)
     assert len(full) == 180 * SR
-    return [direct(full[s:s + 10 * SR]) for s in LONG_STARTS]
+    return [direct(full[s : s + 10 * SR]) for s in LONG_STARTS]
 
 
-def test_chunks_equal_the_model_on_their_sample_ranges(cnn6, long_wav, long_reference,
-                                                       monkeypatch):
+def test_chunks_equal_the_model_on_their_sample_ranges(cnn6, long_wav, long_reference, monkeypatch):
     def whole_file_read(*args, **kwargs):
         raise AssertionError("a long recording must be streamed, not decoded whole")
 
@@ -166,10 +198,12 @@ def test_chunks_equal_the_model_on_their_sample_ranges(cnn6, long_wav, long_refe
     assert result.starts.tolist() == LONG_STARTS and result.window == 10 * SR
     assert result.num_samples == 180 * SR
     for k, ref in enumerate(long_reference):
-        np.testing.assert_allclose(result.outputs["clipwise_output"][k],
-                                   ref["clipwise_output"][0], **TOL)
-        np.testing.assert_allclose(result.outputs["embedding"][k], ref["embedding"][0],
-                                   rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            result.outputs["clipwise_output"][k], ref["clipwise_output"][0], **TOL
+        )
+        np.testing.assert_allclose(
+            result.outputs["embedding"][k], ref["embedding"][0], rtol=1e-5, atol=1e-5
+        )
     # Aggregation over chunks as documented: max (default) and mean.
     clip = result.outputs["clipwise_output"]
     np.testing.assert_array_equal(inference.aggregate_chunks(clip), clip.max(axis=0))
@@ -177,12 +211,23 @@ def test_chunks_equal_the_model_on_their_sample_ranges(cnn6, long_wav, long_refe
 
 
 def test_cli_tag_long_file_aggregates_chunks(cnn6_checkpoint, long_wav, long_reference, capsys):
-    (r,) = _tag_json(capsys, long_wav, "--checkpoint", cnn6_checkpoint, "--hop", "40",
-                     "--top-k", "5")
+    (r,) = _tag_json(
+        capsys, long_wav, "--checkpoint", cnn6_checkpoint, "--hop", "40", "--top-k", "5"
+    )
     assert r["chunks"] == 6 and r["duration_s"] == 180
     _assert_top(r["labels"], np.max([ref["clipwise_output"][0] for ref in long_reference], axis=0))
-    (r,) = _tag_json(capsys, long_wav, "--checkpoint", cnn6_checkpoint, "--hop", "40",
-                     "--top-k", "5", "--aggregate", "mean")
+    (r,) = _tag_json(
+        capsys,
+        long_wav,
+        "--checkpoint",
+        cnn6_checkpoint,
+        "--hop",
+        "40",
+        "--top-k",
+        "5",
+        "--aggregate",
+        "mean",
+    )
     _assert_top(r["labels"], np.mean([ref["clipwise_output"][0] for ref in long_reference], axis=0))
 
 
@@ -196,7 +241,7 @@ def test_streamed_decoding_equals_whole_file_decoding(tmp_path):
     assert [c.start for c in chunks] == audio.chunk_starts(len(full), 8 * SR, 5 * SR)
     assert chunks[-1].last and chunks[-1].total == len(full)
     for c in chunks:
-        np.testing.assert_allclose(c.samples, full[c.start:c.start + 8 * SR], atol=1e-6)
+        np.testing.assert_allclose(c.samples, full[c.start : c.start + 8 * SR], atol=1e-6)
 
 
 def test_chunk_starts_cover_the_recording():
@@ -223,13 +268,17 @@ def test_sed_decision_level_framewise_equals_model(sed_tagger, tmp_path):
     np.testing.assert_allclose(sed.framewise, ref, **TOL)
     np.testing.assert_allclose(sed.times, np.arange(len(ref)) * 0.01)
     # Long recording: 25 s in 10 s chunks, each frame from its chunk's direct output.
-    long = np.concatenate([x, x[::-1], x, x[:4 * SR]])
+    long = np.concatenate([x, x[::-1], x, x[: 4 * SR]])
     sed = sed_tagger.detect(long, threshold=0.5)
     assert sed.framewise.shape == (1 + len(long) // 320, 527)
     starts = audio.chunk_starts(len(long), 10 * SR, 10 * SR, align=320)
     assert starts == [0, 10 * SR, (len(long) - 10 * SR) // 320 * 320]
-    chunk_out = [jax.device_get(apply(sed_tagger.variables, long[None, s:s + 10 * SR]))
-                 ["framewise_output"][0] for s in starts]
+    chunk_out = [
+        jax.device_get(apply(sed_tagger.variables, long[None, s : s + 10 * SR]))[
+            "framewise_output"
+        ][0]
+        for s in starts
+    ]
     np.testing.assert_allclose(sed.framewise[:1000], chunk_out[0][:1000], **TOL)
     # Chunks 1 and 2 overlap in frames 1500-2000: each frame from the nearer centre.
     np.testing.assert_allclose(sed.framewise[1000:1750], chunk_out[1][:750], **TOL)
@@ -243,17 +292,19 @@ def test_sed_events_follow_the_threshold():
     assert events == [
         {"onset": 0.0, "offset": 0.75, "label": "b", "index": 1, "score": pytest.approx(0.9)},
         {"onset": 0.25, "offset": 1.25, "label": "a", "index": 0, "score": pytest.approx(0.7)},
-        {"onset": 1.25, "offset": 1.75, "label": "b", "index": 1, "score": pytest.approx(0.8)}]
+        {"onset": 1.25, "offset": 1.75, "label": "b", "index": 1, "score": pytest.approx(0.8)},
+    ]
 
 
 def test_sed_clip_model_sliding_windows(cnn6, direct):
-    x = audio.load_audio(WAV, SR)[:3 * SR]
+    x = audio.load_audio(WAV, SR)[: 3 * SR]
     sed = cnn6.detect(x, threshold=0.9, window_s=1.0, hop_s=0.5)
     starts = np.arange(0, 2 * SR + 1, SR // 2)
     np.testing.assert_allclose(sed.times, (starts + SR / 2) / SR)
     for k, s in enumerate(starts):
-        np.testing.assert_allclose(sed.framewise[k], direct(x[s:s + SR])["clipwise_output"][0],
-                                   **TOL)
+        np.testing.assert_allclose(
+            sed.framewise[k], direct(x[s : s + SR])["clipwise_output"][0], **TOL
+        )
     assert sed.frame_hop == 0.5 and sed.duration == 3.0
     expected = inference.detect_events(sed.framewise, sed.times, 0.5, 0.9, cnn6.labels, 3.0)
     assert sed.events == expected and expected  # Random-ish weights saturate some classes.
@@ -265,8 +316,23 @@ def test_cli_sed_csv_and_png(sed_tagger, tmp_path, capsys):
     ckpt = str(tmp_path / "ckpt")
     ck.save(ckpt, ck.ModelCheckpoint("Cnn14_DecisionLevelMax", sed_tagger.variables))
     plots, frames = tmp_path / "plots", tmp_path / "frames"
-    assert inference.main(["sed", WAV, "--checkpoint", ckpt, "--threshold", "0.5",
-                           "--plot-dir", str(plots), "--framewise-dir", str(frames)]) == 0
+    assert (
+        inference.main(
+            [
+                "sed",
+                WAV,
+                "--checkpoint",
+                ckpt,
+                "--threshold",
+                "0.5",
+                "--plot-dir",
+                str(plots),
+                "--framewise-dir",
+                str(frames),
+            ]
+        )
+        == 0
+    )
     rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
     sed = sed_tagger.detect(WAV, threshold=0.5)
     assert len(rows) == len(sed.events) > 0
@@ -291,8 +357,23 @@ def test_cli_sed_csv_and_png(sed_tagger, tmp_path, capsys):
 
 def test_cli_embed_npz_and_npy(cnn6_checkpoint, direct, long_wav, long_reference, tmp_path):
     out = tmp_path / "emb.npz"
-    assert inference.main(["embed", WAV, long_wav, "--checkpoint", cnn6_checkpoint,
-                           "--hop", "40", "--per-chunk", "--output", str(out)]) == 0
+    assert (
+        inference.main(
+            [
+                "embed",
+                WAV,
+                long_wav,
+                "--checkpoint",
+                cnn6_checkpoint,
+                "--hop",
+                "40",
+                "--per-chunk",
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
     saved = np.load(out)
     assert saved["files"].tolist() == [WAV, long_wav]
     assert saved["file_index"].tolist() == [0] + [1] * 6
@@ -301,10 +382,25 @@ def test_cli_embed_npz_and_npy(cnn6_checkpoint, direct, long_wav, long_reference
     expected += [ref["embedding"][0] for ref in long_reference]
     np.testing.assert_allclose(saved["embeddings"], np.stack(expected), rtol=1e-5, atol=1e-5)
     npy = tmp_path / "emb.npy"  # Default: one embedding per file, the mean over chunks.
-    assert inference.main(["embed", WAV, long_wav, "--checkpoint", cnn6_checkpoint,
-                           "--hop", "40", "--output", str(npy)]) == 0
-    np.testing.assert_allclose(np.load(npy), [expected[0], np.mean(expected[1:], axis=0)],
-                               rtol=1e-5, atol=1e-5)
+    assert (
+        inference.main(
+            [
+                "embed",
+                WAV,
+                long_wav,
+                "--checkpoint",
+                cnn6_checkpoint,
+                "--hop",
+                "40",
+                "--output",
+                str(npy),
+            ]
+        )
+        == 0
+    )
+    np.testing.assert_allclose(
+        np.load(npy), [expected[0], np.mean(expected[1:], axis=0)], rtol=1e-5, atol=1e-5
+    )
 
 
 # ------------------------------------------------------------------------ bad input
@@ -320,18 +416,32 @@ def test_bad_files_name_the_file_and_reason(tmp_path, cnn6_checkpoint, capsys):
     (tmp_path / "noise.xyz").write_bytes(np.random.default_rng(0).bytes(4096))
     sf.write(tmp_path / "tiny.wav", np.zeros(SR // 10, np.float32), SR)  # 0.1 s < Cnn6's 0.15 s.
     bad = ["empty.wav", "missing.wav", "text.wav", "zero.wav", "nan.wav", "noise.xyz", "tiny.wav"]
-    code = inference.main(["tag", *[str(tmp_path / b) for b in bad], WAV,
-                           str(tmp_path / "*.none"), "--checkpoint", cnn6_checkpoint])
+    code = inference.main(
+        [
+            "tag",
+            *[str(tmp_path / b) for b in bad],
+            WAV,
+            str(tmp_path / "*.none"),
+            "--checkpoint",
+            cnn6_checkpoint,
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 1
-    for name, reason in [("empty.wav", "empty file"), ("missing.wav", "no such file"),
-                         ("text.wav", "not a readable audio file"),
-                         ("zero.wav", "contains no audio samples"),
-                         ("nan.wav", "contains NaN or Inf samples"),
-                         ("noise.xyz", "not a readable audio file"),
-                         ("tiny.wav", "3200 samples (0.100 s at 32000 Hz) is too short for "
-                                      "Cnn6, which needs at least 4800 samples"),
-                         ("*.none", "no files match")]:
+    for name, reason in [
+        ("empty.wav", "empty file"),
+        ("missing.wav", "no such file"),
+        ("text.wav", "not a readable audio file"),
+        ("zero.wav", "contains no audio samples"),
+        ("nan.wav", "contains NaN or Inf samples"),
+        ("noise.xyz", "not a readable audio file"),
+        (
+            "tiny.wav",
+            "3200 samples (0.100 s at 32000 Hz) is too short for "
+            "Cnn6, which needs at least 4800 samples",
+        ),
+        ("*.none", "no files match"),
+    ]:
         lines = [line for line in captured.err.splitlines() if f"{name}: {reason}" in line]
         assert len(lines) == 1, (name, captured.err)
     assert "8 of 9 file(s) failed" in captured.err
@@ -340,8 +450,16 @@ def test_bad_files_name_the_file_and_reason(tmp_path, cnn6_checkpoint, capsys):
 
 def test_single_bad_file_exits_nonzero(tmp_path, cnn6_checkpoint, capsys):
     for command in ("tag", "sed", "embed"):
-        code = inference.main([command, str(tmp_path / "missing.flac"), "--checkpoint",
-                               cnn6_checkpoint, "--output", str(tmp_path / "out.npz")])
+        code = inference.main(
+            [
+                command,
+                str(tmp_path / "missing.flac"),
+                "--checkpoint",
+                cnn6_checkpoint,
+                "--output",
+                str(tmp_path / "out.npz"),
+            ]
+        )
         assert code == 1
         err = capsys.readouterr().err
         assert f"{tmp_path / 'missing.flac'}: no such file" in err
@@ -369,25 +487,28 @@ def test_hear_api(cnn6_checkpoint, direct):
 
     from panns_jax import hear
 
-    model = hear.load_model(cnn6_checkpoint, timestamp_window_s=0.5, timestamp_hop_s=0.25,
-                            input_sample_rate=SR)
+    model = hear.load_model(
+        cnn6_checkpoint, timestamp_window_s=0.5, timestamp_hop_s=0.25, input_sample_rate=SR
+    )
     assert model.sample_rate == model.model_sample_rate == SR
     assert model.scene_embedding_size == model.timestamp_embedding_size == 512
     x = audio.load_audio(WAV, SR)
-    sounds = np.stack([x[:2 * SR], x[3 * SR:5 * SR]])
+    sounds = np.stack([x[: 2 * SR], x[3 * SR : 5 * SR]])
     scene = hear.get_scene_embeddings(sounds, model)
     assert isinstance(scene, np.ndarray) and scene.shape == (2, 512)
     for i in range(2):
-        np.testing.assert_allclose(scene[i], direct(sounds[i])["embedding"][0],
-                                   rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            scene[i], direct(sounds[i])["embedding"][0], rtol=1e-5, atol=1e-5
+        )
     emb, ts = hear.get_timestamp_embeddings(jnp.asarray(sounds), model)
     assert isinstance(emb, jax.Array) and emb.shape == (2, 9, 512) and ts.shape == (2, 9)
     np.testing.assert_allclose(np.asarray(ts[1]), np.arange(9) * 250.0)
     padded = np.pad(sounds[1], (SR // 4, SR // 4))
     for k in (0, 4, 8):  # The window centred on timestamp k.
-        window = padded[k * SR // 4:k * SR // 4 + SR // 2]
-        np.testing.assert_allclose(np.asarray(emb[1, k]), direct(window)["embedding"][0],
-                                   rtol=1e-5, atol=1e-5)
+        window = padded[k * SR // 4 : k * SR // 4 + SR // 2]
+        np.testing.assert_allclose(
+            np.asarray(emb[1, k]), direct(window)["embedding"][0], rtol=1e-5, atol=1e-5
+        )
     torch = pytest.importorskip("torch")
     scene_t = hear.get_scene_embeddings(torch.from_numpy(sounds), model)
     assert isinstance(scene_t, torch.Tensor)
@@ -403,13 +524,14 @@ def test_hear_model_takes_48khz_and_resamples(cnn6_checkpoint, direct):
     model = hear.load_model(cnn6_checkpoint, timestamp_window_s=0.5, timestamp_hop_s=0.05)
     assert isinstance(model, tf.Module)  # What hear-validator and the HEAR kit accept.
     assert model.sample_rate == 48000 and model.model_sample_rate == SR
-    x = audio.load_audio(WAV, 48000)[:2 * 48000]
+    x = audio.load_audio(WAV, 48000)[: 2 * 48000]
     scene = hear.get_scene_embeddings(tf.constant(x[None]), model)
     assert isinstance(scene, tf.Tensor) and scene.dtype == tf.float32
     at_model_rate = librosa.resample(x, orig_sr=48000, target_sr=SR)
     assert len(at_model_rate) == 2 * SR
-    np.testing.assert_allclose(scene.numpy()[0], direct(at_model_rate)["embedding"][0],
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        scene.numpy()[0], direct(at_model_rate)["embedding"][0], rtol=1e-5, atol=1e-5
+    )
     emb, ts = hear.get_timestamp_embeddings(x[None], model)
     assert emb.shape == (1, 41, 512)
     np.testing.assert_allclose(ts[0], np.arange(41) * 50.0, atol=1e-3)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import importlib.util
 
+import golden_utils as G
 import jax
 import numpy as np
 import pytest
 
-import golden_utils as G
 from panns_jax import convert, models, streaming
 
 
@@ -30,7 +30,7 @@ def _feed_random_blocks(tagger, waveform, seed=0):
     steps, start = [], 0
     while start < waveform.size:
         size = int(rng.integers(tagger.sample_rate // 100, tagger.sample_rate + 1))
-        steps += tagger.push(waveform[start:start + size])
+        steps += tagger.push(waveform[start : start + size])
         start += size
     return steps
 
@@ -46,7 +46,7 @@ def test_clip_model_stream_equals_windows_applied_offline():
     window, hop = 32000, 8000
     ends = np.arange(window, waveform.size + 1, hop)
     forward = jax.jit(lambda x: model.apply(variables, x)["clipwise_output"])
-    want = np.concatenate([np.asarray(forward(waveform[None, e - window:e])) for e in ends])
+    want = np.concatenate([np.asarray(forward(waveform[None, e - window : e])) for e in ends])
     np.testing.assert_allclose(times, ends / 32000)  # Warm-up: first frame at 1 s.
     assert probs.shape == want.shape == (len(ends), 527)
     assert float(np.max(np.abs(probs - want))) <= G.PROBABILITY_ATOL
@@ -59,17 +59,17 @@ def test_decision_level_stream_emits_each_frame_once_as_offline():
     model, variables = _golden("Cnn14_DecisionLevelMax")
     tagger = streaming.StreamingTagger(model, variables, window=3.2, hop=0.64)
     assert tagger.decision_level
-    waveform = _recording()[:160000 + 32000 * 3 // 2]  # 6.5 s: not a whole number of hops.
+    waveform = _recording()[: 160000 + 32000 * 3 // 2]  # 6.5 s: not a whole number of hops.
     steps = _feed_random_blocks(tagger, waveform, seed=1)
     times, probs, _ = streaming.collect(steps)
 
     window, hop, frame = 102400, 20480, 320
     ends = np.arange(window, waveform.size + 1, hop)
     forward = jax.jit(lambda x: model.apply(variables, x)["framewise_output"])
-    want = [np.asarray(forward(waveform[None, ends[0] - window:ends[0]]))[0, :window // frame]]
+    want = [np.asarray(forward(waveform[None, ends[0] - window : ends[0]]))[0, : window // frame]]
     for e in ends[1:]:
-        out = np.asarray(forward(waveform[None, e - window:e]))[0]
-        want.append(out[(window - hop) // frame: window // frame])
+        out = np.asarray(forward(waveform[None, e - window : e]))[0]
+        want.append(out[(window - hop) // frame : window // frame])
     want = np.concatenate(want)
     np.testing.assert_allclose(times, np.arange(len(want)) * 0.01, atol=1e-9)  # Each once.
     assert probs.shape == want.shape
@@ -93,8 +93,13 @@ def test_hysteresis_events():
     p = np.array([[0.1, 0.6], [0.55, 0.45], [0.4, 0.2], [0.29, 0.9], [0.6, 0.9]])
     events = detector.update(np.arange(5.0), p)
     assert [(e.kind, e.time, e.label) for e in events] == [
-        ("onset", 0.0, "b"), ("onset", 1.0, "a"), ("offset", 2.0, "b"), ("offset", 3.0, "a"),
-        ("onset", 3.0, "b"), ("onset", 4.0, "a")]
+        ("onset", 0.0, "b"),
+        ("onset", 1.0, "a"),
+        ("offset", 2.0, "b"),
+        ("offset", 3.0, "a"),
+        ("onset", 3.0, "b"),
+        ("onset", 4.0, "a"),
+    ]
     assert [(e.kind, e.label) for e in detector.close(5.0)] == [("offset", "a"), ("offset", "b")]
 
 
@@ -112,9 +117,22 @@ def test_cli_streams_a_file(tmp_path, capsys):
     G.require_golden()
     path = tmp_path / "clip.wav"
     sf.write(path, G.inputs()["batch"][0][:64000], 32000)
-    rc = streaming.main_stream([str(path), "--model", "MobileNetV1", "--block", "0.05",
-                                "--hop", "0.5", "--on-threshold", "0.0", "--off-threshold", "0.0",
-                                "--frames"])
+    rc = streaming.main_stream(
+        [
+            str(path),
+            "--model",
+            "MobileNetV1",
+            "--block",
+            "0.05",
+            "--hop",
+            "0.5",
+            "--on-threshold",
+            "0.0",
+            "--off-threshold",
+            "0.0",
+            "--frames",
+        ]
+    )
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     assert "real-time factor" in captured.err and "warm-up 1 s" in captured.err

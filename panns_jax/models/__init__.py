@@ -17,20 +17,22 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from panns_jax.models import cnn
-from panns_jax.models import conv1d, wavegram
-from panns_jax.models import mobilenet, resnet
+from panns_jax.models import cnn, conv1d, mobilenet, resnet, transfer_head, wavegram
 
 _FAMILY_MODULES = [cnn, resnet, mobilenet, conv1d, wavegram]
-_FAMILY_CLASSES = {cnn: cnn.Cnn, resnet: resnet.ResNet, mobilenet: mobilenet.MobileNet,
-                   wavegram: wavegram.Wavegram}
+_FAMILY_CLASSES = {
+    cnn: cnn.Cnn,
+    resnet: resnet.ResNet,
+    mobilenet: mobilenet.MobileNet,
+    wavegram: wavegram.Wavegram,
+}
 
 
 def _build_registry() -> Dict[str, Tuple[type, dict]]:
     registry: Dict[str, Tuple[type, dict]] = {}
     for module in _FAMILY_MODULES:
         for name, spec in module.MODELS.items():
-            cls, kwargs = (spec if isinstance(spec, tuple) else (_FAMILY_CLASSES[module], spec))
+            cls, kwargs = spec if isinstance(spec, tuple) else (_FAMILY_CLASSES[module], spec)
             if name in registry:
                 raise RuntimeError(f"model {name!r} registered twice")
             registry[name] = (cls, kwargs)
@@ -46,7 +48,15 @@ def names() -> List[str]:
 
 
 def get(name: str, **overrides: Any) -> nn.Module:
-    """Build the model registered as ``name``; ``overrides`` replace its attributes."""
+    """Build the model registered as ``name``; ``overrides`` replace its attributes.
+
+    A ``transfer_head`` entry (what a Freeze_L3 run's checkpoint stores) wraps the model
+    in a :class:`~panns_jax.models.transfer_head.Transfer` with that head.
+    """
+    if transfer_head.HEAD_KEY in overrides:
+        overrides = dict(overrides)
+        head = overrides.pop(transfer_head.HEAD_KEY)
+        return transfer_head.from_head_spec(get(name, **overrides), head)
     try:
         cls, kwargs = REGISTRY[name]
     except KeyError:
@@ -54,7 +64,9 @@ def get(name: str, **overrides: Any) -> nn.Module:
 
         close = difflib.get_close_matches(name, REGISTRY, n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise ValueError(f"unknown model {name!r}.{hint} Known models: {', '.join(names())}") from None
+        raise ValueError(
+            f"unknown model {name!r}.{hint} Known models: {', '.join(names())}"
+        ) from None
     return cls(**{**kwargs, **overrides})
 
 
@@ -63,8 +75,9 @@ def sample_rate(model: nn.Module) -> int:
     return model.frontend.sample_rate
 
 
-def init(model: nn.Module, rng: jax.Array, num_samples: Optional[int] = None,
-         batch_size: int = 1) -> dict:
+def init(
+    model: nn.Module, rng: jax.Array, num_samples: Optional[int] = None, batch_size: int = 1
+) -> dict:
     """Initialise ``{'params', 'batch_stats'}`` with a dummy 1 s... 10 s input (eval mode)."""
     num_samples = num_samples or 10 * sample_rate(model)
     dummy = jnp.zeros((batch_size, num_samples), jnp.float32)
