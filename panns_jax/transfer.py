@@ -34,15 +34,15 @@ an original PyTorch ``.pth`` (architecture ``config.model``). The checkpoint's
 architecture is authoritative; ``scratch`` uses it too (weights ignored) so that it is
 the paper's same-architecture baseline.
 
-Cross-validation of the fold-structured sets (ESC-50 5 folds, GTZAN 10, RAVDESS 4)::
-
-    python -m panns_jax.transfer cv --config=configs/esc50.py:strategy=freeze_l1 --workdir=DIR
+The training loop reaches all of this through :class:`TransferBuilder` (see
+:mod:`panns_jax.model_builder`); cross-validation over the folds of ESC-50, GTZAN and
+RAVDESS, which drives the loop, is :mod:`panns_jax.crossval` (``python -m panns_jax.transfer
+cv ...`` still runs it).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
@@ -51,66 +51,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
-from panns_jax import checkpoints, convert, frontend, models
+from panns_jax import checkpoints, convert, models
+from panns_jax.models.transfer_head import HEAD_KEY as _HEAD_KEY
+from panns_jax.models.transfer_head import Transfer, head_spec
+from panns_jax.recipe import STRATEGIES, ConfigError
 
-STRATEGIES = ("scratch", "finetune", "freeze_l1", "freeze_l3")
 FROZEN_BASE = ("freeze_l1", "freeze_l3")
 BASE = "base"  # Name of the pretrained submodule (the original's ``Transfer_Cnn14.base``).
 _BASE_CLASSIFIERS = ("fc_audioset", "att_block")  # Unused once the new head exists.
-_HEAD_KEY = "transfer_head"  # Checkpoint overrides entry of heads a registry model can't hold.
-
-
-class Transfer(nn.Module):
-    """``base`` (a registry model) -> its ``embedding`` -> a new head for the target task.
-
-    Attributes:
-      base: the pretrained model; its variables live under ``base/``.
-      num_classes: classes of the target task.
-      head_layers: 1 (``fc_transfer``) or 3 (two ReLU layers ``fc_hidden1/2``, then
-        ``fc_transfer``: the paper's Freeze_L3).
-      hidden_size: width of the hidden layers (default: the embedding width).
-      freeze_base: run the base in inference mode and stop the gradient at its embedding.
-      output: activation of ``clipwise_output``, 'sigmoid' (multi-label) or 'softmax'.
-    """
-
-    base: nn.Module
-    num_classes: int
-    head_layers: int = 1
-    hidden_size: Optional[int] = None
-    freeze_base: bool = False
-    output: str = "softmax"
-
-    @nn.compact
-    def __call__(self, waveform: jax.Array, train: bool = False,
-                 mixup_lambda: Optional[jax.Array] = None) -> Dict[str, jax.Array]:
-        if self.freeze_base:
-            if train and mixup_lambda is not None:  # The eval-mode base would skip mixup.
-                waveform = frontend.mixup(waveform, mixup_lambda)
-            outputs = dict(self.base(waveform, train=False))
-        else:
-            outputs = dict(self.base(waveform, train=train, mixup_lambda=mixup_lambda))
-        if "embedding" not in outputs:
-            raise ValueError(f"{type(self.base).__name__} has no clip 'embedding' output: "
-                             "transfer needs a clip-level model (not a decision-level SED head)")
-        x = outputs["embedding"]
-        if self.freeze_base:
-            # In training mode the base applies this dropout itself (golden/TRAINING.md §10).
-            x = nn.Dropout(0.5)(jax.lax.stop_gradient(x), deterministic=not train)
-        dtype = getattr(self.base, "dtype", jnp.float32)
-        width = self.hidden_size or x.shape[-1]
-        for i in range(1, self.head_layers):
-            x = nn.relu(nn.Dense(width, dtype=dtype, name=f"fc_hidden{i}")(x))
-            x = nn.Dropout(0.5)(x, deterministic=not train)
-        logits = nn.Dense(self.num_classes, dtype=dtype, name="fc_transfer")(x)
-        logits = logits.astype(jnp.float32)
-        for key in ("logits", "clipwise_logits", "clipwise_output"):
-            outputs.pop(key, None)
-        outputs["logits"] = outputs["clipwise_logits"] = logits
-        outputs["clipwise_output"] = (jax.nn.softmax(logits) if self.output == "softmax"
-                                      else jax.nn.sigmoid(logits))
-        return outputs
 
 
 # ----------------------------------------------------------------------------
@@ -123,7 +72,7 @@ def strategy_of(config: ml_collections.ConfigDict) -> Optional[str]:
     transfer = config.get("transfer")
     strategy = transfer.get("strategy") if transfer is not None else None
     if strategy is not None and strategy not in STRATEGIES:
-        raise ValueError(f"config.transfer.strategy must be one of {STRATEGIES}, got {strategy!r}")
+        raise ConfigError(f"config.transfer.strategy must be one of {STRATEGIES}, got {strategy!r}")
     return strategy
 
 
@@ -150,43 +99,64 @@ def load_base(config: ml_collections.ConfigDict) -> PretrainedBase:
     path = config.transfer.get("checkpoint")
     if not path:
         if strategy != "scratch":
-            raise ValueError(f"strategy {strategy!r} needs a pretrained model: set "
-                             "--config.transfer.checkpoint=DIR (a panns_jax checkpoint, e.g. "
-                             "WORKDIR/best) or a PyTorch PANNs .pth")
+            raise ConfigError(
+                f"strategy {strategy!r} needs a pretrained model: set "
+                "--config.transfer.checkpoint=DIR (a panns_jax checkpoint, e.g. "
+                "WORKDIR/best) or a PyTorch PANNs .pth"
+            )
         overrides = dict(config.get("model_overrides", {}) or {})
         return PretrainedBase(config.model, overrides)
     is_pth = os.path.isfile(path) and path.endswith((".pth", ".pt"))
     # A .pth is config.model (+ model_overrides) with the class count of its own head.
-    checkpoint = convert.load_model_checkpoint(
-        path, config.model if is_pth else None,
-        overrides=config.get("model_overrides") if is_pth else None)
+    try:
+        checkpoint = convert.load_model_checkpoint(
+            path,
+            config.model if is_pth else None,
+            overrides=config.get("model_overrides") if is_pth else None,
+        )
+    except (OSError, ValueError, ImportError) as err:  # Each one line, naming the file.
+        raise ConfigError(f"config.transfer.checkpoint: {err}") from err
     if _HEAD_KEY in checkpoint.overrides:
-        raise ValueError(f"{path} is a Freeze_L3 transfer checkpoint; transfer from a "
-                         "registry-model checkpoint instead")
-    base = PretrainedBase(checkpoint.model, dict(checkpoint.overrides),
-                          checkpoint.variables, checkpoint.labels)
+        raise ConfigError(
+            f"{path} is a Freeze_L3 transfer checkpoint; transfer from a "
+            "registry-model checkpoint instead"
+        )
+    base = PretrainedBase(
+        checkpoint.model, dict(checkpoint.overrides), checkpoint.variables, checkpoint.labels
+    )
     wanted = (config.get("model_overrides") or {}).get("frontend")
     if wanted is not None and wanted != base.build().frontend:
-        raise ValueError(f"config front end {wanted} differs from the checkpoint's "
-                         f"{base.build().frontend}: the data's sample rate must be the model's")
+        raise ConfigError(
+            f"config front end {wanted} differs from the checkpoint's "
+            f"{base.build().frontend}: the data's sample rate must be the model's"
+        )
     if strategy == "scratch":
         base.variables = None  # Same architecture, random initialisation: the baseline.
     return base
 
 
-def build_model(config: ml_collections.ConfigDict, base: PretrainedBase, num_classes: int,
-                output: str = "softmax") -> Transfer:
+def build_model(
+    config: ml_collections.ConfigDict,
+    base: PretrainedBase,
+    num_classes: int,
+    output: str = "softmax",
+) -> Transfer:
     """The :class:`Transfer` model of ``config.transfer.strategy`` around ``base``."""
     strategy = strategy_of(config)
     dtype = jnp.bfloat16 if config.get("compute_dtype", "float32") == "bfloat16" else None
-    return Transfer(base=base.build(dtype), num_classes=num_classes,
-                    head_layers=3 if strategy == "freeze_l3" else 1,
-                    hidden_size=config.transfer.get("hidden_size"),
-                    freeze_base=strategy in FROZEN_BASE, output=output)
+    return Transfer(
+        base=base.build(dtype),
+        num_classes=num_classes,
+        head_layers=3 if strategy == "freeze_l3" else 1,
+        hidden_size=config.transfer.get("hidden_size"),
+        freeze_base=strategy in FROZEN_BASE,
+        output=output,
+    )
 
 
-def merge_pretrained(variables: Mapping[str, Any], pretrained: Optional[Mapping[str, Any]]
-                     ) -> Dict[str, Any]:
+def merge_pretrained(
+    variables: Mapping[str, Any], pretrained: Optional[Mapping[str, Any]]
+) -> Dict[str, Any]:
     """``variables`` of a fresh :class:`Transfer` with ``base/`` replaced by ``pretrained``.
 
     Jittable; shapes must agree exactly (the head keeps its fresh initialisation).
@@ -200,11 +170,14 @@ def merge_pretrained(variables: Mapping[str, Any], pretrained: Optional[Mapping[
         want = jax.tree_util.tree_map(jnp.shape, result[collection][BASE])
         got = jax.tree_util.tree_map(jnp.shape, dict(pretrained.get(collection, {})))
         if want != got:
-            raise ValueError(f"pretrained {collection} do not fit the base model: "
-                             f"{_tree_difference(want, got)}")
+            raise ValueError(
+                f"pretrained {collection} do not fit the base model: {_tree_difference(want, got)}"
+            )
         result[collection][BASE] = jax.tree_util.tree_map(
             lambda fresh, value: jnp.asarray(value, fresh.dtype),
-            result[collection][BASE], dict(pretrained[collection]))
+            result[collection][BASE],
+            dict(pretrained[collection]),
+        )
     return result
 
 
@@ -213,8 +186,11 @@ def _tree_difference(want: Any, got: Any) -> str:
     flat_got = flax.traverse_util.flatten_dict(got, sep="/")
     lines = [f"missing {k}" for k in flat_want if k not in flat_got]
     lines += [f"unexpected {k}" for k in flat_got if k not in flat_want]
-    lines += [f"{k}: {flat_got[k]} vs {flat_want[k]}" for k in flat_want
-              if k in flat_got and flat_got[k] != flat_want[k]]
+    lines += [
+        f"{k}: {flat_got[k]} vs {flat_want[k]}"
+        for k in flat_want
+        if k in flat_got and flat_got[k] != flat_want[k]
+    ]
     return "; ".join(lines[:8]) + (" ..." if len(lines) > 8 else "")
 
 
@@ -223,6 +199,7 @@ def param_labels(params: Mapping[str, Any], strategy: Optional[str]) -> Any:
 
     Parameters of models without a ``base`` (plain training) are all trained.
     """
+
     def label(path, _):
         keys = [getattr(p, "key", str(p)) for p in path]
         if not keys or keys[0] != BASE:
@@ -244,8 +221,13 @@ def trainable_mask(params: Mapping[str, Any], strategy: Optional[str]) -> Any:
 # ----------------------------------------------------------------------------
 
 
-def to_checkpoint(model: Transfer, base: PretrainedBase, variables: Mapping[str, Any],
-                  step: int, labels: Optional[Sequence[str]]) -> checkpoints.ModelCheckpoint:
+def to_checkpoint(
+    model: Transfer,
+    base: PretrainedBase,
+    variables: Mapping[str, Any],
+    step: int,
+    labels: Optional[Sequence[str]],
+) -> checkpoints.ModelCheckpoint:
     """A model checkpoint of a trained :class:`Transfer`.
 
     A linear head is folded into the base architecture (``fc_audioset`` := ``fc_transfer``,
@@ -253,7 +235,8 @@ def to_checkpoint(model: Transfer, base: PretrainedBase, variables: Mapping[str,
     checkpoint is a plain registry model that ``panns-jax tag`` and ``AudioTagger`` read
     (its ``clipwise_output`` is the sigmoid of those logits; rankings are the same).
     A Freeze_L3 head has no registry equivalent: its checkpoint holds the whole Transfer
-    tree and a ``transfer_head`` entry in its overrides; read it with :func:`load`.
+    tree and a ``transfer_head`` entry in its overrides, from which
+    :func:`panns_jax.models.get` (and so every checkpoint loader) rebuilds the model.
     """
     params = dict(variables["params"])
     batch_stats = dict(variables.get("batch_stats", {}))
@@ -264,122 +247,101 @@ def to_checkpoint(model: Transfer, base: PretrainedBase, variables: Mapping[str,
         base_params["fc_audioset"] = {"kernel": head["kernel"], "bias": head["bias"]}
         folded = {"params": base_params, "batch_stats": batch_stats.get(BASE, {})}
         return checkpoints.ModelCheckpoint(
-            model=base.name, variables=folded, step=step,
+            model=base.name,
+            variables=folded,
+            step=step,
             overrides={**overrides, "num_classes": model.num_classes},
-            labels=list(labels) if labels else None)
-    head = {"layers": model.head_layers, "hidden_size": model.hidden_size,
-            "num_classes": model.num_classes, "output": model.output}
+            labels=list(labels) if labels else None,
+        )
     return checkpoints.ModelCheckpoint(
-        model=base.name, variables={"params": params, "batch_stats": batch_stats}, step=step,
-        overrides={**overrides, _HEAD_KEY: head}, labels=list(labels) if labels else None)
+        model=base.name,
+        variables={"params": params, "batch_stats": batch_stats},
+        step=step,
+        overrides={**overrides, _HEAD_KEY: head_spec(model)},
+        labels=list(labels) if labels else None,
+    )
 
 
 def load(path: str) -> Tuple[nn.Module, Dict[str, Any], Optional[Sequence[str]]]:
-    """``(model, variables, labels)`` of any checkpoint a transfer run exports."""
+    """``(model, variables, labels)`` of any checkpoint a transfer run exports (a registry
+    model, or a :class:`Transfer` for Freeze_L3: ``models.get`` builds both)."""
     checkpoint = checkpoints.load(path)
-    overrides = dict(checkpoint.overrides)
-    head = overrides.pop(_HEAD_KEY, None)
-    base = models.get(checkpoint.model, **overrides)
-    if head is None:
-        return base, checkpoint.variables, checkpoint.labels
-    model = Transfer(base=base, num_classes=head["num_classes"], head_layers=head["layers"],
-                     hidden_size=head["hidden_size"], freeze_base=True, output=head["output"])
-    return model, checkpoint.variables, checkpoint.labels
+    return checkpoint.build_model(), checkpoint.variables, checkpoint.labels
 
 
 # ----------------------------------------------------------------------------
-# Cross-validation over the folds of ESC-50 / GTZAN / RAVDESS.
+# The training loop's model builder (panns_jax.model_builder.ModelBuilder).
 # ----------------------------------------------------------------------------
 
 
-def fold_config(config: ml_collections.ConfigDict, fold: int) -> ml_collections.ConfigDict:
-    """``config`` training on every fold but ``fold`` and evaluating on ``fold``."""
-    num_folds = int(config.transfer.num_folds)
-    if not 1 <= fold <= num_folds:
-        raise ValueError(f"fold {fold} not in 1..{num_folds}")
-    c = ml_collections.ConfigDict(config.to_dict())
-    c.train_folds = tuple(f for f in range(1, num_folds + 1) if f != fold)
-    c.eval_folds = (fold,)
-    c.transfer.fold = fold
-    return c
+class TransferBuilder:
+    """A transfer run's model for the loop: the strategy's :class:`Transfer`, the base's
+    pretrained weights merged at init, the strategy's optimiser mask, the folded export.
 
-
-def cross_validate(config: ml_collections.ConfigDict, workdir: str, *,
-                   folds: Optional[Sequence[int]] = None, sources: Optional[Mapping] = None
-                   ) -> Dict[str, Any]:
-    """Train and evaluate one model per held-out fold in ``workdir/foldK``.
-
-    Each fold resumes like any run; a finished fold (``foldK/result.json``) is not redone.
-    Writes and returns ``{'folds': {K: {accuracy, mAP, ...}}, 'mean': {...}}``
-    (``workdir/cv_results.json``). ``sources`` as :func:`panns_jax.train.train_and_evaluate`.
+    The base is loaded on first use, so that an optimiser or a train step can be made from
+    the config alone.
     """
-    from panns_jax import train  # train imports this module.
 
-    folds = list(folds or range(1, int(config.transfer.num_folds) + 1))
-    per_fold: Dict[str, Dict[str, float]] = {}
-    for fold in folds:
-        fold_dir = os.path.join(workdir, f"fold{fold}")
-        result_path = os.path.join(fold_dir, "result.json")
-        if os.path.exists(result_path):
-            with open(result_path) as f:
-                per_fold[str(fold)] = json.load(f)
-            continue
-        result = train.train_and_evaluate(fold_config(config, fold), fold_dir, sources=sources)
-        summary = {k: float(v) for k, v in result.items() if np.ndim(v) == 0}
-        if jax.process_index() == 0:
-            with open(result_path, "w") as f:
-                json.dump(summary, f, indent=2)
-        per_fold[str(fold)] = summary
-    keys = sorted(set.intersection(*(set(r) for r in per_fold.values())))
-    mean = {k: float(np.mean([r[k] for r in per_fold.values()])) for k in keys}
-    results = {"strategy": strategy_of(config), "folds": per_fold, "mean": mean}
-    if jax.process_index() == 0:
-        os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, "cv_results.json"), "w") as f:
-            json.dump(results, f, indent=2)
-    return results
+    def __init__(self, config: ml_collections.ConfigDict):
+        self.config = config
+        self.strategy = strategy_of(config)
+        self._base: Optional[PretrainedBase] = None
 
+    @property
+    def base(self) -> PretrainedBase:
+        if self._base is None:
+            self._base = load_base(self.config)
+        return self._base
 
-def format_results(results: Mapping[str, Any]) -> str:
-    """Per-fold and mean accuracy (or mAP) as a small table."""
-    key = "accuracy" if "accuracy" in results["mean"] else "mAP"
-    lines = [f"fold  {key}"]
-    lines += [f"{fold:>4}  {r[key]:.4f}" for fold, r in results["folds"].items()]
-    lines.append(f"mean  {results['mean'][key]:.4f}  ({results['strategy']}, "
-                 f"{len(results['folds'])} folds)")
-    return "\n".join(lines)
+    def validate(self) -> None:
+        if self.strategy != "scratch":
+            path = self.config.transfer.get("checkpoint")
+            if path and not os.path.exists(path):
+                raise ConfigError(
+                    f"config.transfer.checkpoint {path}: no such checkpoint directory or .pth file"
+                )
 
+    def describe(self) -> str:
+        return (
+            f"transfer ({self.strategy}) from "
+            f"{self.config.transfer.get('checkpoint') or 'random init'}: {self.base.name}"
+        )
 
-def main() -> None:
-    """``python -m panns_jax.transfer {train|cv} --config=... --workdir=... [--folds=1,3]``.
+    def sample_rate(self) -> int:
+        return models.sample_rate(self.base.build())
 
-    Flags are defined here, not at import: train.py imports this module beside main.py's
-    flags of the same names.
-    """
-    from absl import app, flags
-    from ml_collections import config_flags
+    def build(self, num_classes: int, output: str = "sigmoid") -> Transfer:
+        return build_model(self.config, self.base, num_classes, output=output)
 
-    config_flag = config_flags.DEFINE_config_file("config", None, "Transfer config file.")
-    workdir_flag = flags.DEFINE_string("workdir", None, "Output directory (cv: foldK/ per fold).")
-    folds_flag = flags.DEFINE_list("folds", None, "cv: only these folds (default: all).")
-    flags.mark_flags_as_required(["config", "workdir"])
+    def pretrained(self) -> Optional[Dict[str, Any]]:
+        variables = self.base.variables
+        if not variables:
+            return None
+        return {k: variables[k] for k in ("params", "batch_stats") if k in variables}
 
-    def run(argv: Sequence[str]) -> None:
-        from panns_jax import train
+    def init(
+        self,
+        model: Transfer,
+        rng: jax.Array,
+        clip_samples: int,
+        pretrained: Optional[Mapping[str, Any]],
+    ) -> Dict[str, Any]:
+        return merge_pretrained(models.init(model, rng, clip_samples), pretrained)
 
-        command = argv[1] if len(argv) > 1 else "cv"
-        config, workdir = config_flag.value, workdir_flag.value
-        if command == "train":
-            result = train.train_and_evaluate(config, workdir)
-            print(json.dumps({k: float(v) for k, v in result.items() if np.ndim(v) == 0}))
-        elif command == "cv":
-            folds = [int(f) for f in folds_flag.value] if folds_flag.value else None
-            print(format_results(cross_validate(config, workdir, folds=folds)))
-        else:
-            raise app.UsageError(f"unknown command {command!r}: use 'train' or 'cv'")
+    def param_labels(self, params: Any) -> Any:
+        return param_labels(params, self.strategy)
 
-    app.run(run)
+    def to_checkpoint(
+        self,
+        model: Transfer,
+        variables: Mapping[str, Any],
+        step: int,
+        labels: Optional[Sequence[str]],
+    ) -> checkpoints.ModelCheckpoint:
+        return to_checkpoint(model, self.base, variables, step, labels)
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # The former CLI: `python -m panns_jax.transfer cv ...`.
+    import runpy  # Not an import of crossval: it imports train, which imports this module.
+
+    runpy.run_module("panns_jax.crossval", run_name="__main__", alter_sys=True)

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from panns_jax import checkpoints, models, train, transfer
+from panns_jax import checkpoints, crossval, models, train, transfer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SR = 32000
@@ -36,8 +36,10 @@ def transfer_config(strategy: str, **changes):
 
 
 def _leaves(tree):
-    return {jax.tree_util.keystr(p): np.asarray(v)
-            for p, v in jax.tree_util.tree_leaves_with_path(jax.device_get(tree))}
+    return {
+        jax.tree_util.keystr(p): np.asarray(v)
+        for p, v in jax.tree_util.tree_leaves_with_path(jax.device_get(tree))
+    }
 
 
 def _bitwise_equal(a, b) -> bool:
@@ -53,12 +55,16 @@ def pretrained():
 @pytest.mark.parametrize("strategy", transfer.STRATEGIES)
 def test_each_strategy_updates_exactly_its_parameters(strategy, pretrained):
     config = transfer_config(strategy)
-    base = transfer.PretrainedBase("Cnn10", dict(TINY),
-                                   None if strategy == "scratch" else pretrained)
+    base = transfer.PretrainedBase(
+        "Cnn10", dict(TINY), None if strategy == "scratch" else pretrained
+    )
     model = transfer.build_model(config, base, num_classes=4)
     optimizer = train.make_optimizer(config)
-    variables = jax.jit(lambda rng: transfer.merge_pretrained(
-        model.init(rng, jnp.zeros((1, SR)), train=False), base.variables))(jax.random.key(0))
+    variables = jax.jit(
+        lambda rng: transfer.merge_pretrained(
+            model.init(rng, jnp.zeros((1, SR)), train=False), base.variables
+        )
+    )(jax.random.key(0))
     state = train.TrainState.create(variables, optimizer, jax.random.key(1))
     before_params, before_stats = _leaves(state.params), _leaves(state.batch_stats)
     pretrained_params = _leaves({"base": pretrained["params"]})
@@ -70,8 +76,10 @@ def test_each_strategy_updates_exactly_its_parameters(strategy, pretrained):
     step = jax.jit(train.make_train_step(model, optimizer, config))
     rng = np.random.default_rng(0)
     for _ in range(3):  # Mixup is on: the loader's 2B clips.
-        batch = {"audio": rng.uniform(-0.3, 0.3, (8, SR)).astype(np.float32),
-                 "labels": np.eye(4, dtype=np.float32)[rng.integers(0, 4, 8)]}
+        batch = {
+            "audio": rng.uniform(-0.3, 0.3, (8, SR)).astype(np.float32),
+            "labels": np.eye(4, dtype=np.float32)[rng.integers(0, 4, 8)],
+        }
         state, step_metrics = step(state, batch)
         assert np.isfinite(float(step_metrics["loss"]))
     after_params, after_stats = _leaves(state.params), _leaves(state.batch_stats)
@@ -89,8 +97,11 @@ def test_each_strategy_updates_exactly_its_parameters(strategy, pretrained):
         assert _bitwise_equal(value, after_stats[name]) == frozen_base, (strategy, name)
 
     # Frozen leaves carry no optimiser state: Adam keeps 3 moments per trained scalar.
-    trained = sum(v.size for k, v in before_params.items()
-                  if not k.startswith("['base']") or not (frozen_base or "fc_audioset" in k))
+    trained = sum(
+        v.size
+        for k, v in before_params.items()
+        if not k.startswith("['base']") or not (frozen_base or "fc_audioset" in k)
+    )
     moments = sum(np.size(x) for x in jax.tree_util.tree_leaves(state.opt_state)) - 1
     assert moments == 3 * trained
 
@@ -112,8 +123,11 @@ def _pretrain_sources(n: int = 160):
     from panns_jax.data import ArraySource, panns_demo
 
     clips = [panns_demo.synthesize_clip(0, 0, i, SR, SR) for i in range(n)]
-    source = ArraySource(np.stack([c["audio"] for c in clips]), [c["labels"] for c in clips],
-                         num_classes=len(panns_demo.CLASS_NAMES))
+    source = ArraySource(
+        np.stack([c["audio"] for c in clips]),
+        [c["labels"] for c in clips],
+        num_classes=len(panns_demo.CLASS_NAMES),
+    )
     return {"train": source, "eval": source}
 
 
@@ -130,12 +144,16 @@ def _task_source(per_class_per_fold: int = 10, folds: int = 2):
                 start = int(rng.integers(0, SR - length + 1))
                 clip = 0.003 * rng.standard_normal(SR)
                 event = panns_demo._synth(name, rng, length, SR)  # pylint: disable=protected-access
-                clip[start:start + length] += event * 10 ** (rng.uniform(-16, -4) / 20)
+                clip[start : start + length] += event * 10 ** (rng.uniform(-16, -4) / 20)
                 audio.append((0.9 * clip / max(1.0, np.abs(clip).max())).astype(np.float32))
                 labels.append(label)
                 fold_ids.append(fold)
-    return ArraySource(np.stack(audio), np.asarray(labels), num_classes=len(TASK_CLASSES),
-                       columns={"fold": fold_ids})
+    return ArraySource(
+        np.stack(audio),
+        np.asarray(labels),
+        num_classes=len(TASK_CLASSES),
+        columns={"fold": fold_ids},
+    )
 
 
 def test_pretrained_checkpoint_transfers_to_a_held_out_task_with_cross_validation(tmp_path):
@@ -153,18 +171,25 @@ def test_pretrained_checkpoint_transfers_to_a_held_out_task_with_cross_validatio
     assert checkpoints.load(checkpoint).overrides["num_classes"] == 10
 
     # 2. Freeze_L1 on a 4-class single-label task, 2-fold cross-validation.
-    config = transfer_config("freeze_l1", num_train_steps=40, batch_size=8, eval_every=40,
-                             learning_rate=1e-2, mixup="none")
+    config = transfer_config(
+        "freeze_l1",
+        num_train_steps=40,
+        batch_size=8,
+        eval_every=40,
+        learning_rate=1e-2,
+        mixup="none",
+    )
     config.transfer.checkpoint = checkpoint
     config.transfer.num_folds = 2
     workdir = tmp_path / "cv"
-    results = transfer.cross_validate(config, str(workdir), sources={"train": _task_source()})
+    results = crossval.cross_validate(config, str(workdir), sources={"train": _task_source()})
     accuracies = [r["accuracy"] for r in results["folds"].values()]
-    assert len(accuracies) == 2 and results["mean"]["accuracy"] == pytest.approx(np.mean(accuracies))
-    print(transfer.format_results(results))
+    assert len(accuracies) == 2
+    assert results["mean"]["accuracy"] == pytest.approx(np.mean(accuracies))
+    print(crossval.format_results(results))
     assert min(accuracies) > 0.5, results  # Chance: 0.25 (40 held-out clips per fold).
     assert json.loads((workdir / "cv_results.json").read_text())["mean"] == results["mean"]
-    assert "mean" in transfer.format_results(results)
+    assert "mean" in crossval.format_results(results)
 
     # The held-out fold's model is an ordinary 4-class checkpoint; its frozen trunk is the
     # pretrained one, bit for bit.
@@ -176,7 +201,7 @@ def test_pretrained_checkpoint_transfers_to_a_held_out_task_with_cross_validatio
             assert _bitwise_equal(value, _leaves(variables)[name]), name
 
     # A finished fold is not retrained.
-    again = transfer.cross_validate(config, str(workdir), sources={"train": _task_source()})
+    again = crossval.cross_validate(config, str(workdir), sources={"train": _task_source()})
     assert again["folds"] == results["folds"]
 
 
@@ -202,16 +227,18 @@ def test_base_from_a_pytorch_state_dict(tmp_path):
 def test_configs_strategies_and_folds():
     from configs import esc50, gtzan, ravdess
 
-    for module, dataset, folds, seconds in ((esc50, "esc50/32k", 5, 5.0),
-                                            (gtzan, "gtzan_genres/32k", 10, 30.0),
-                                            (ravdess, "ravdess/32k", 4, 5.0)):
+    for module, dataset, folds, seconds in (
+        (esc50, "esc50/32k", 5, 5.0),
+        (gtzan, "gtzan_genres/32k", 10, 30.0),
+        (ravdess, "ravdess/32k", 4, 5.0),
+    ):
         for strategy in transfer.STRATEGIES:
             c = module.get_config(f"strategy={strategy},fold=2")
             assert (c.dataset, c.transfer.num_folds, c.clip_seconds) == (dataset, folds, seconds)
             assert c.task == "singlelabel" and transfer.strategy_of(c) == strategy
             assert c.eval_folds == (2,) and 2 not in c.train_folds
             assert len(c.train_folds) == folds - 1
-        last = transfer.fold_config(c, folds)
+        last = crossval.fold_config(c, folds)
         assert last.eval_folds == (folds,) and last.train_folds == tuple(range(1, folds))
     with pytest.raises(ValueError, match="strategy"):
         esc50.get_config("strategy=linear_probe")
@@ -219,3 +246,303 @@ def test_configs_strategies_and_folds():
         esc50.get_config("fold=6")
     with pytest.raises(ValueError, match="needs a pretrained model"):
         transfer.load_base(esc50.get_config("strategy=finetune"))
+
+
+# ----------------------------------------------------------------------------
+# The real entry points on TFDS builds of small fake downloads (issue #16 item 1, #15).
+# ----------------------------------------------------------------------------
+
+ESC50_ROWS = [(fold, target) for fold in range(1, 6) for target in (0, 1)]  # dog, rooster
+GTZAN_PER_GENRE = 10  # Tracks 0..9: one per fold (fold = track number mod 10 + 1).
+CLIP = SR // 2  # 0.5 s clips at the builders' 32 kHz: no resampling in the fixture.
+
+
+def _noise_wav(path, seed: int, tone_hz: float) -> np.ndarray:
+    import soundfile as sf
+
+    rng = np.random.default_rng(seed)
+    t = np.arange(CLIP) / SR
+    x = 0.3 * np.sin(2 * np.pi * tone_hz * t) + 0.05 * rng.standard_normal(CLIP)
+    pcm = np.round(np.clip(x, -1, 1) * 32767).astype(np.int16)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    sf.write(path, pcm, SR, subtype="PCM_16")
+    return pcm.astype(np.float32) / 32768
+
+
+@pytest.fixture(scope="module")
+def fake_downloads(tmp_path_factory):
+    """ESC-50 and GTZAN manual-download layouts (a few 0.5 s wavs), built with TFDS, and a
+    tiny pretrained Cnn10 checkpoint. ESC-50's csv also holds hostile rows: files outside
+    the download (``../``, absolute) and folds 99 and -3, which the build must skip."""
+    import csv
+
+    import tensorflow_datasets as tfds
+
+    from panns_jax import data as pdata
+    from panns_jax.data import transfer as tsets
+
+    root = tmp_path_factory.mktemp("fake_downloads")
+    esc = root / "esc50_manual" / "ESC-50-master"
+    waves = {}
+    rows = []
+    for i, (fold, target) in enumerate(ESC50_ROWS):
+        name = f"{fold}-{100 + i}-A-{target}.wav"
+        waves[name] = _noise_wav(str(esc / "audio" / name), i, 300.0 * (1 + target))
+        rows.append((name, fold, target))
+    outside = root / "secret.wav"  # Readable audio, but not part of the download.
+    _noise_wav(str(outside), 98, 440.0)
+    _noise_wav(str(esc / "meta_audio.wav"), 99, 440.0)
+    _noise_wav(str(esc / "audio" / "9-999-A-0.wav"), 97, 440.0)
+    hostile = [
+        ("../meta_audio.wav", 1, 0),
+        (str(outside), 2, 0),
+        ("9-999-A-0.wav", 99, 0),
+        ("9-999-A-0.wav", -3, 0),
+    ]
+    os.makedirs(esc / "meta")
+    with open(esc / "meta" / "esc50.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["filename", "fold", "target", "category", "esc10", "src_file", "take"])
+        for name, fold, target in rows + hostile:
+            w.writerow([name, fold, target, tsets.ESC50_CLASSES[target], False, "x", "A"])
+    for g, genre in enumerate(("blues", "rock")):
+        for track in range(GTZAN_PER_GENRE):
+            path = root / "gtzan_manual" / "genres" / genre / f"{genre}.{track:05d}.wav"
+            _noise_wav(str(path), 100 + 10 * g + track, 200.0 * (1 + g))
+
+    tfds_dir = str(root / "tfds")
+    builders = {}
+    for cls, manual, budget in (
+        (pdata.Esc50, "esc50_manual", 0.3),
+        (pdata.GtzanGenres, "gtzan_manual", None),
+    ):
+        builder = cls(data_dir=tfds_dir, max_bad_fraction=budget)
+        builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(manual_dir=str(root / manual))
+        )
+        builders[builder.name] = builder
+
+    pretrained_model = models.get("Cnn10", **TINY, num_classes=10)  # The demo's 10 classes.
+    pretrained = jax.device_get(models.init(pretrained_model, jax.random.key(5), SR))
+    checkpoints.save(
+        str(root / "pretrained"),
+        checkpoints.ModelCheckpoint("Cnn10", pretrained, {**TINY, "num_classes": 10}),
+    )
+    return {
+        "root": root,
+        "tfds": tfds_dir,
+        "builders": builders,
+        "waves": waves,
+        "pretrained": pretrained,
+        "pretrained_model": pretrained_model,
+        "checkpoint": str(root / "pretrained"),
+        "outside": str(outside),
+    }
+
+
+def test_esc50_build_refuses_rows_outside_the_download_and_bad_folds(fake_downloads):
+    report = fake_downloads["builders"]["esc50"].bad_data_report["train"]
+    assert report["total"] == len(ESC50_ROWS) + 4 and report["skipped"] == 4, report
+    assert report["skipped_names"] == [
+        "../meta_audio.wav",
+        fake_downloads["outside"],
+        "9-999-A-0.wav",
+        "9-999-A-0.wav",
+    ]
+    index = fake_downloads["builders"]["esc50"].example_index("train")
+    assert sorted(index.columns["fold"].tolist()) == sorted(f for f, _ in ESC50_ROWS)
+    from panns_jax.data import common
+
+    with pytest.raises(common.BadExample, match="outside manual_dir: '../x.wav'"):
+        common.path_below("/data/ESC-50-master/audio", "../x.wav")
+    with pytest.raises(common.BadExample, match="outside manual_dir: '/etc/passwd'"):
+        common.path_below("/data/ESC-50-master/audio", "/etc/passwd")
+    assert common.path_below("/d/audio", "sub/../a.wav") == "/d/audio/a.wav"  # Control.
+
+
+def _run(module_args, tmp_path, name):
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    result = subprocess.run(
+        [sys.executable, "-m", *module_args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    (tmp_path / f"{name}.log").write_text(result.stdout + result.stderr)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def _tiny_run_flags(fake_downloads):
+    return [
+        f"--config.transfer.checkpoint={fake_downloads['checkpoint']}",
+        f"--config.data_dir={fake_downloads['tfds']}",
+        "--config.clip_seconds=0.5",
+        "--config.batch_size=2",
+        "--config.eval_batch_size=4",
+        "--config.num_train_steps=2",
+        "--config.eval_every=2",
+        "--config.checkpoint_every=2",
+        "--config.log_every=1",
+        "--config.num_devices=1",
+        "--config.learning_rate=0.01",
+    ]
+
+
+def _embedding(fake_downloads, wave) -> np.ndarray:
+    """The pretrained base's embedding of ``wave``, computed without the transfer code."""
+    model = fake_downloads["pretrained_model"]
+    out = jax.jit(model.apply)(fake_downloads["pretrained"], wave[None])
+    return np.asarray(out["embedding"], np.float64)[0]
+
+
+def _frozen_base_unchanged(fake_downloads, base_variables, skip=()):
+    for name, value in _leaves(fake_downloads["pretrained"]).items():
+        if not any(s in name for s in skip):
+            assert _bitwise_equal(value, _leaves(base_variables)[name]), name
+
+
+# Float32 round-off of the head: three 32-wide dot products and a softmax over 50 logits
+# of magnitude ~1 accumulate a relative error of a few times 32 * 2**-24 (~2e-6) per layer;
+# 3 layers x 4x margin.
+HEAD_RTOL = 3 * 4 * 32 * 2.0**-24
+
+
+def test_esc50_freeze_l3_trains_through_main_and_its_checkpoint_tags(fake_downloads, tmp_path):
+    """`python -m panns_jax.main --config=configs/esc50.py:strategy=freeze_l3` on a TFDS build
+    (it crashed on FeaturesDict.get), then its checkpoint in AudioTagger, `panns-jax tag` and
+    the export loader (they crashed on the `transfer_head` override)."""
+    from panns_jax import export, inference
+    from panns_jax.data.transfer import ESC50_CLASSES
+
+    workdir = tmp_path / "esc50"
+    stdout = _run(
+        [
+            "panns_jax.main",
+            "--config=configs/esc50.py:strategy=freeze_l3",
+            *_tiny_run_flags(fake_downloads),
+            f"--workdir={workdir}",
+        ],
+        tmp_path,
+        "main",
+    )
+    assert "final eval" in stdout
+    log = (workdir / "train_log.jsonl").read_text().splitlines()
+    losses = [json.loads(l)["loss"] for l in log]
+    assert len(losses) == 2 and np.all(np.isfinite(losses))
+
+    path = str(workdir / "model")
+    saved = checkpoints.load(path)
+    assert saved.step == 2 and saved.labels == list(ESC50_CLASSES)
+    assert saved.overrides["transfer_head"] == {
+        "layers": 3,
+        "hidden_size": None,
+        "num_classes": 50,
+        "output": "softmax",
+    }
+    _frozen_base_unchanged(fake_downloads, {k: v["base"] for k, v in saved.variables.items()})
+
+    # Tagging: the frozen base's embedding through the trained 3-layer head, in numpy.
+    wave = fake_downloads["waves"]["1-100-A-0.wav"]
+    head = {
+        k: {n: np.asarray(a, np.float64) for n, a in v.items()}
+        for k, v in saved.variables["params"].items()
+        if k != "base"
+    }
+    h = _embedding(fake_downloads, wave)
+    h1 = np.maximum(h @ head["fc_hidden1"]["kernel"] + head["fc_hidden1"]["bias"], 0)
+    h2 = np.maximum(h1 @ head["fc_hidden2"]["kernel"] + head["fc_hidden2"]["bias"], 0)
+    logits = h2 @ head["fc_transfer"]["kernel"] + head["fc_transfer"]["bias"]
+    want = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+
+    tagger = inference.AudioTagger.from_checkpoint(path)
+    assert tagger.labels == list(ESC50_CLASSES)
+    got = tagger.predict(wave)["clipwise_output"][0]
+    np.testing.assert_allclose(got, want, rtol=HEAD_RTOL)
+    # Negative control: the same head without its ReLUs is far outside the tolerance.
+    no_relu = (h @ head["fc_hidden1"]["kernel"] + head["fc_hidden1"]["bias"]) @ head["fc_hidden2"][
+        "kernel"
+    ] + head["fc_hidden2"]["bias"]
+    no_relu = no_relu @ head["fc_transfer"]["kernel"] + head["fc_transfer"]["bias"]
+    no_relu = np.exp(no_relu - no_relu.max()) / np.exp(no_relu - no_relu.max()).sum()
+    assert not np.allclose(got, no_relu, rtol=HEAD_RTOL, atol=0)
+
+    # The CLI on a file of the download, and the exporters' loader.
+    wav = str(fake_downloads["root"] / "esc50_manual" / "ESC-50-master" / "audio" / "1-100-A-0.wav")
+    out = tmp_path / "tags.json"
+    assert (
+        inference.main(
+            [
+                "tag",
+                wav,
+                "--checkpoint",
+                path,
+                "--format",
+                "json",
+                "--top-k",
+                "3",
+                "--output",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    (record,) = json.loads(out.read_text())
+    top = np.argsort(-want, kind="stable")[:3]
+    assert [l["label"] for l in record["labels"]] == [ESC50_CLASSES[i] for i in top]
+    np.testing.assert_allclose(
+        [l["probability"] for l in record["labels"]], want[top], rtol=HEAD_RTOL
+    )
+    model, variables, _ = export.resolve_source(path)
+    assert isinstance(model, transfer.Transfer) and model.head_layers == 3
+    np.testing.assert_allclose(
+        jax.jit(model.apply)(variables, wave[None])["clipwise_output"][0], want, rtol=HEAD_RTOL
+    )
+    from panns_jax import convert  # A .pth of it would fit no original model: refused.
+
+    with pytest.raises(ValueError, match="no original PANNs layout"):
+        convert.to_state_dict(variables, model)
+
+
+def test_gtzan_cross_validation_through_the_transfer_cli(fake_downloads, tmp_path):
+    """`python -m panns_jax.crossval cv --config=configs/gtzan.py:strategy=freeze_l1` on a
+    TFDS build; the fold's Freeze_L1 checkpoint is a plain 10-genre Cnn10 that tags."""
+    from panns_jax import inference
+    from panns_jax.data.transfer import GTZAN_GENRES
+
+    workdir = tmp_path / "gtzan"
+    stdout = _run(
+        [
+            "panns_jax.crossval",
+            "cv",
+            "--config=configs/gtzan.py:strategy=freeze_l1",
+            *_tiny_run_flags(fake_downloads),
+            "--folds=1",
+            f"--workdir={workdir}",
+        ],
+        tmp_path,
+        "cv",
+    )
+    results = json.loads((workdir / "cv_results.json").read_text())
+    assert list(results["folds"]) == ["1"] and results["strategy"] == "freeze_l1"
+    accuracy = results["folds"]["1"]["accuracy"]
+    assert accuracy in (0.0, 0.5, 1.0)  # Two held-out clips (track 0 of each genre).
+    assert f"mean  {accuracy:.4f}" in stdout
+
+    path = str(workdir / "fold1" / "model")
+    saved = checkpoints.load(path)
+    assert saved.model == "Cnn10" and saved.overrides == {**TINY, "num_classes": 10}
+    assert saved.labels == list(GTZAN_GENRES) and "transfer_head" not in saved.overrides
+    _frozen_base_unchanged(fake_downloads, saved.variables, skip=("fc_audioset",))
+
+    wave = fake_downloads["waves"]["1-100-A-0.wav"]
+    fc = {n: np.asarray(a, np.float64) for n, a in saved.variables["params"]["fc_audioset"].items()}
+    want = 1 / (1 + np.exp(-(_embedding(fake_downloads, wave) @ fc["kernel"] + fc["bias"])))
+    got = inference.AudioTagger.from_checkpoint(path).predict(wave)["clipwise_output"][0]
+    np.testing.assert_allclose(got, want, rtol=HEAD_RTOL)
