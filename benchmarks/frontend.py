@@ -23,7 +23,6 @@ from timing import best_time  # noqa: E402
 from panns_jax import frontend as fe
 
 
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--batch", type=int, default=32)
@@ -41,9 +40,18 @@ def main() -> None:
     def librosa_batch():
         for clip in clips:
             mel = librosa.feature.melspectrogram(
-                y=clip, sr=config.sample_rate, n_fft=config.window_size,
-                hop_length=config.hop_size, window="hann", center=True, pad_mode="reflect",
-                power=2.0, n_mels=config.mel_bins, fmin=config.fmin, fmax=config.fmax)
+                y=clip,
+                sr=config.sample_rate,
+                n_fft=config.window_size,
+                hop_length=config.hop_size,
+                window="hann",
+                center=True,
+                pad_mode="reflect",
+                power=2.0,
+                n_mels=config.mel_bins,
+                fmin=config.fmin,
+                fmax=config.fmax,
+            )
             librosa.power_to_db(mel, ref=1.0, amin=1e-10, top_db=None)
 
     librosa_time = best_time(librosa_batch, max(1, args.repeats // 2))

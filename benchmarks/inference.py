@@ -1,14 +1,19 @@
 """Inference throughput of jitted panns_jax models vs plain PyTorch, on this machine, as ratios.
 
-    python benchmarks/inference.py [--models Cnn14 MobileNetV1 Cnn6] [--batches 1 8]
-                                   [--repeats 3] [--threads N]
+    python benchmarks/inference.py                              # every family, batch 8 x 10 s
+    python benchmarks/inference.py --models MobileNetV1 --batch 2 --seconds 2 --repeats 1
 
-Both sides run eval-mode forwards of 10 s clips at 32 kHz with the same weights
-(random; converted with ``panns_jax.convert.to_state_dict``): panns_jax through
+Both sides run eval-mode forwards of ``--seconds`` clips with the same weights (random;
+converted with ``panns_jax.convert.to_state_dict``): panns_jax through
 ``jax.jit(model.apply)`` with only ``clipwise_output`` and ``embedding`` returned,
-PyTorch under ``torch.inference_mode()`` (benchmarks/torch_baselines.py). Reported:
-clips/s of the best of ``--repeats`` timed runs after a warm-up (and compilation).
-Run it on a quiet machine: both sides use every core.
+PyTorch under ``torch.inference_mode()`` (benchmarks/torch_baselines.py, checked against
+the golden outputs by tests/test_inference_torch.py). Reported: clips/s of the best of
+``--repeats`` timed runs after a warm-up (and compilation), the two sides interleaved run
+by run so that load from other processes hits both alike; the achieved GFLOP/s (the
+paper-style operation count of ``panns_jax.models.profile``: 2 per multiply-accumulate,
+the STFT as the original's DFT convolutions) and its share of this CPU's float32 peak
+(benchmarks/peak.py prints how that is derived). The load average is printed before and
+after: run it on a quiet machine, both sides use every core.
 """
 
 from __future__ import annotations
@@ -21,52 +26,114 @@ import jax
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from timing import best_time  # noqa: E402
+import peak  # noqa: E402
+from timing import interleaved_best_times, load_line  # noqa: E402
 
 from panns_jax import convert, models  # noqa: E402
+from panns_jax.models import profile  # noqa: E402
 
+# One or two models of every family: log-mel CNN, ResNet, MobileNet, 1-D, Wavegram.
+DEFAULT_MODELS = [
+    "Cnn14",
+    "Cnn6",
+    "ResNet22",
+    "MobileNetV1",
+    "MobileNetV2",
+    "LeeNet24",
+    "DaiNet19",
+    "Res1dNet31",
+    "Wavegram_Logmel_Cnn14",
+]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["Cnn14", "MobileNetV1", "Cnn6"])
-    parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch intra-op threads (default: torch's own, the core count)")
+    parser.add_argument("--models", nargs="+", default=DEFAULT_MODELS)
+    parser.add_argument("--batch", "--batches", dest="batches", nargs="+", type=int, default=[8])
+    parser.add_argument("--seconds", type=float, default=10.0, help="clip length")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads (default: torch's own, the core count)",
+    )
+    parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch baseline")
+    peak.add_arguments(parser)
     args = parser.parse_args()
 
     import torch
-
     import torch_baselines
 
+    unknown = [n for n in args.models if n not in models.REGISTRY]
+    if unknown:
+        parser.error(f"unknown model(s) {', '.join(unknown)}; known: {', '.join(models.names())}")
+    missing = [n for n in args.models if n not in torch_baselines.BASELINES and not args.no_torch]
+    if missing:
+        parser.error(
+            f"no PyTorch baseline for {', '.join(missing)} (have: "
+            f"{', '.join(torch_baselines.BASELINES)}); use --no-torch"
+        )
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} ({jax.default_backend()}); "
-          f"torch {torch.__version__} with {torch.get_num_threads()} threads; "
-          f"{os.cpu_count()} cores")
-    print(f"{'model':12s} {'batch':>5s} {'panns_jax':>12s} {'torch':>12s} {'ratio':>7s}")
+    cpu = peak.cpu_peak(args.fma_units, args.vector_bits)
+    print(
+        f"jax {jax.__version__} on {jax.devices()[0].device_kind} ({jax.default_backend()}); "
+        f"torch {torch.__version__} with {torch.get_num_threads()} threads; "
+        f"{os.cpu_count()} cores"
+    )
+    print(cpu.describe())
+    print(load_line())
+    print(
+        f"{'model':22s} {'batch':>5s} {'panns_jax':>11s} {'PyTorch':>11s} {'ratio':>6s}  "
+        f"{'ours GFLOP/s (peak)':>20s} {'torch GFLOP/s (peak)':>21s}"
+    )
     for name in args.models:
         model = models.get(name)
-        variables = models.init(model, jax.random.key(0))
-        baseline = torch_baselines.build(name, convert.to_state_dict(variables, model))
-        forward = jax.jit(lambda v, x: {k: v_ for k, v_ in model.apply(v, x).items()
-                                        if k in ("clipwise_output", "embedding")})
+        rate = models.sample_rate(model)
+        samples = int(round(args.seconds * rate))
+        variables = models.init(model, jax.random.key(0), samples)
+        flops_per_clip = profile.multiply_adds(model, samples)
+        baseline = None
+        if not args.no_torch:
+            baseline = torch_baselines.build(name, convert.to_state_dict(variables, model))
+        forward = jax.jit(
+            lambda v, x: {
+                k: v_
+                for k, v_ in model.apply(v, x).items()
+                if k in ("clipwise_output", "embedding")
+            }
+        )
         for batch in args.batches:
-            clips = np.random.default_rng(0).uniform(-0.5, 0.5, (batch, 320000)).astype(np.float32)
+            clips = np.random.default_rng(0).uniform(-0.5, 0.5, (batch, samples)).astype(np.float32)
             device_clips = jax.device_put(clips)
-            jax_time = best_time(
-                lambda: jax.block_until_ready(forward(variables, device_clips)), args.repeats)
             torch_clips = torch.from_numpy(clips)
 
             def torch_run():
                 with torch.inference_mode():
                     baseline(torch_clips)
 
-            torch_time = best_time(torch_run, args.repeats)
-            ours, theirs = batch / jax_time, batch / torch_time
-            print(f"{name:12s} {batch:5d} {ours:8.2f} c/s {theirs:8.2f} c/s {ours / theirs:6.2f}x",
-                  flush=True)
+            runs = {"jax": lambda: jax.block_until_ready(forward(variables, device_clips))}
+            if baseline is not None:
+                runs["torch"] = torch_run
+            times = interleaved_best_times(runs, args.repeats)
+            flops = flops_per_clip * batch
+            ours = batch / times["jax"]
+            line = f"{name:22s} {batch:5d} {ours:7.2f} c/s "
+            if "torch" in times:
+                theirs = batch / times["torch"]
+                line += f"{theirs:7.2f} c/s {ours / theirs:5.2f}x  "
+            else:
+                line += f"{'-':>11s} {'-':>6s}  "
+            achieved = flops / times["jax"] / 1e9
+            line += f"{achieved:9.1f} ({achieved / cpu.gflops:5.1%})"
+            if "torch" in times:
+                line += (
+                    f" {flops / times['torch'] / 1e9:10.1f} "
+                    f"({flops / times['torch'] / 1e9 / cpu.gflops:5.1%})"
+                )
+            print(line, flush=True)
+    print(load_line())
 
 
 if __name__ == "__main__":

@@ -1,16 +1,22 @@
-"""Cnn14 training-step throughput: panns_jax vs a plain PyTorch step, same machine, as a ratio.
+"""Training-step throughput: panns_jax vs a plain PyTorch step, same machine, as ratios.
 
-    python benchmarks/train_step.py                          # batch 8 of 5 s clips (CPU-friendly)
-    python benchmarks/train_step.py --batch 32 --seconds 10  # the paper's step
-    python benchmarks/train_step.py --dtype bfloat16 --no-torch   # on a GPU: bf16 clips/s and MFU
+    python benchmarks/train_step.py                          # every family, batch 8 x 5 s
+    python benchmarks/train_step.py --model MobileNetV1      # one model
+    python benchmarks/train_step.py --models Cnn14 --batch 32 --seconds 10  # the paper's step
+    python benchmarks/train_step.py --models Cnn14 --dtype bfloat16 --no-torch  # GPU: MFU
 
-Both steps: log-mel front end, Cnn14 forward in training mode (BatchNorm batch statistics),
-binary cross-entropy on the sigmoid outputs, backward, Adam with AMSGrad. panns_jax also draws
-SpecAugment stripes and dropout inside its jitted step; the PyTorch baseline
-(benchmarks/torch_baselines.py) has neither, which favours it slightly.
+Both steps: the model's forward in training mode (BatchNorm batch statistics; log-mel front
+end where the model has one), binary cross-entropy on the sigmoid outputs, backward, Adam
+with AMSGrad. panns_jax also draws SpecAugment stripes and dropout inside its jitted step;
+the PyTorch baselines (benchmarks/torch_baselines.py) have neither, which favours them
+slightly. The two sides' steps are interleaved (best of --steps each, after a warm-up).
+Achieved GFLOP/s count a step as 3x the paper-style forward operations of
+``panns_jax.models.profile`` (backward = 2x forward), against this CPU's float32 peak
+(benchmarks/peak.py prints the derivation) or ``--peak-tflops`` on an accelerator.
 
+Cnn14 notes (before the depthwise / all-family rewrite of this script):
 Measured on the 2-core AVX-512 CI machine (torch 2.13 CPU, jax 0.10.2), float32, both in
-one process with tune_malloc() (as train.py runs; it speeds up PyTorch as well):
+one process with tune_malloc() (as panns_jax.main runs; it speeds up PyTorch as well):
   batch 8 x 5 s:   panns_jax 2.71 clips/s, PyTorch 3.43 clips/s -> 0.76-0.79x
   batch 32 x 10 s: panns_jax 1.33 clips/s, PyTorch 2.00 clips/s -> 0.67x
   (with XLA's own conv gradients instead of models/same_conv.py: 1.4x and 1.7x longer steps;
@@ -41,23 +47,45 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from panns_jax import data, models, optim, train  # noqa: E402
-from timing import best_time  # noqa: E402
+import peak  # noqa: E402
+from timing import interleaved_best_times, load_line  # noqa: E402
+
+from panns_jax import malloc, models, optim, train  # noqa: E402
 from panns_jax.models import profile  # noqa: E402
 
+DEFAULT_MODELS = [
+    "Cnn14",
+    "Cnn6",
+    "ResNet22",
+    "MobileNetV1",
+    "MobileNetV2",
+    "LeeNet24",
+    "DaiNet19",
+    "Res1dNet31",
+    "Wavegram_Logmel_Cnn14",
+]
 
 
-def jax_step_time(batch: int, samples: int, dtype: str, steps: int) -> float:
-    config = ml_collections.ConfigDict({"model": "Cnn14", "model_overrides": {},
-                                        "compute_dtype": dtype, "mixup": "none",
-                                        "mixup_alpha": 1.0})
+def jax_step(name: str, batch: int, samples: int, dtype: str):
+    """A jitted panns_jax train step on fixed random clips, as a no-argument callable."""
+    config = ml_collections.ConfigDict(
+        {
+            "model": name,
+            "model_overrides": {},
+            "compute_dtype": dtype,
+            "mixup": "none",
+            "mixup_alpha": 1.0,
+        }
+    )
     model, _ = train.build_model(config, num_classes=527)
     tx = optim.paper_optimizer()
     variables = models.init(model, jax.random.key(0), samples)
     state = train.TrainState.create(variables, tx, jax.random.key(1))
     rng = np.random.default_rng(0)
-    clips = {"audio": jnp.asarray(rng.uniform(-0.5, 0.5, (batch, samples)), jnp.float32),
-             "labels": jnp.asarray(rng.random((batch, 527)) < 0.02, jnp.float32)}
+    clips = {
+        "audio": jnp.asarray(rng.uniform(-0.5, 0.5, (batch, samples)), jnp.float32),
+        "labels": jnp.asarray(rng.random((batch, 527)) < 0.02, jnp.float32),
+    }
     step = jax.jit(train.make_train_step(model, tx, config), donate_argnums=0)
     holder = {"state": state}
 
@@ -65,15 +93,15 @@ def jax_step_time(batch: int, samples: int, dtype: str, steps: int) -> float:
         holder["state"], metrics = step(holder["state"], clips)
         metrics["loss"].block_until_ready()
 
-    return best_time(run, steps)
+    return run
 
 
-def torch_step_time(batch: int, samples: int, steps: int) -> float:
+def torch_step(name: str, batch: int, samples: int):
     import torch
     import torch_baselines
 
     torch.manual_seed(0)
-    model = torch_baselines.BASELINES["Cnn14"]().train()
+    model = torch_baselines.BASELINES[name]().train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, amsgrad=True)
     rng = np.random.default_rng(0)
     audio = torch.from_numpy(rng.uniform(-0.5, 0.5, (batch, samples)).astype(np.float32))
@@ -86,39 +114,85 @@ def torch_step_time(batch: int, samples: int, steps: int) -> float:
         loss.backward()
         optimizer.step()
 
-    return best_time(run, steps)
+    return run
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", "--model", nargs="+", default=DEFAULT_MODELS)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=5.0)
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per side (best of)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch baseline")
-    parser.add_argument("--peak-tflops", type=float, default=None,
-                        help="device peak (e.g. 989 for H100 bf16 dense) to report MFU")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    parser.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="device peak (e.g. 989 for H100 bf16 dense); default: this CPU's",
+    )
+    peak.add_arguments(parser)
     args = parser.parse_args()
-    samples = int(args.seconds * 32000)
-    data.pipeline.tune_malloc()  # as train.py does: reuse freed activation buffers
-
-    ours = jax_step_time(args.batch, samples, args.dtype, args.steps)
-    ours_rate = args.batch / ours
-    device = jax.devices()[0]
-    print(f"device: {device.device_kind} ({jax.default_backend()}), batch {args.batch} x "
-          f"{args.seconds:g} s clips, {args.dtype}")
-    print(f"panns_jax Cnn14 train step: {ours * 1e3:9.1f} ms  {ours_rate:8.2f} clips/s")
-    if args.peak_tflops:
-        # Paper-style operations (2 per MAC) of a forward pass, x3 for forward + backward.
-        flops = 3 * profile.multiply_adds(models.get("Cnn14"), samples) * args.batch
-        print(f"MFU: {flops / ours / (args.peak_tflops * 1e12):.1%}")
+    unknown = [n for n in args.models if n not in models.REGISTRY]
+    if unknown:
+        parser.error(f"unknown model(s) {', '.join(unknown)}; known: {', '.join(models.names())}")
     if not args.no_torch:
         import torch
+        import torch_baselines
 
-        theirs = torch_step_time(args.batch, samples, args.steps)
-        print(f"PyTorch Cnn14 train step:   {theirs * 1e3:9.1f} ms  {args.batch / theirs:8.2f} "
-              f"clips/s (torch {torch.__version__}, {torch.get_num_threads()} threads)")
-        print(f"ratio panns_jax / PyTorch: {theirs / ours:.2f}x")
+        missing = [n for n in args.models if n not in torch_baselines.BASELINES]
+        if missing:
+            parser.error(f"no PyTorch baseline for {', '.join(missing)}; use --no-torch")
+        if args.threads:
+            torch.set_num_threads(args.threads)
+    malloc.tune_malloc()  # as panns_jax.main does: reuse freed activation buffers
+
+    device = jax.devices()[0]
+    if args.peak_tflops:
+        peak_gflops = args.peak_tflops * 1e3
+        peak_text = f"peak {args.peak_tflops:g} TFLOP/s (given)"
+    else:
+        cpu = peak.cpu_peak(args.fma_units, args.vector_bits)
+        peak_gflops, peak_text = cpu.gflops, cpu.describe()
+    print(
+        f"device: {device.device_kind} ({jax.default_backend()}), batch {args.batch} x "
+        f"{args.seconds:g} s clips, {args.dtype}"
+        + (
+            ""
+            if args.no_torch
+            else f"; torch {torch.__version__} with {torch.get_num_threads()} threads"
+        )
+    )
+    print(peak_text)
+    print(load_line())
+    print(
+        f"{'model':22s} {'panns_jax':>11s} {'PyTorch':>11s} {'ratio':>6s}  "
+        f"{'ours GFLOP/s (peak)':>20s} {'torch GFLOP/s (peak)':>21s}"
+    )
+    for name in args.models:
+        model = models.get(name)
+        samples = int(round(args.seconds * models.sample_rate(model)))
+        runs = {"jax": jax_step(name, args.batch, samples, args.dtype)}
+        if not args.no_torch:
+            runs["torch"] = torch_step(name, args.batch, samples)
+        times = interleaved_best_times(runs, args.steps)
+        # Paper-style operations (2 per MAC) of a forward pass, x3 for forward + backward.
+        flops = 3 * profile.multiply_adds(model, samples) * args.batch
+        ours = args.batch / times["jax"]
+        line = f"{name:22s} {ours:7.2f} c/s "
+        if "torch" in times:
+            theirs = args.batch / times["torch"]
+            line += f"{theirs:7.2f} c/s {ours / theirs:5.2f}x  "
+        else:
+            line += f"{'-':>11s} {'-':>6s}  "
+        achieved = flops / times["jax"] / 1e9
+        line += f"{achieved:9.1f} ({achieved / peak_gflops:5.1%})"
+        if "torch" in times:
+            achieved = flops / times["torch"] / 1e9
+            line += f" {achieved:10.1f} ({achieved / peak_gflops:5.1%})"
+        print(line, flush=True)
+    print(load_line())
 
 
 if __name__ == "__main__":

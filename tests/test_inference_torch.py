@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import importlib.util
 
+import golden_utils as G
 import jax
 import pytest
 
-import golden_utils as G
 from panns_jax import convert, models
 
 torch = pytest.importorskip("torch")
@@ -25,8 +25,23 @@ def _baselines():
     return module
 
 
-@pytest.mark.parametrize("name", ["Cnn6", "MobileNetV1",
-                                  pytest.param("Cnn14", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "Cnn6",
+        "MobileNetV1",
+        "MobileNetV2",
+        "ResNet22",
+        "LeeNet24",
+        "DaiNet19",
+        "Res1dNet31",
+        "Wavegram_Logmel_Cnn14",
+    ]
+    + [
+        pytest.param(n, marks=pytest.mark.slow)
+        for n in ("Cnn14", "ResNet38", "ResNet54", "LeeNet11", "Res1dNet51", "Wavegram_Cnn14")
+    ],
+)
 def test_torch_baseline_matches_golden(name):
     G.require_golden()
     model = models.get(name)
@@ -37,8 +52,9 @@ def test_torch_baseline_matches_golden(name):
         with torch.inference_mode():
             out = baseline(torch.from_numpy(G.inputs()[case]))
         for key in ("clipwise_output", "embedding"):
-            problem = G.check_array(f"{name}/{case}/{key}", out[key].numpy(),
-                                    golden[f"{case}/{key}"])
+            problem = G.check_array(
+                f"{name}/{case}/{key}", out[key].numpy(), golden[f"{case}/{key}"]
+            )
             assert not problem, problem
 
 

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from panns_jax import frontend as fe
-from panns_jax.models import layers
+from panns_jax.models import depthwise, layers
 from panns_jax.models.layers import BatchNorm, Dtype, conv2d, pool2d
 
 # A layer of a Sequential: ("conv", out, kernel, groups) | ("pool", s) | ("bn",) | ("relu",)
@@ -29,13 +29,53 @@ def _conv(out: int, kernel: int, groups: int = 1) -> Layer:
     return ("conv", out, kernel, groups)
 
 
-def sequential(x: jax.Array, prefix: str, seq: Sequence[Layer], train: bool, dtype: Dtype
-               ) -> jax.Array:
+def depthwise_conv2d(features: int, kernel: int, name: str, dtype: Dtype) -> nn.Conv:
+    """:func:`layers.conv2d` with one filter per channel (groups = channels), convolving with
+    :func:`depthwise.conv_general_dilated`: XLA:CPU's grouped convolution is 15-50x slower
+    than the shifted multiply-adds used there on CPU. Same parameter (``kernel``, HWIO with
+    I = 1) as an ``nn.Conv`` with ``feature_group_count``, so checkpoints are unchanged."""
+    pad = kernel // 2
+    return nn.Conv(
+        features,
+        (kernel, kernel),
+        padding=((pad, pad), (pad, pad)),
+        feature_group_count=features,
+        use_bias=False,
+        dtype=dtype,
+        name=name,
+        conv_general_dilated=depthwise.conv_general_dilated,
+    )
+
+
+def pointwise_conv2d(features: int, name: str, dtype: Dtype) -> nn.Conv:
+    """A 1x1 conv (``kernel`` (1, 1, in, out) as nn.Conv's) computed as a matrix product by
+    :func:`depthwise.pointwise_conv`: its gradient is then two products instead of
+    XLA:CPU's slow whole-map weight-gradient convolution."""
+    return nn.Conv(
+        features,
+        (1, 1),
+        padding=((0, 0), (0, 0)),
+        use_bias=False,
+        dtype=dtype,
+        name=name,
+        conv_general_dilated=depthwise.conv_general_dilated,
+    )
+
+
+def sequential(
+    x: jax.Array, prefix: str, seq: Sequence[Layer], train: bool, dtype: Dtype
+) -> jax.Array:
     """Run ``seq`` as a PyTorch nn.Sequential named ``prefix`` (inside a compact method)."""
     for i, layer in enumerate(seq):
         kind, name = layer[0], f"{prefix}.{i}"
-        if kind == "conv":
-            x = conv2d(layer[1], layer[2], name, dtype, groups=layer[3])(x)
+        if kind == "conv" and layer[3] > 1:
+            if layer[3] != layer[1] or x.shape[-1] != layer[1]:
+                raise ValueError(f"{name}: only depthwise grouped convs are supported")
+            x = depthwise_conv2d(layer[1], layer[2], name, dtype)(x)
+        elif kind == "conv" and layer[2] == 1:
+            x = pointwise_conv2d(layer[1], name, dtype)(x)
+        elif kind == "conv":
+            x = conv2d(layer[1], layer[2], name, dtype)(x)
         elif kind == "pool":
             x = pool2d(x, (layer[1], layer[1]), "avg")
         elif kind == "bn":
@@ -49,8 +89,9 @@ def sequential(x: jax.Array, prefix: str, seq: Sequence[Layer], train: bool, dty
     return x
 
 
-def conv_pool_bn(cin: int, cout: int, stride: int, act: str, depthwise: bool = False
-                 ) -> List[Layer]:
+def conv_pool_bn(
+    cin: int, cout: int, stride: int, act: str, depthwise: bool = False
+) -> List[Layer]:
     """conv 3x3 (depthwise when asked) -> avg pool s -> BN -> activation."""
     return [_conv(cout, 3, cin if depthwise else 1), ("pool", stride), ("bn",), (act,)]
 
@@ -58,10 +99,17 @@ def conv_pool_bn(cin: int, cout: int, stride: int, act: str, depthwise: bool = F
 def mobilenet_v1_blocks() -> List[Block]:
     """``features.0`` conv_bn(1->32, s2), then 13 conv_dw (ARCHITECTURES.md §5)."""
     blocks: List[Block] = [("features.0", conv_pool_bn(1, 32, 2, "relu"), False)]
-    dw = [(32, 64, 1), (64, 128, 2), (128, 128, 1), (128, 256, 2), (256, 256, 1),
-          (256, 512, 2)] + [(512, 512, 1)] * 5 + [(512, 1024, 2), (1024, 1024, 1)]
+    dw = (
+        [(32, 64, 1), (64, 128, 2), (128, 128, 1), (128, 256, 2), (256, 256, 1), (256, 512, 2)]
+        + [(512, 512, 1)] * 5
+        + [(512, 1024, 2), (1024, 1024, 1)]
+    )
     for k, (cin, cout, s) in enumerate(dw, start=1):
-        seq = conv_pool_bn(cin, cin, s, "relu", depthwise=True) + [_conv(cout, 1), ("bn",), ("relu",)]
+        seq = conv_pool_bn(cin, cin, s, "relu", depthwise=True) + [
+            _conv(cout, 1),
+            ("bn",),
+            ("relu",),
+        ]
         blocks.append((f"features.{k}", seq, False))
     return blocks
 
@@ -69,16 +117,26 @@ def mobilenet_v1_blocks() -> List[Block]:
 def mobilenet_v2_blocks() -> List[Block]:
     """``features.0`` conv 1->32 s2, 17 InvertedResiduals, ``features.18`` 1x1 -> 1280."""
     blocks: List[Block] = [("features.0", conv_pool_bn(1, 32, 2, "relu6"), False)]
-    settings = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 2),
-                (6, 160, 3, 1), (6, 320, 1, 1)]  # (expansion t, channels c, repeats n, stride s)
+    settings = [
+        (1, 16, 1, 1),
+        (6, 24, 2, 2),
+        (6, 32, 3, 2),
+        (6, 64, 4, 2),
+        (6, 96, 3, 2),
+        (6, 160, 3, 1),
+        (6, 320, 1, 1),
+    ]  # (expansion t, channels c, repeats n, stride s)
     cin = 32
     for t, cout, n, s in settings:
         for r in range(n):
             stride = s if r == 0 else 1
             hidden = round(cin * t)
             expand = [] if t == 1 else [_conv(hidden, 1), ("bn",), ("relu6",)]
-            seq = (expand + conv_pool_bn(hidden, hidden, stride, "relu6", depthwise=True)
-                   + [_conv(cout, 1), ("bn",)])  # Linear bottleneck: no activation.
+            seq = (
+                expand
+                + conv_pool_bn(hidden, hidden, stride, "relu6", depthwise=True)
+                + [_conv(cout, 1), ("bn",)]
+            )  # Linear bottleneck: no activation.
             blocks.append((f"features.{len(blocks)}.conv", seq, stride == 1 and cin == cout))
             cin = cout
     blocks.append((f"features.{len(blocks)}", [_conv(1280, 1), ("bn",), ("relu6",)], False))
@@ -103,20 +161,34 @@ class MobileNet(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, waveform: jax.Array, train: bool = False,
-                 mixup_lambda: Optional[jax.Array] = None) -> dict:
+    def __call__(
+        self, waveform: jax.Array, train: bool = False, mixup_lambda: Optional[jax.Array] = None
+    ) -> dict:
         if self.version not in VERSIONS:
             raise ValueError(f"unknown MobileNet version {self.version!r}; expected 1 or 2")
         outputs: dict = {}
-        x = layers.logmel_stem(self, waveform, self.frontend, train=train,
-                               spec_augment=self.spec_augment, mixup_lambda=mixup_lambda,
-                               dtype=self.dtype, outputs=outputs)
+        x = layers.logmel_stem(
+            self,
+            waveform,
+            self.frontend,
+            train=train,
+            spec_augment=self.spec_augment,
+            mixup_lambda=mixup_lambda,
+            dtype=self.dtype,
+            outputs=outputs,
+        )
         for prefix, seq, residual in VERSIONS[self.version]():
             y = sequential(x, prefix, seq, train, self.dtype)
             x = x + y if residual else y
-        return layers.clip_head(jnp.mean(x, axis=2), embedding_size=self.embedding_size,
-                                num_classes=self.num_classes, train=train, dtype=self.dtype,
-                                outputs=outputs, dropout_before_fc1=self.version == 1)
+        return layers.clip_head(
+            jnp.mean(x, axis=2),
+            embedding_size=self.embedding_size,
+            num_classes=self.num_classes,
+            train=train,
+            dtype=self.dtype,
+            outputs=outputs,
+            dropout_before_fc1=self.version == 1,
+        )
 
 
 # Registered names -> keyword arguments of ``MobileNet`` (merged into panns_jax.models.REGISTRY).

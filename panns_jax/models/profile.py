@@ -41,8 +41,9 @@ def multiply_adds(model: nn.Module, num_samples: int) -> int:
             total += 2 * args[0].size
         return out
 
-    variables = jax.eval_shape(lambda: model.init(jax.random.key(0),
-                                                  jnp.zeros((1, num_samples)), train=False))
+    variables = jax.eval_shape(
+        lambda: model.init(jax.random.key(0), jnp.zeros((1, num_samples)), train=False)
+    )
     with nn.intercept_methods(count):
         jax.eval_shape(lambda v: model.apply(v, jnp.zeros((1, num_samples))), variables)
     if getattr(model, "uses_logmel", True):

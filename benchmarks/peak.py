@@ -1,0 +1,109 @@
+"""The float32 peak of this CPU, derived from what /proc/cpuinfo says, and how it was derived.
+
+    python benchmarks/peak.py            # prints the derivation
+    python benchmarks/peak.py --fma-units 1
+
+peak = cores x clock x float32 lanes per vector x 2 (an FMA is a multiply and an add)
+x FMA units per core. Lanes come from the widest vector extension in the flags
+(avx512f: 16, avx/avx2: 8, else 4); cores from this process's CPU affinity; the clock
+from cpufreq's maximum when the kernel exposes it, else /proc/cpuinfo's "cpu MHz" (the
+nominal clock under most hypervisors; turbo is ignored). FMA units per core are not in
+/proc/cpuinfo: 2 is right for Intel server cores since Haswell (AVX2) and Skylake-SP Gold
+6xxx/Platinum (AVX-512), and for AMD Zen 2-4 (Zen 4 runs AVX-512 on two 256-bit units,
+so it peaks at AVX2's width: pass --vector-bits 256); some Xeon Silver/Gold 5xxx parts
+have 1 AVX-512 unit (pass --fma-units 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+
+@dataclass
+class Peak:
+    cores: int
+    ghz: float
+    lanes: int
+    fma: bool
+    fma_units: int
+    source: str
+
+    @property
+    def gflops(self) -> float:
+        return self.cores * self.ghz * self.lanes * (2 if self.fma else 1) * self.fma_units
+
+    def describe(self) -> str:
+        return (
+            f"float32 peak {self.gflops:.0f} GFLOP/s = {self.cores} cores x {self.ghz:.2f} GHz"
+            f" x {self.lanes} lanes x {2 if self.fma else 1} (FMA) x {self.fma_units} FMA"
+            f" units/core [{self.source}]"
+        )
+
+
+def _cpuinfo() -> dict:
+    info = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key and key not in info:
+                    info[key] = value.strip()
+    except OSError:
+        pass
+    return info
+
+
+def cpu_peak(fma_units: int = 2, vector_bits: Optional[int] = None) -> Peak:
+    """This machine's float32 peak (see the module docstring for the formula and caveats)."""
+    info = _cpuinfo()
+    flags = set(info.get("flags", "").split())
+    width = vector_bits or (512 if "avx512f" in flags else 256 if "avx" in flags else 128)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    ghz, clock = None, "no clock found: assumed 2.0 GHz"
+    try:
+        with open("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq") as f:
+            ghz, clock = int(f.read()) / 1e6, "cpufreq max"
+    except (OSError, ValueError):
+        if "cpu MHz" in info:
+            ghz, clock = float(info["cpu MHz"]) / 1e3, "/proc/cpuinfo cpu MHz"
+    flag_name = {512: "avx512f", 256: "avx2" if "avx2" in flags else "avx", 128: "sse"}[width]
+    source = (
+        f"{info.get('model name', 'unknown CPU')}; vector width from "
+        f"{'--vector-bits' if vector_bits else flag_name}, clock from {clock}, "
+        f"fma {'in' if 'fma' in flags else 'not in'} flags, FMA units assumed"
+    )
+    return Peak(
+        cores=cores or 1,
+        ghz=ghz or 2.0,
+        lanes=width // 32,
+        fma="fma" in flags,
+        fma_units=fma_units,
+        source=source,
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--fma-units",
+        type=int,
+        default=2,
+        help="FMA units per core for the peak (default 2; see benchmarks/peak.py)",
+    )
+    parser.add_argument(
+        "--vector-bits",
+        type=int,
+        default=None,
+        choices=(128, 256, 512),
+        help="override the vector width read from /proc/cpuinfo",
+    )
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    args = parser.parse_args()
+    print(cpu_peak(args.fma_units, args.vector_bits).describe())
