@@ -131,8 +131,9 @@ def validate_waveform(waveform, min_samples: int, name: str = "waveform") -> Non
             raise ValueError(f"{name} contains NaN or Inf samples")
 
 
-def power_spectrogram(waveform: jax.Array, n_fft: int, hop: int, pad_mode: str = "reflect"
-                      ) -> jax.Array:
+def power_spectrogram(
+    waveform: jax.Array, n_fft: int, hop: int, pad_mode: str = "reflect"
+) -> jax.Array:
     """``|STFT|^2`` of ``(B, L)`` float audio -> ``(B, T, n_fft // 2 + 1)`` float32.
 
     Centred frames: ``n_fft // 2`` samples of reflect padding on both sides
@@ -175,7 +176,9 @@ def logmel(waveform: jax.Array, config: FrontendConfig = FrontendConfig()) -> ja
 # ----------------------------------------------------------------------------
 
 
-def _stripe_mask(rng: jax.Array, batch: int, size: int, max_width: int, num_stripes: int) -> jax.Array:
+def _stripe_mask(
+    rng: jax.Array, batch: int, size: int, max_width: int, num_stripes: int
+) -> jax.Array:
     """Boolean ``(batch, size)`` mask, True where one of ``num_stripes`` stripes drops.
 
     Per stripe: width ``w ~ U{0, ..., max_width - 1}`` (0 drops nothing), start
@@ -205,7 +208,9 @@ def spec_augment(
     are set to exactly 0 (the original applies this after ``bn0``).
     """
     if features.ndim < 3:
-        raise ValueError(f"spec_augment expects (batch, time, freq, ...), got shape {features.shape}")
+        raise ValueError(
+            f"spec_augment expects (batch, time, freq, ...), got shape {features.shape}"
+        )
     batch, time, freq = features.shape[:3]
     time_key, freq_key = jax.random.split(rng)
     drop_time = _stripe_mask(time_key, batch, time, time_drop_width, time_stripes_num)

@@ -24,8 +24,9 @@ class ScaleByAmsgradTorchState(NamedTuple):
     nu_max: optax.Updates
 
 
-def scale_by_amsgrad_torch(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
-                           ) -> optax.GradientTransformation:
+def scale_by_amsgrad_torch(
+    b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
+) -> optax.GradientTransformation:
     """AMSGrad direction exactly as ``torch.optim.Adam(amsgrad=True)``, before the lr."""
 
     def init_fn(params):
@@ -39,18 +40,23 @@ def scale_by_amsgrad_torch(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
         nu = jax.tree_util.tree_map(lambda v, g: b2 * v + (1 - b2) * g * g, state.nu, updates)
         nu_max = jax.tree_util.tree_map(jnp.maximum, state.nu_max, nu)
         t = count.astype(jnp.float32)
-        correction1 = 1 - b1 ** t
-        sqrt_correction2 = jnp.sqrt(1 - b2 ** t)
+        correction1 = 1 - b1**t
+        sqrt_correction2 = jnp.sqrt(1 - b2**t)
         new_updates = jax.tree_util.tree_map(
-            lambda m, vm: (m / correction1) / (jnp.sqrt(vm) / sqrt_correction2 + eps), mu, nu_max)
+            lambda m, vm: (m / correction1) / (jnp.sqrt(vm) / sqrt_correction2 + eps), mu, nu_max
+        )
         return new_updates, ScaleByAmsgradTorchState(count, mu, nu, nu_max)
 
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-def paper_optimizer(learning_rate: float = 1e-3, b1: float = 0.9, b2: float = 0.999,
-                    eps: float = 1e-8, grad_clip_norm: Optional[float] = None
-                    ) -> optax.GradientTransformation:
+def paper_optimizer(
+    learning_rate: float = 1e-3,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    grad_clip_norm: Optional[float] = None,
+) -> optax.GradientTransformation:
     """Adam + AMSGrad (PyTorch's), constant learning rate, optional global-norm clipping."""
     chain = [optax.clip_by_global_norm(grad_clip_norm)] if grad_clip_norm else []
     chain += [scale_by_amsgrad_torch(b1, b2, eps), optax.scale_by_learning_rate(learning_rate)]

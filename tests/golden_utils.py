@@ -24,8 +24,10 @@ RELATIVE_RTOL = 5e-4
 PROBABILITY_ATOL = 5e-4
 
 
-MISSING = (f"golden oracle not found at {GOLDEN}: the team's shared/ folder must sit beside "
-           "the project root (or set PANNS_JAX_SHARED)")
+MISSING = (
+    f"golden oracle not found at {GOLDEN}: the team's shared/ folder must sit beside "
+    "the project root (or set PANNS_JAX_SHARED)"
+)
 
 
 def require_golden() -> pathlib.Path:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import golden_utils as G
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import golden_utils as G
 from panns_jax import frontend as fe
 
 # One golden model per distinct front-end setting (golden/README.md, "Front ends").
@@ -71,7 +71,9 @@ def test_negative_controls_fail_the_parity_check():
     assert _golden_logmel_error(_variant_logmel) <= G.LOGMEL_ATOL_DB
     symmetric = np.hanning(1024).astype(np.float32)  # Symmetric, not periodic.
     assert _golden_logmel_error(lambda x: _variant_logmel(x, window=symmetric)) > G.LOGMEL_ATOL_DB
-    assert _golden_logmel_error(lambda x: _variant_logmel(x, pad_mode="constant")) > G.LOGMEL_ATOL_DB
+    assert (
+        _golden_logmel_error(lambda x: _variant_logmel(x, pad_mode="constant")) > G.LOGMEL_ATOL_DB
+    )
     soft_floor = lambda m: 10 * jnp.log10(m + 1e-10)
     assert _golden_logmel_error(lambda x: _variant_logmel(x, log=soft_floor)) > G.LOGMEL_ATOL_DB
 
@@ -88,18 +90,32 @@ def test_logmel_matches_librosa_power_path():
 
     rng = np.random.default_rng(0)
     x = (0.3 * rng.standard_normal(16000)).astype(np.float32)
-    c = fe.FrontendConfig()
-    spec = np.abs(librosa.stft(x.astype(np.float64), n_fft=1024, hop_length=320, window="hann",
-                               center=True, pad_mode="reflect")) ** 2
-    mel = librosa.feature.melspectrogram(S=spec, sr=32000, n_fft=1024, n_mels=64, fmin=50,
-                                         fmax=14000, htk=False, norm="slaney")
+    spec = (
+        np.abs(
+            librosa.stft(
+                x.astype(np.float64),
+                n_fft=1024,
+                hop_length=320,
+                window="hann",
+                center=True,
+                pad_mode="reflect",
+            )
+        )
+        ** 2
+    )
+    mel = librosa.feature.melspectrogram(
+        S=spec, sr=32000, n_fft=1024, n_mels=64, fmin=50, fmax=14000, htk=False, norm="slaney"
+    )
     ref = 10 * np.log10(np.maximum(mel, 1e-10)).T
     np.testing.assert_allclose(np.asarray(fe.logmel(x))[0], ref, atol=2e-3)
 
 
 def test_bfloat16_input_gives_float32_logmel():
-    x = np.asarray(G.inputs()["batch"]) if G.GOLDEN.exists() else np.random.default_rng(0).uniform(
-        -1, 1, (2, 32000)).astype(np.float32)
+    x = (
+        np.asarray(G.inputs()["batch"])
+        if G.GOLDEN.exists()
+        else np.random.default_rng(0).uniform(-1, 1, (2, 32000)).astype(np.float32)
+    )
     full = fe.logmel(x)
     half = jax.jit(fe.logmel)(jnp.asarray(x, jnp.bfloat16))
     assert half.dtype == jnp.float32
@@ -154,8 +170,12 @@ def test_mixup_pairs_and_lambda_distribution():
     x = jnp.arange(8 * 3, dtype=jnp.float32).reshape(8, 3)
     lam = jnp.array([0.0, 0.25, 0.5, 1.0])
     got = np.asarray(fe.mixup(x, lam))
-    want = np.stack([float(l) * np.asarray(x[2 * i]) + (1 - float(l)) * np.asarray(x[2 * i + 1])
-                     for i, l in enumerate(lam)])
+    want = np.stack(
+        [
+            float(l) * np.asarray(x[2 * i]) + (1 - float(l)) * np.asarray(x[2 * i + 1])
+            for i, l in enumerate(lam)
+        ]
+    )
     np.testing.assert_allclose(got, want)
     lams = np.asarray(fe.sample_mixup_lambda(jax.random.key(0), 20000, alpha=1.0))
     assert lams.min() >= 0 and lams.max() <= 1

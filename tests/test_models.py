@@ -5,12 +5,12 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import golden_utils as G
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import golden_utils as G
 from panns_jax import models
 from panns_jax.models import layers, profile
 
@@ -67,8 +67,14 @@ def test_mixup_halves_the_batch_inside_the_model():
     variables = models.init(model, jax.random.key(0), 32000)
     x = jnp.asarray(np.random.default_rng(1).uniform(-0.5, 0.5, (4, 32000)), jnp.float32)
     rngs = {"dropout": jax.random.key(0), "specaug": jax.random.key(1)}
-    out, _ = model.apply(variables, x, train=True, mixup_lambda=jnp.array([0.3, 0.9]), rngs=rngs,
-                         mutable=["batch_stats"])
+    out, _ = model.apply(
+        variables,
+        x,
+        train=True,
+        mixup_lambda=jnp.array([0.3, 0.9]),
+        rngs=rngs,
+        mutable=["batch_stats"],
+    )
     assert out["clipwise_output"].shape == (2, 5)
 
 
@@ -79,10 +85,12 @@ def test_batchnorm_running_variance_is_unbiased_like_pytorch():
     y, updates = bn.apply(variables, x, use_running_average=False, mutable=["batch_stats"])
     flat = np.asarray(x).reshape(-1, 4)
     np.testing.assert_allclose(updates["batch_stats"]["mean"], 0.1 * flat.mean(0), rtol=1e-5)
-    np.testing.assert_allclose(updates["batch_stats"]["var"], 0.9 + 0.1 * flat.var(0, ddof=1),
-                               rtol=1e-5)
-    np.testing.assert_allclose(np.asarray(y).reshape(-1, 4),
-                               (flat - flat.mean(0)) / np.sqrt(flat.var(0) + 1e-5), atol=1e-4)
+    np.testing.assert_allclose(
+        updates["batch_stats"]["var"], 0.9 + 0.1 * flat.var(0, ddof=1), rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        np.asarray(y).reshape(-1, 4), (flat - flat.mean(0)) / np.sqrt(flat.var(0) + 1e-5), atol=1e-4
+    )
 
 
 def test_bfloat16_compute_keeps_float32_params_and_outputs():
@@ -112,8 +120,12 @@ def test_multiply_adds_within_two_percent_of_table_xii(name):
 
 
 def test_summary_cli_prints_params_and_multiply_adds():
-    out = subprocess.run([sys.executable, "-m", "panns_jax.models", "summary", "Cnn6"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "panns_jax.models", "summary", "Cnn6"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert "trainable_params: 4837455" in out.splitlines()
     ops = [line for line in out.splitlines() if line.startswith("multiply_adds: ")]
     assert len(ops) == 1 and int(ops[0].split(": ")[1]) == 21985715343

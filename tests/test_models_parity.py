@@ -6,11 +6,11 @@ key mapping is what these tests exercise), inputs from ``golden/inputs.npz``.
 
 from __future__ import annotations
 
+import golden_utils as G
 import jax
 import numpy as np
 import pytest
 
-import golden_utils as G
 from panns_jax import convert, models
 
 MODEL_NAMES = G.model_names()

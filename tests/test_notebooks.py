@@ -11,8 +11,10 @@ import os
 import pytest
 
 NOTEBOOKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "notebooks")
-REASON = ("executing notebooks needs nbclient, nbformat and ipykernel: "
-          "pip install -e '.[notebooks]' (or add them to the test extra)")
+REASON = (
+    "executing notebooks needs nbclient, nbformat and ipykernel: "
+    "pip install -e '.[notebooks]' (or add them to the test extra)"
+)
 
 nbclient = pytest.importorskip("nbclient", reason=REASON)
 nbformat = pytest.importorskip("nbformat", reason=REASON)
@@ -28,8 +30,9 @@ def test_notebook_runs_and_passes_its_checks(name, tmp_path, monkeypatch):
     monkeypatch.setenv("MPLBACKEND", "Agg")
     monkeypatch.setenv("XLA_FLAGS", "")  # One CPU device in the kernel, not conftest's eight.
     notebook = nbformat.read(os.path.join(NOTEBOOKS, name), as_version=4)
-    client = nbclient.NotebookClient(notebook, timeout=300, kernel_name="python3",
-                                     resources={"metadata": {"path": NOTEBOOKS}})
+    client = nbclient.NotebookClient(
+        notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": NOTEBOOKS}}
+    )
     client.execute()
     last = notebook.cells[-1]
     text = "".join(o.get("text", "") for o in last.get("outputs", []))

@@ -8,26 +8,25 @@ All write ArrayRecord files, in source order, with the feature layout
 `audio_id` (str), and `fold` where the set has folds.
 """
 
-from panns_jax.data.pipeline import ArraySource  # Hides GPUs from TF first.
-from panns_jax.data.pipeline import EvalIterable
-from panns_jax.data.pipeline import get_builder
-from panns_jax.data.pipeline import make_eval_iterator
-from panns_jax.data.pipeline import make_source
-from panns_jax.data.pipeline import make_train_iterator
-from panns_jax.data.pipeline import Source
-from panns_jax.data.pipeline import TfdsSource
-from panns_jax.data.pipeline import TrainIterator
-from panns_jax.data.pipeline import tune_malloc
-
-from panns_jax.data.common import audioset_classes
-from panns_jax.data.common import BadExample
-from panns_jax.data.common import DEFAULT_MAX_BAD_FRACTION
-from panns_jax.data.common import ExampleIndex
-from panns_jax.data.common import TooManyBadExamplesError
-
 from panns_jax.data.audioset import Audioset
+from panns_jax.data.common import (
+    DEFAULT_MAX_BAD_FRACTION,
+    BadExample,
+    ExampleIndex,
+    TooManyBadExamplesError,
+    audioset_classes,
+)
 from panns_jax.data.panns_demo import CLASS_NAMES as DEMO_CLASS_NAMES
 from panns_jax.data.panns_demo import PannsDemo
-from panns_jax.data.transfer import Esc50
-from panns_jax.data.transfer import GtzanGenres
-from panns_jax.data.transfer import Ravdess
+from panns_jax.data.pipeline import (
+    ArraySource,  # Hides GPUs from TF first.
+    EvalIterable,
+    Source,
+    TfdsSource,
+    TrainIterator,
+    get_builder,
+    make_eval_iterator,
+    make_source,
+    make_train_iterator,
+)
+from panns_jax.data.transfer import Esc50, GtzanGenres, Ravdess

@@ -17,10 +17,25 @@ from panns_jax import audio
 
 # Extensions the builders look at when indexing a download folder. Anything
 # soundfile reads is decoded directly; the rest goes through librosa/audioread.
-AUDIO_EXTENSIONS = frozenset({
-    '.wav', '.flac', '.ogg', '.oga', '.opus', '.mp3', '.m4a', '.aac', '.au',
-    '.snd', '.aif', '.aiff', '.webm', '.mp4', '.mkv',
-})
+AUDIO_EXTENSIONS = frozenset(
+    {
+        ".wav",
+        ".flac",
+        ".ogg",
+        ".oga",
+        ".opus",
+        ".mp3",
+        ".m4a",
+        ".aac",
+        ".au",
+        ".snd",
+        ".aif",
+        ".aiff",
+        ".webm",
+        ".mp4",
+        ".mkv",
+    }
+)
 
 
 # One decoder for the whole package: the builders count and skip what it rejects.
@@ -30,22 +45,20 @@ resample = audio.resample
 
 
 def float_to_int16(samples: np.ndarray) -> np.ndarray:
-  """Rounds float samples (full scale 1.0 = 32768) to int16, clipping."""
-  scaled = np.round(np.asarray(samples, np.float64) * 32768.0)
-  return np.clip(scaled, -32768, 32767).astype(np.int16)
+    """Rounds float samples (full scale 1.0 = 32768) to int16, clipping."""
+    scaled = np.round(np.asarray(samples, np.float64) * 32768.0)
+    return np.clip(scaled, -32768, 32767).astype(np.int16)
 
 
 def pad_or_truncate(samples: np.ndarray, length: Optional[int]) -> np.ndarray:
-  """Zero-pads at the end or keeps the first `length` samples (TRAINING.md Sec. 2)."""
-  if length is None or len(samples) == length:
-    return samples
-  if len(samples) > length:
-    return samples[:length]
-  return np.concatenate(
-      [samples, np.zeros(length - len(samples), samples.dtype)])
+    """Zero-pads at the end or keeps the first `length` samples (TRAINING.md Sec. 2)."""
+    if length is None or len(samples) == length:
+        return samples
+    if len(samples) > length:
+        return samples[:length]
+    return np.concatenate([samples, np.zeros(length - len(samples), samples.dtype)])
 
 
-def load_int16(path: str, sample_rate: int,
-               length: Optional[int] = None) -> np.ndarray:
-  """`load_audio` -> int16 -> `pad_or_truncate`: what the builders store."""
-  return pad_or_truncate(float_to_int16(load_audio(path, sample_rate)), length)
+def load_int16(path: str, sample_rate: int, length: Optional[int] = None) -> np.ndarray:
+    """`load_audio` -> int16 -> `pad_or_truncate`: what the builders store."""
+    return pad_or_truncate(float_to_int16(load_audio(path, sample_rate)), length)

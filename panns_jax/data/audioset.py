@@ -22,15 +22,14 @@ from typing import Dict, Iterator, List, Optional
 import numpy as np
 import tensorflow_datasets as tfds
 
-from panns_jax.data import audio_io
-from panns_jax.data import common
+from panns_jax.data import audio_io, common
 
 SPLIT_CSVS = {
-    'balanced_train': 'balanced_train_segments.csv',
-    'unbalanced_train': 'unbalanced_train_segments.csv',
-    'eval': 'eval_segments.csv',
+    "balanced_train": "balanced_train_segments.csv",
+    "unbalanced_train": "unbalanced_train_segments.csv",
+    "eval": "eval_segments.csv",
 }
-PACK_DIR = os.path.join('hdf5s', 'waveforms')
+PACK_DIR = os.path.join("hdf5s", "waveforms")
 
 _MANUAL = """\
 Put into manual_dir any of:
@@ -55,148 +54,156 @@ tfds.builder('audioset', max_bad_fraction=0.3).
 """
 
 # <id>_<start>[_<end>] with optional 'Y' in front, as e.g. audiosetdl writes.
-_SEGMENT_STEM = re.compile(r'^([A-Za-z0-9_-]{11})_\d+(?:\.\d+)?(?:_\d+(?:\.\d+)?)?$')
+_SEGMENT_STEM = re.compile(r"^([A-Za-z0-9_-]{11})_\d+(?:\.\d+)?(?:_\d+(?:\.\d+)?)?$")
 
 
 @dataclasses.dataclass
 class AudiosetConfig(common.AudioConfig):
-  clip_seconds: float = 10.0
+    clip_seconds: float = 10.0
 
 
 class AudioLookup:
-  """Finds the audio file of a YouTube id below a folder."""
+    """Finds the audio file of a YouTube id below a folder."""
 
-  def __init__(self, root: str):
-    self._files = common.index_audio_files(root, exclude_dirs=('hdf5s',))
-    self._segments: Dict[str, List[str]] = {}
-    for stem, paths in self._files.items():
-      for cand in ([stem[1:]] if stem.startswith('Y') else []) + [stem]:
-        m = _SEGMENT_STEM.match(cand)
-        if m:
-          self._segments.setdefault(m.group(1), []).extend(paths)
+    def __init__(self, root: str):
+        self._files = common.index_audio_files(root, exclude_dirs=("hdf5s",))
+        self._segments: Dict[str, List[str]] = {}
+        for stem, paths in self._files.items():
+            for cand in ([stem[1:]] if stem.startswith("Y") else []) + [stem]:
+                m = _SEGMENT_STEM.match(cand)
+                if m:
+                    self._segments.setdefault(m.group(1), []).extend(paths)
 
-  def __call__(self, ytid: str, split: str) -> Optional[str]:
-    paths = (self._files.get('Y' + ytid) or self._files.get(ytid) or
-             self._segments.get(ytid))
-    if not paths:
-      return None
-    # The same id in several folders: prefer the one named after the split.
-    for p in paths:
-      if any(part.startswith(split) for part in p.split(os.sep)[:-1]):
-        return p
-    return paths[0]
+    def __call__(self, ytid: str, split: str) -> Optional[str]:
+        paths = self._files.get("Y" + ytid) or self._files.get(ytid) or self._segments.get(ytid)
+        if not paths:
+            return None
+        # The same id in several folders: prefer the one named after the split.
+        for p in paths:
+            if any(part.startswith(split) for part in p.split(os.sep)[:-1]):
+                return p
+        return paths[0]
 
 
 def read_segments_csv(path: str) -> Iterator[List[str]]:
-  """Rows of an AudioSet segments csv, '#' comment lines skipped."""
-  with open(path, newline='', encoding='utf-8') as f:
-    lines = (l for l in f if l.strip() and not l.lstrip().startswith('#'))
-    yield from csv.reader(lines, skipinitialspace=True)
+    """Rows of an AudioSet segments csv, '#' comment lines skipped."""
+    with open(path, newline="", encoding="utf-8") as f:
+        lines = (l for l in f if l.strip() and not l.lstrip().startswith("#"))
+        yield from csv.reader(lines, skipinitialspace=True)
 
 
 def find_packs(manual_dir: str, split: str) -> List[str]:
-  base = os.path.join(manual_dir, PACK_DIR)
-  single = os.path.join(base, f'{split}.h5')
-  if os.path.isfile(single):
-    return [single]
-  return sorted(glob.glob(os.path.join(base, split, '*.h5')))
+    base = os.path.join(manual_dir, PACK_DIR)
+    single = os.path.join(base, f"{split}.h5")
+    if os.path.isfile(single):
+        return [single]
+    return sorted(glob.glob(os.path.join(base, split, "*.h5")))
 
 
 class Audioset(common.PannsBuilder):
-  """AudioSet balanced/unbalanced train and eval segments (local files)."""
+    """AudioSet balanced/unbalanced train and eval segments (local files)."""
 
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
-  BUILDER_CONFIGS = common.rate_configs(AudiosetConfig)
-  MANUAL_DOWNLOAD_INSTRUCTIONS = _MANUAL
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    BUILDER_CONFIGS = common.rate_configs(AudiosetConfig)
+    MANUAL_DOWNLOAD_INSTRUCTIONS = _MANUAL
 
-  @property
-  def clip_samples(self) -> int:
-    return int(round(self.builder_config.clip_seconds * self.sample_rate))
+    @property
+    def clip_samples(self) -> int:
+        return int(round(self.builder_config.clip_seconds * self.sample_rate))
 
-  def _info_kwargs(self):
-    mids = [mid for mid, _ in common.audioset_classes()]
-    return dict(
-        description=__doc__,
-        features=tfds.features.FeaturesDict({
-            'audio': common.audio_feature(self.sample_rate, self.clip_samples),
-            'labels': tfds.features.Sequence(tfds.features.ClassLabel(names=mids)),
-            'audio_id': tfds.features.Text(),
-        }),
-        supervised_keys=('audio', 'labels'),
-        homepage='https://research.google.com/audioset/',
-        citation='Gemmeke et al., Audio Set, ICASSP 2017; Kong et al., PANNs, '
-                 'IEEE/ACM TASLP 2020.',
-    )
+    def _info_kwargs(self):
+        mids = [mid for mid, _ in common.audioset_classes()]
+        return dict(
+            description=__doc__,
+            features=tfds.features.FeaturesDict(
+                {
+                    "audio": common.audio_feature(self.sample_rate, self.clip_samples),
+                    "labels": tfds.features.Sequence(tfds.features.ClassLabel(names=mids)),
+                    "audio_id": tfds.features.Text(),
+                }
+            ),
+            supervised_keys=("audio", "labels"),
+            homepage="https://research.google.com/audioset/",
+            citation="Gemmeke et al., Audio Set, ICASSP 2017; Kong et al., PANNs, "
+            "IEEE/ACM TASLP 2020.",
+        )
 
-  def _split_generators(self, dl_manager):
-    manual = os.fspath(dl_manager.manual_dir)
-    lookup = None
-    generators = {}
-    for split, csv_name in SPLIT_CSVS.items():
-      packs = find_packs(manual, split)
-      csv_path = os.path.join(manual, csv_name)
-      if packs:
-        generators[split] = self._generate_examples(
-            split, self._pack_candidates(packs))
-      elif os.path.isfile(csv_path):
-        lookup = lookup or AudioLookup(manual)
-        generators[split] = self._generate_examples(
-            split, self._csv_candidates(csv_path, split, lookup))
-    if not generators:
-      raise FileNotFoundError(
-          f'No AudioSet csv or HDF5 pack found in {manual}.\n{_MANUAL}')
-    return generators
+    def _split_generators(self, dl_manager):
+        manual = os.fspath(dl_manager.manual_dir)
+        lookup = None
+        generators = {}
+        for split, csv_name in SPLIT_CSVS.items():
+            packs = find_packs(manual, split)
+            csv_path = os.path.join(manual, csv_name)
+            if packs:
+                generators[split] = self._generate_examples(split, self._pack_candidates(packs))
+            elif os.path.isfile(csv_path):
+                lookup = lookup or AudioLookup(manual)
+                generators[split] = self._generate_examples(
+                    split, self._csv_candidates(csv_path, split, lookup)
+                )
+        if not generators:
+            raise FileNotFoundError(f"No AudioSet csv or HDF5 pack found in {manual}.\n{_MANUAL}")
+        return generators
 
-  def _csv_candidates(self, csv_path: str, split: str,
-                      lookup: AudioLookup) -> Iterator[common.Candidate]:
-    mid_to_index = {mid: i for i, (mid, _) in enumerate(common.audioset_classes())}
-    sr, length = self.sample_rate, self.clip_samples
-    for row_number, row in enumerate(read_segments_csv(csv_path)):
-      name = row[0] if row else f'row {row_number}'
+    def _csv_candidates(
+        self, csv_path: str, split: str, lookup: AudioLookup
+    ) -> Iterator[common.Candidate]:
+        mid_to_index = {mid: i for i, (mid, _) in enumerate(common.audioset_classes())}
+        sr, length = self.sample_rate, self.clip_samples
+        for row_number, row in enumerate(read_segments_csv(csv_path)):
+            name = row[0] if row else f"row {row_number}"
 
-      def make(row=row):
-        if len(row) < 4:
-          raise common.BadExample(f'malformed csv row: {row!r}')
-        ytid, mids = row[0], [m.strip() for m in row[3].split(',') if m.strip()]
-        unknown = [m for m in mids if m not in mid_to_index]
-        if unknown or not mids:
-          raise common.BadExample(f'unknown label: {unknown or "none"}')
-        path = lookup(ytid, split)
-        if path is None:
-          raise common.BadExample(f'missing: no audio file for {ytid}')
-        return {'audio': audio_io.load_int16(path, sr, length),
-                'labels': sorted({mid_to_index[m] for m in mids}),
-                'audio_id': ytid}
+            def make(row=row):
+                if len(row) < 4:
+                    raise common.BadExample(f"malformed csv row: {row!r}")
+                ytid, mids = row[0], [m.strip() for m in row[3].split(",") if m.strip()]
+                unknown = [m for m in mids if m not in mid_to_index]
+                if unknown or not mids:
+                    raise common.BadExample(f"unknown label: {unknown or 'none'}")
+                path = lookup(ytid, split)
+                if path is None:
+                    raise common.BadExample(f"missing: no audio file for {ytid}")
+                return {
+                    "audio": audio_io.load_int16(path, sr, length),
+                    "labels": sorted({mid_to_index[m] for m in mids}),
+                    "audio_id": ytid,
+                }
 
-      yield name, make
+            yield name, make
 
-  def _pack_candidates(self, packs: List[str]) -> Iterator[common.Candidate]:
-    import h5py  # pylint: disable=g-import-not-at-top
-    sr, length = self.sample_rate, self.clip_samples
-    num_classes = len(common.audioset_classes())
-    for pack in packs:
-      with h5py.File(pack, 'r') as f:
-        if f['target'].shape[1] != num_classes:
-          raise ValueError(f'{pack}: target has {f["target"].shape[1]} '
-                           f'classes, expected {num_classes}')
-        pack_rate = int(f.attrs.get('sample_rate', 32000))
-        for i in range(f['waveform'].shape[0]):
-          # Read here (files close when the loop ends); decode in workers.
-          name = f['audio_name'][i].decode('utf-8', 'replace').strip('\x00')
-          label = f'{os.path.basename(pack)}[{i}] {name}'
-          wave, target = f['waveform'][i], f['target'][i]
+    def _pack_candidates(self, packs: List[str]) -> Iterator[common.Candidate]:
+        import h5py  # pylint: disable=g-import-not-at-top
 
-          def make(name=name, wave=wave, target=target):
-            if not name:  # Clip was missing at packing time (fill value row).
-              raise common.BadExample('missing: empty row in pack')
-            audio = wave.astype(np.int16)
-            if pack_rate != sr:
-              audio = audio_io.float_to_int16(audio_io.resample(
-                  audio.astype(np.float32) / 32768.0, pack_rate, sr))
-            ytid = name[1:] if name.startswith('Y') else name
-            return {'audio': audio_io.pad_or_truncate(audio, length),
-                    'labels': np.flatnonzero(target).tolist(),
-                    'audio_id': os.path.splitext(ytid)[0]}
+        sr, length = self.sample_rate, self.clip_samples
+        num_classes = len(common.audioset_classes())
+        for pack in packs:
+            with h5py.File(pack, "r") as f:
+                if f["target"].shape[1] != num_classes:
+                    raise ValueError(
+                        f"{pack}: target has {f['target'].shape[1]} classes, expected {num_classes}"
+                    )
+                pack_rate = int(f.attrs.get("sample_rate", 32000))
+                for i in range(f["waveform"].shape[0]):
+                    # Read here (files close when the loop ends); decode in workers.
+                    name = f["audio_name"][i].decode("utf-8", "replace").strip("\x00")
+                    label = f"{os.path.basename(pack)}[{i}] {name}"
+                    wave, target = f["waveform"][i], f["target"][i]
 
-          yield label, make
+                    def make(name=name, wave=wave, target=target, pack_rate=pack_rate):
+                        if not name:  # Clip was missing at packing time (fill value row).
+                            raise common.BadExample("missing: empty row in pack")
+                        audio = wave.astype(np.int16)
+                        if pack_rate != sr:
+                            audio = audio_io.float_to_int16(
+                                audio_io.resample(audio.astype(np.float32) / 32768.0, pack_rate, sr)
+                            )
+                        ytid = name[1:] if name.startswith("Y") else name
+                        return {
+                            "audio": audio_io.pad_or_truncate(audio, length),
+                            "labels": np.flatnonzero(target).tolist(),
+                            "audio_id": os.path.splitext(ytid)[0],
+                        }
+
+                    yield label, make

@@ -48,36 +48,57 @@ class Cnn(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, waveform: jax.Array, train: bool = False,
-                 mixup_lambda: Optional[jax.Array] = None) -> dict:
+    def __call__(
+        self, waveform: jax.Array, train: bool = False, mixup_lambda: Optional[jax.Array] = None
+    ) -> dict:
         if self.head not in HEADS:
             raise ValueError(f"unknown head {self.head!r}; expected one of {HEADS}")
         outputs: dict = {}
         if train and mixup_lambda is not None and self.mixup_domain == "waveform":
             waveform = fe.mixup(waveform, mixup_lambda)
         x = layers.logmel_stem(
-            self, waveform, self.frontend, train=train, spec_augment=self.spec_augment,
-            mixup_lambda=mixup_lambda, dtype=self.dtype, outputs=outputs,
-            apply_mixup=self.mixup_domain == "logmel")
+            self,
+            waveform,
+            self.frontend,
+            train=train,
+            spec_augment=self.spec_augment,
+            mixup_lambda=mixup_lambda,
+            dtype=self.dtype,
+            outputs=outputs,
+            apply_mixup=self.mixup_domain == "logmel",
+        )
         num_frames = outputs["logmel"].shape[1]
 
         for i, (width, pool) in enumerate(zip(self.widths, self.pool_sizes), start=1):
-            x = ConvBlock(width, pool_size=pool, kernel_size=self.kernel_size, dtype=self.dtype,
-                          name=f"conv_block{i}")(x, train)
-            x = nn.Dropout(self.trunk_dropout)(x, deterministic=not train or self.trunk_dropout == 0)
+            x = ConvBlock(
+                width,
+                pool_size=pool,
+                kernel_size=self.kernel_size,
+                dtype=self.dtype,
+                name=f"conv_block{i}",
+            )(x, train)
+            x = nn.Dropout(self.trunk_dropout)(
+                x, deterministic=not train or self.trunk_dropout == 0
+            )
 
         x = jnp.mean(x, axis=2)  # Mean over frequency -> (B, t, C).
         if self.head == "clip":
-            return layers.clip_head(x, embedding_size=self.embedding_size,
-                                    num_classes=self.num_classes, train=train,
-                                    dtype=self.dtype, outputs=outputs)
+            return layers.clip_head(
+                x,
+                embedding_size=self.embedding_size,
+                num_classes=self.num_classes,
+                train=train,
+                dtype=self.dtype,
+                outputs=outputs,
+            )
         ratio = 1  # Frames per segment: the product of the time pools (32 for Cnn14).
         for pool in self.pool_sizes:
             ratio *= pool[0]
         return self._decision_level_head(x, num_frames, ratio, train, outputs)
 
-    def _decision_level_head(self, x: jax.Array, num_frames: int, ratio: int, train: bool,
-                             outputs: dict) -> dict:
+    def _decision_level_head(
+        self, x: jax.Array, num_frames: int, ratio: int, train: bool, outputs: dict
+    ) -> dict:
         """Segment-wise classifier + pooling over time (Kong et al. 2020, Sec. VI SED).
 
         Smoothing as the original: max-pool(3, 1, pad 1) + avg-pool(3, 1, pad 1) over
@@ -108,7 +129,8 @@ class Cnn(nn.Module):
             else:
                 outputs["clipwise_output"] = jnp.mean(segmentwise, axis=1)
         outputs["framewise_output"] = layers.frames_to_framewise(
-            outputs["segmentwise_output"], num_frames, ratio)
+            outputs["segmentwise_output"], num_frames, ratio
+        )
         return outputs
 
 
@@ -161,10 +183,12 @@ MODELS = {
     "Cnn14_emb32": dict(_CNN14, embedding_size=32),
     "Cnn14_mixup_time_domain": dict(_CNN14, mixup_domain="waveform"),
     # Paper Sec. V-D: 16 kHz / 8 kHz with the window and hop scaled to keep 1001 frames.
-    "Cnn14_16k": dict(_CNN14, frontend=_frontend(sample_rate=16000, window_size=512,
-                                                 hop_size=160, fmax=8000)),
-    "Cnn14_8k": dict(_CNN14, frontend=_frontend(sample_rate=8000, window_size=256,
-                                                hop_size=80, fmax=4000)),
+    "Cnn14_16k": dict(
+        _CNN14, frontend=_frontend(sample_rate=16000, window_size=512, hop_size=160, fmax=8000)
+    ),
+    "Cnn14_8k": dict(
+        _CNN14, frontend=_frontend(sample_rate=8000, window_size=256, hop_size=80, fmax=4000)
+    ),
     "Cnn14_mel32": dict(_CNN14, frontend=_frontend(mel_bins=32)),
     "Cnn14_mel128": dict(_CNN14, frontend=_frontend(mel_bins=128)),
     "Cnn14_DecisionLevelMax": dict(_CNN14, head="decision_max"),

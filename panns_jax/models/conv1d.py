@@ -23,16 +23,23 @@ def _max_pool1d(x: jax.Array, size: int, padding: int = 0) -> jax.Array:
     return nn.max_pool(x, (size,), strides=(size,), padding=((padding, padding),))
 
 
-def _waveform_input(module: nn.Module, waveform: jax.Array, min_samples: int, train: bool,
-                    mixup_lambda: Optional[jax.Array]) -> jax.Array:
+def _waveform_input(
+    module: nn.Module,
+    waveform: jax.Array,
+    min_samples: int,
+    train: bool,
+    mixup_lambda: Optional[jax.Array],
+) -> jax.Array:
     """(B, L) -> (B', L, 1): validation, then [train, lambda] mixup of the raw audio (§6)."""
     fe.validate_waveform(waveform, min_samples=1)
     x = jnp.asarray(waveform)
     x = x[None] if x.ndim == 1 else x
     if x.shape[-1] < min_samples:
-        raise ValueError(f"{type(module).__name__} needs at least {min_samples} samples "
-                         f"({min_samples / module.frontend.sample_rate:.3f} s), got {x.shape[-1]}; "
-                         "pad the audio or use a longer clip")
+        raise ValueError(
+            f"{type(module).__name__} needs at least {min_samples} samples "
+            f"({min_samples / module.frontend.sample_rate:.3f} s), got {x.shape[-1]}; "
+            "pad the audio or use a longer clip"
+        )
     if train and mixup_lambda is not None:
         x = fe.mixup(x, mixup_lambda)
     return x[..., None].astype(module.dtype)
@@ -40,9 +47,14 @@ def _waveform_input(module: nn.Module, waveform: jax.Array, min_samples: int, tr
 
 def _head(x: jax.Array, module: nn.Module, train: bool) -> dict:
     """Head H on the (B, t, C) trunk output (no frequency axis to average)."""
-    return layers.clip_head(x, embedding_size=module.embedding_size,
-                            num_classes=module.num_classes, train=train, dtype=module.dtype,
-                            outputs={})
+    return layers.clip_head(
+        x,
+        embedding_size=module.embedding_size,
+        num_classes=module.num_classes,
+        train=train,
+        dtype=module.dtype,
+        outputs={},
+    )
 
 
 class LeeNetConvBlock(nn.Module):
@@ -62,7 +74,9 @@ class LeeNetConvBlock(nn.Module):
         for i in range(1, self.num_convs + 1):
             stride = self.stride if i == 1 else 1
             x = conv1d(self.features, 3, f"conv{i}", self.dtype, stride=stride, padding=1)(x)
-            x = nn.relu(BatchNorm(dtype=self.dtype, name=f"bn{i}")(x, use_running_average=not train))
+            x = nn.relu(
+                BatchNorm(dtype=self.dtype, name=f"bn{i}")(x, use_running_average=not train)
+            )
         return _max_pool1d(x, 3, padding=1) if self.pool else x
 
 
@@ -85,14 +99,20 @@ class LeeNet(nn.Module):
     uses_logmel = False  # No STFT / mel buffers in the original state_dict.
 
     @nn.compact
-    def __call__(self, waveform: jax.Array, train: bool = False,
-                 mixup_lambda: Optional[jax.Array] = None) -> dict:
+    def __call__(
+        self, waveform: jax.Array, train: bool = False, mixup_lambda: Optional[jax.Array] = None
+    ) -> dict:
         x = _waveform_input(self, waveform, 1, train, mixup_lambda)
         last = len(self.widths)
         for i, (width, pool) in enumerate(zip(self.widths, self.pools), start=1):
-            x = LeeNetConvBlock(width, stride=3 if i == 1 else 1, pool=pool,
-                                num_convs=self.num_convs, dtype=self.dtype,
-                                name=f"conv_block{i}")(x, train)
+            x = LeeNetConvBlock(
+                width,
+                stride=3 if i == 1 else 1,
+                pool=pool,
+                num_convs=self.num_convs,
+                dtype=self.dtype,
+                name=f"conv_block{i}",
+            )(x, train)
             if i < last and self.trunk_dropout:
                 x = nn.Dropout(self.trunk_dropout)(x, deterministic=not train)
         return _head(x, self, train)
@@ -118,7 +138,9 @@ class DaiNetResBlock(nn.Module):
 
         def shortcut() -> jax.Array:
             y = conv1d(self.features, 1, "downsample", self.dtype)(origin)
-            return BatchNorm(dtype=self.dtype, name="bn_downsample")(y, use_running_average=not train)
+            return BatchNorm(dtype=self.dtype, name="bn_downsample")(
+                y, use_running_average=not train
+            )
 
         if origin.shape == x.shape:
             layers.init_only(self, shortcut)
@@ -138,8 +160,9 @@ class DaiNet(nn.Module):
     uses_logmel = False
 
     @nn.compact
-    def __call__(self, waveform: jax.Array, train: bool = False,
-                 mixup_lambda: Optional[jax.Array] = None) -> dict:
+    def __call__(
+        self, waveform: jax.Array, train: bool = False, mixup_lambda: Optional[jax.Array] = None
+    ) -> dict:
         # conv0 maps L -> (L - 80) // 4 + 1, which must survive three max-pools of 4.
         min_samples = 80 + 4 * (4 ** (len(self.widths) - 1) - 1)
         x = _waveform_input(self, waveform, min_samples, train, mixup_lambda)
@@ -193,8 +216,9 @@ class Res1dNet(nn.Module):
     uses_logmel = False
 
     @nn.compact
-    def __call__(self, waveform: jax.Array, train: bool = False,
-                 mixup_lambda: Optional[jax.Array] = None) -> dict:
+    def __call__(
+        self, waveform: jax.Array, train: bool = False, mixup_lambda: Optional[jax.Array] = None
+    ) -> dict:
         reduction = 1
         for s in self.strides:
             reduction *= s
@@ -205,14 +229,22 @@ class Res1dNet(nn.Module):
         x = BatchNorm(dtype=self.dtype, name="bn0")(x, use_running_average=not train)
         for i, (n, width, stride) in enumerate(zip(self.blocks, self.widths, self.strides), 1):
             for j in range(n):
-                x = BasicBlockWav1d(width, stride=stride if j == 0 else 1, dtype=self.dtype,
-                                    name=f"resnet.layer{i}.{j}")(x, train)
+                x = BasicBlockWav1d(
+                    width,
+                    stride=stride if j == 0 else 1,
+                    dtype=self.dtype,
+                    name=f"resnet.layer{i}.{j}",
+                )(x, train)
         return _head(x, self, train)
 
 
-_LEENET24 = dict(widths=(64, 96, 128, 128, 256, 256, 512, 512, 1024),
-                 pools=(False,) + (True,) * 7 + (False,), num_convs=2, trunk_dropout=0.1,
-                 embedding_size=1024)
+_LEENET24 = dict(
+    widths=(64, 96, 128, 128, 256, 256, 512, 512, 1024),
+    pools=(False,) + (True,) * 7 + (False,),
+    num_convs=2,
+    trunk_dropout=0.1,
+    embedding_size=1024,
+)
 
 # Registered names -> (family class, keyword arguments).
 MODELS = {

@@ -61,29 +61,56 @@ class BatchNorm(nn.Module):
                 count = x.size // features
                 unbiased = var * (count / max(count - 1, 1))
                 running_mean.value = self.momentum * running_mean.value + (1 - self.momentum) * mean
-                running_var.value = self.momentum * running_var.value + (1 - self.momentum) * unbiased
+                running_var.value = (
+                    self.momentum * running_var.value + (1 - self.momentum) * unbiased
+                )
         y = (x32 - mean) * (scale * jax.lax.rsqrt(var + self.epsilon)) + bias
         return y.astype(self.dtype or x.dtype)
 
 
-def conv2d(features: int, kernel: int, name: str, dtype: Dtype, *, groups: int = 1,
-           use_bias: bool = False) -> nn.Conv:
+def conv2d(
+    features: int, kernel: int, name: str, dtype: Dtype, *, groups: int = 1, use_bias: bool = False
+) -> nn.Conv:
     """Stride-1, 'same'-padded 2-D conv without bias (every PANNs conv but one).
 
     Convolves with :func:`same_conv.conv_general_dilated`: fast on very short inputs
     and with a fast gradient on CPU.
     """
     pad = kernel // 2
-    return nn.Conv(features, (kernel, kernel), padding=((pad, pad), (pad, pad)),
-                   feature_group_count=groups, use_bias=use_bias, dtype=dtype, name=name,
-                   conv_general_dilated=same_conv.conv_general_dilated)
+    return nn.Conv(
+        features,
+        (kernel, kernel),
+        padding=((pad, pad), (pad, pad)),
+        feature_group_count=groups,
+        use_bias=use_bias,
+        dtype=dtype,
+        name=name,
+        conv_general_dilated=same_conv.conv_general_dilated,
+    )
 
 
-def conv1d(features: int, kernel: int, name: str, dtype: Dtype, *, stride: int = 1,
-           padding: int = 0, dilation: int = 1, use_bias: bool = False) -> nn.Conv:
+def conv1d(
+    features: int,
+    kernel: int,
+    name: str,
+    dtype: Dtype,
+    *,
+    stride: int = 1,
+    padding: int = 0,
+    dilation: int = 1,
+    use_bias: bool = False,
+) -> nn.Conv:
     """1-D conv with PyTorch-style explicit symmetric padding."""
-    return nn.Conv(features, (kernel,), strides=(stride,), padding=((padding, padding),),
-                   kernel_dilation=(dilation,), use_bias=use_bias, dtype=dtype, name=name)
+    return nn.Conv(
+        features,
+        (kernel,),
+        strides=(stride,),
+        padding=((padding, padding),),
+        kernel_dilation=(dilation,),
+        use_bias=use_bias,
+        dtype=dtype,
+        name=name,
+    )
 
 
 def pool2d(x: jax.Array, size: Tuple[int, int], kind: str = "avg") -> jax.Array:
@@ -99,8 +126,9 @@ def pool2d(x: jax.Array, size: Tuple[int, int], kind: str = "avg") -> jax.Array:
     if kind == "max":
         return nn.max_pool(x, size, strides=size, padding="VALID")
     if kind == "avg+max":
-        return (nn.avg_pool(x, size, strides=size, padding="VALID")
-                + nn.max_pool(x, size, strides=size, padding="VALID"))
+        return nn.avg_pool(x, size, strides=size, padding="VALID") + nn.max_pool(
+            x, size, strides=size, padding="VALID"
+        )
     raise ValueError(f"unknown pool kind {kind!r}; expected 'avg', 'max' or 'avg+max'")
 
 
@@ -118,7 +146,9 @@ class ConvBlock(nn.Module):
         num_convs = 1 if self.kernel_size == 5 else 2
         for i in range(1, num_convs + 1):
             x = conv2d(self.features, self.kernel_size, f"conv{i}", self.dtype)(x)
-            x = nn.relu(BatchNorm(dtype=self.dtype, name=f"bn{i}")(x, use_running_average=not train))
+            x = nn.relu(
+                BatchNorm(dtype=self.dtype, name=f"bn{i}")(x, use_running_average=not train)
+            )
         return pool2d(x, self.pool_size, self.pool_type)
 
 
@@ -149,8 +179,14 @@ def logmel_stem(
     x = x[..., None]
     if train and spec_augment:
         rng = module.make_rng("specaug")
-        x = fe.spec_augment(rng, x, time_drop_width=time_drop_width, time_stripes_num=2,
-                            freq_drop_width=frontend.mel_bins // 8, freq_stripes_num=2)
+        x = fe.spec_augment(
+            rng,
+            x,
+            time_drop_width=time_drop_width,
+            time_stripes_num=2,
+            freq_drop_width=frontend.mel_bins // 8,
+            freq_stripes_num=2,
+        )
     if train and apply_mixup and mixup_lambda is not None:
         x = fe.mixup(x, mixup_lambda)
     return x.astype(dtype)

@@ -52,7 +52,9 @@ class BasicBlock(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         ra = not train
         out = pool2d(x, (self.stride, self.stride))
-        out = nn.relu(_bn("bn1", self.dtype)(conv2d(self.features, 3, "conv1", self.dtype)(out), ra))
+        out = nn.relu(
+            _bn("bn1", self.dtype)(conv2d(self.features, 3, "conv1", self.dtype)(out), ra)
+        )
         out = nn.Dropout(BLOCK_DROPOUT)(out, deterministic=ra)
         out = _bn("bn2", self.dtype)(conv2d(self.features, 3, "conv2", self.dtype)(out), ra)
         return nn.relu(out + _shortcut(x, self.features, self.stride, train, self.dtype))
@@ -72,8 +74,12 @@ class Bottleneck(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         ra = not train
         out = pool2d(x, (self.stride, self.stride))
-        out = nn.relu(_bn("bn1", self.dtype)(conv2d(self.features, 1, "conv1", self.dtype)(out), ra))
-        out = nn.relu(_bn("bn2", self.dtype)(conv2d(self.features, 3, "conv2", self.dtype)(out), ra))
+        out = nn.relu(
+            _bn("bn1", self.dtype)(conv2d(self.features, 1, "conv1", self.dtype)(out), ra)
+        )
+        out = nn.relu(
+            _bn("bn2", self.dtype)(conv2d(self.features, 3, "conv2", self.dtype)(out), ra)
+        )
         out = nn.Dropout(BLOCK_DROPOUT)(out, deterministic=ra)
         width = self.features * self.expansion
         out = _bn("bn3", self.dtype)(conv2d(width, 1, "conv3", self.dtype)(out), ra)
@@ -103,30 +109,47 @@ class ResNet(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, waveform: jax.Array, train: bool = False,
-                 mixup_lambda: Optional[jax.Array] = None) -> dict:
+    def __call__(
+        self, waveform: jax.Array, train: bool = False, mixup_lambda: Optional[jax.Array] = None
+    ) -> dict:
         if self.block not in BLOCKS:
             raise ValueError(f"unknown block {self.block!r}; expected one of {tuple(BLOCKS)}")
         block_cls = BLOCKS[self.block]
         outputs: dict = {}
-        x = layers.logmel_stem(self, waveform, self.frontend, train=train,
-                               spec_augment=self.spec_augment, mixup_lambda=mixup_lambda,
-                               dtype=self.dtype, outputs=outputs)
+        x = layers.logmel_stem(
+            self,
+            waveform,
+            self.frontend,
+            train=train,
+            spec_augment=self.spec_augment,
+            mixup_lambda=mixup_lambda,
+            dtype=self.dtype,
+            outputs=outputs,
+        )
 
         def trunk_dropout(y: jax.Array) -> jax.Array:
             return nn.Dropout(TRUNK_DROPOUT)(y, deterministic=not train)
 
-        x = trunk_dropout(ConvBlock(64, pool_size=(2, 2), dtype=self.dtype, name="conv_block1")(x, train))
+        x = trunk_dropout(
+            ConvBlock(64, pool_size=(2, 2), dtype=self.dtype, name="conv_block1")(x, train)
+        )
         for i, (num_blocks, width) in enumerate(zip(self.blocks_per_layer, self.widths), start=1):
             for j in range(num_blocks):
                 stride = 2 if i > 1 and j == 0 else 1
-                x = block_cls(width, stride, dtype=self.dtype, name=f"resnet.layer{i}.{j}")(x, train)
+                x = block_cls(width, stride, dtype=self.dtype, name=f"resnet.layer{i}.{j}")(
+                    x, train
+                )
         x = trunk_dropout(pool2d(x, (2, 2)))
         x = ConvBlock(2048, pool_size=(1, 1), dtype=self.dtype, name="conv_block_after1")(x, train)
         x = trunk_dropout(x)
-        return layers.clip_head(jnp.mean(x, axis=2), embedding_size=self.embedding_size,
-                                num_classes=self.num_classes, train=train, dtype=self.dtype,
-                                outputs=outputs)
+        return layers.clip_head(
+            jnp.mean(x, axis=2),
+            embedding_size=self.embedding_size,
+            num_classes=self.num_classes,
+            train=train,
+            dtype=self.dtype,
+            outputs=outputs,
+        )
 
 
 # Registered names -> keyword arguments of ``ResNet`` (merged into panns_jax.models.REGISTRY).

@@ -45,8 +45,9 @@ _MIN_FAST_ROWS = 6
 
 
 def _conv(x: jax.Array, w: jax.Array, pad: int) -> jax.Array:
-    return lax.conv_general_dilated(x, w, (1, 1), ((pad, pad), (pad, pad)),
-                                    dimension_numbers=_DIMENSION_NUMBERS)
+    return lax.conv_general_dilated(
+        x, w, (1, 1), ((pad, pad), (pad, pad)), dimension_numbers=_DIMENSION_NUMBERS
+    )
 
 
 def _xla_grads(x, w, dy, pad):
@@ -64,11 +65,13 @@ def _weight_grad_unfolded(x, dy, kernel, pad):
     n, h, w_, ci = x.shape
     co = dy.shape[-1]
     xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-    x_kw = jnp.concatenate([xp[:, :, k:k + w_] for k in range(kernel)], axis=-1)
-    dy_kh = jnp.concatenate([jnp.pad(dy, ((0, 0), (k, kernel - 1 - k), (0, 0), (0, 0)))
-                             for k in range(kernel)], axis=-1)
-    grad = lax.dot_general(x_kw.reshape(-1, kernel * ci), dy_kh.reshape(-1, kernel * co),
-                           (((0,), (0,)), ((), ())))  # [kw * Ci + i, kh * Co + o]
+    x_kw = jnp.concatenate([xp[:, :, k : k + w_] for k in range(kernel)], axis=-1)
+    dy_kh = jnp.concatenate(
+        [jnp.pad(dy, ((0, 0), (k, kernel - 1 - k), (0, 0), (0, 0))) for k in range(kernel)], axis=-1
+    )
+    grad = lax.dot_general(
+        x_kw.reshape(-1, kernel * ci), dy_kh.reshape(-1, kernel * co), (((0,), (0,)), ((), ()))
+    )  # [kw * Ci + i, kh * Co + o]
     return grad.reshape(kernel, ci, kernel, co).transpose(2, 0, 1, 3)
 
 
@@ -76,13 +79,14 @@ def _input_grad_col2im(w, dy, pad):
     """dx = col2im(dy @ W^T): one product, then each tap's columns added at its shift."""
     kernel, _, ci, co = w.shape
     n, h, w_, _ = dy.shape
-    cols = lax.dot_general(dy.reshape(-1, co), w.reshape(kernel * kernel * ci, co),
-                           (((1,), (1,)), ((), ()))).reshape(n, h, w_, kernel, kernel, ci)
+    cols = lax.dot_general(
+        dy.reshape(-1, co), w.reshape(kernel * kernel * ci, co), (((1,), (1,)), ((), ()))
+    ).reshape(n, h, w_, kernel, kernel, ci)
     out = jnp.zeros((n, h + 2 * pad, w_ + 2 * pad, ci), cols.dtype)
     for kh in range(kernel):
         for kw in range(kernel):
-            out = out.at[:, kh:kh + h, kw:kw + w_].add(cols[:, :, :, kh, kw])
-    return out[:, pad:pad + h, pad:pad + w_]
+            out = out.at[:, kh : kh + h, kw : kw + w_].add(cols[:, :, :, kh, kw])
+    return out[:, pad : pad + h, pad : pad + w_]
 
 
 def _cpu_grads(x, w, dy, pad):
@@ -112,43 +116,81 @@ def _same_conv_fwd(x, w, pad):
 
 def _same_conv_bwd(pad, residuals, dy):
     x, w = residuals
-    return lax.platform_dependent(x, w, dy, cpu=functools.partial(_cpu_grads, pad=pad),
-                                  default=functools.partial(_xla_grads, pad=pad))
+    return lax.platform_dependent(
+        x,
+        w,
+        dy,
+        cpu=functools.partial(_cpu_grads, pad=pad),
+        default=functools.partial(_xla_grads, pad=pad),
+    )
 
 
 same_conv.defvjp(_same_conv_fwd, _same_conv_bwd)
 
 
-def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int],
-                         padding: Any, lhs_dilation=None, rhs_dilation=None,
-                         dimension_numbers=None, feature_group_count: int = 1,
-                         **kwargs) -> jax.Array:
+def conv_general_dilated(
+    lhs: jax.Array,
+    rhs: jax.Array,
+    window_strides: Sequence[int],
+    padding: Any,
+    lhs_dilation=None,
+    rhs_dilation=None,
+    dimension_numbers=None,
+    feature_group_count: int = 1,
+    **kwargs,
+) -> jax.Array:
     """Drop-in for ``lax.conv_general_dilated`` (flax's ``Conv.conv_general_dilated``) that
     pads stride-1 inputs shorter than 6 time rows, and routes plain same-padded stride-1
     convs through :func:`same_conv`."""
     rows = lhs.shape[1]
     # Symbolic lengths (shape-polymorphic export) keep the plain conv: comparing them
     # would add a length constraint to the exported graph.
-    if (isinstance(rows, int) and rows < _MIN_FAST_ROWS and lhs.ndim == 4
-            and tuple(window_strides) == (1, 1)):
+    if (
+        isinstance(rows, int)
+        and rows < _MIN_FAST_ROWS
+        and lhs.ndim == 4
+        and tuple(window_strides) == (1, 1)
+    ):
         padded = jnp.pad(lhs, ((0, 0), (0, _MIN_FAST_ROWS - rows), (0, 0), (0, 0)))
         # The barrier keeps XLA from folding the pad back into the conv's own padding.
-        return conv_general_dilated(lax.optimization_barrier(padded), rhs, window_strides,
-                                    padding, lhs_dilation, rhs_dilation, dimension_numbers,
-                                    feature_group_count, **kwargs)[:, :rows]
+        return conv_general_dilated(
+            lax.optimization_barrier(padded),
+            rhs,
+            window_strides,
+            padding,
+            lhs_dilation,
+            rhs_dilation,
+            dimension_numbers,
+            feature_group_count,
+            **kwargs,
+        )[:, :rows]
     kernel = rhs.shape[0]
-    plain = (tuple(window_strides) == (1, 1) and feature_group_count == 1
-             and not kwargs.get("precision") and kwargs.get("preferred_element_type") is None
-             and (lhs_dilation is None or tuple(lhs_dilation) == (1, 1))
-             and (rhs_dilation is None or tuple(rhs_dilation) == (1, 1))
-             and lhs.ndim == 4
-             and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-             == lax.conv_dimension_numbers(lhs.shape, rhs.shape, _DIMENSION_NUMBERS)
-             and kernel == rhs.shape[1] and kernel % 2 == 1 and kernel > 1
-             and not isinstance(padding, str)
-             and tuple(map(tuple, padding)) == ((kernel // 2,) * 2,) * 2)
+    plain = (
+        tuple(window_strides) == (1, 1)
+        and feature_group_count == 1
+        and not kwargs.get("precision")
+        and kwargs.get("preferred_element_type") is None
+        and (lhs_dilation is None or tuple(lhs_dilation) == (1, 1))
+        and (rhs_dilation is None or tuple(rhs_dilation) == (1, 1))
+        and lhs.ndim == 4
+        and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+        == lax.conv_dimension_numbers(lhs.shape, rhs.shape, _DIMENSION_NUMBERS)
+        and kernel == rhs.shape[1]
+        and kernel % 2 == 1
+        and kernel > 1
+        and not isinstance(padding, str)
+        and tuple(map(tuple, padding)) == ((kernel // 2,) * 2,) * 2
+    )
     if not plain:
-        return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation,
-                                        rhs_dilation, dimension_numbers, feature_group_count,
-                                        **kwargs)
+        return lax.conv_general_dilated(
+            lhs,
+            rhs,
+            window_strides,
+            padding,
+            lhs_dilation,
+            rhs_dilation,
+            dimension_numbers,
+            feature_group_count,
+            **kwargs,
+        )
     return same_conv(lhs, rhs, kernel // 2)

@@ -29,9 +29,12 @@ class ConvPreWavBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         for i, dilation in ((1, 1), (2, 2)):
-            x = conv1d(self.features, 3, f"conv{i}", self.dtype, padding=dilation,
-                       dilation=dilation)(x)
-            x = nn.relu(BatchNorm(dtype=self.dtype, name=f"bn{i}")(x, use_running_average=not train))
+            x = conv1d(
+                self.features, 3, f"conv{i}", self.dtype, padding=dilation, dilation=dilation
+            )(x)
+            x = nn.relu(
+                BatchNorm(dtype=self.dtype, name=f"bn{i}")(x, use_running_average=not train)
+            )
         return nn.max_pool(x, (4,), strides=(4,), padding="VALID")
 
 
@@ -70,17 +73,20 @@ class Wavegram(nn.Module):
             x = ConvPreWavBlock(width, dtype=self.dtype, name=f"pre_block{i}")(x, train)
         b, t, _ = x.shape  # Channel c -> (group c // bins, bin c % bins); groups are channels.
         x = x.reshape(b, t, GROUPS, self.wavegram_bins).transpose(0, 1, 3, 2)
-        return ConvBlock(self.widths[0], pool_size=(2, 1), dtype=self.dtype,
-                         name="pre_block4")(x, train)
+        return ConvBlock(self.widths[0], pool_size=(2, 1), dtype=self.dtype, name="pre_block4")(
+            x, train
+        )
 
     def _check_length(self, num_samples: int) -> None:
         wavegram_steps = -(-num_samples // 5) // 128  # ceil(L / 5), max-pools 4, 4, 4, avg 2.
         min_steps = 2 ** (len(self.widths) - 2)  # conv_block2..5 halve the time axis.
         if wavegram_steps < min_steps:
             min_samples = 5 * (128 * min_steps - 1) + 1  # 10236 for Cnn14's blocks.
-            raise ValueError(f"{type(self).__name__} needs at least {min_samples} samples "
-                             f"({min_samples / self.frontend.sample_rate:.3f} s), "
-                             f"got {num_samples}")
+            raise ValueError(
+                f"{type(self).__name__} needs at least {min_samples} samples "
+                f"({min_samples / self.frontend.sample_rate:.3f} s), "
+                f"got {num_samples}"
+            )
         if self.use_logmel:
             logmel_steps = self.frontend.num_frames(num_samples) // 2
             if logmel_steps != wavegram_steps:
@@ -88,17 +94,21 @@ class Wavegram(nn.Module):
                     f"{type(self).__name__}: {num_samples} samples give {logmel_steps} log-mel "
                     f"steps but {wavegram_steps} Wavegram steps, which the original cannot "
                     f"concatenate; use a length L with floor(L / {self.frontend.hop_size}) even "
-                    f"(e.g. a multiple of {2 * self.frontend.hop_size} samples)")
+                    f"(e.g. a multiple of {2 * self.frontend.hop_size} samples)"
+                )
 
     @nn.compact
-    def __call__(self, waveform: jax.Array, train: bool = False,
-                 mixup_lambda: Optional[jax.Array] = None) -> dict:
+    def __call__(
+        self, waveform: jax.Array, train: bool = False, mixup_lambda: Optional[jax.Array] = None
+    ) -> dict:
         fe.validate_waveform(waveform, min_samples=1)
         waveform = waveform[None] if waveform.ndim == 1 else waveform
         self._check_length(waveform.shape[-1])
         if self.use_logmel and self.frontend.mel_bins != 2 * self.wavegram_bins:
-            raise ValueError(f"mel_bins ({self.frontend.mel_bins}) must be twice wavegram_bins "
-                             f"({self.wavegram_bins}) to concatenate the two branches")
+            raise ValueError(
+                f"mel_bins ({self.frontend.mel_bins}) must be twice wavegram_bins "
+                f"({self.wavegram_bins}) to concatenate the two branches"
+            )
         mixup = train and mixup_lambda is not None
         outputs: dict = {}
 
@@ -106,16 +116,26 @@ class Wavegram(nn.Module):
         if mixup:
             x = fe.mixup(x, mixup_lambda)
         if self.use_logmel:
-            mel = layers.logmel_stem(self, waveform, self.frontend, train=train,
-                                     spec_augment=self.spec_augment, mixup_lambda=mixup_lambda,
-                                     dtype=self.dtype, outputs=outputs)
+            mel = layers.logmel_stem(
+                self,
+                waveform,
+                self.frontend,
+                train=train,
+                spec_augment=self.spec_augment,
+                mixup_lambda=mixup_lambda,
+                dtype=self.dtype,
+                outputs=outputs,
+            )
             mel = ConvBlock(self.widths[0], dtype=self.dtype, name="conv_block1")(mel, train)
             x = jnp.concatenate([mel, x], axis=-1)  # Log-mel channels first.
         else:  # Constructed but never run by the original Wavegram_Cnn14.
+
             def unused_stem() -> None:
                 BatchNorm(name="bn0")(jnp.zeros((1, 1, self.frontend.mel_bins)))
                 ConvBlock(self.widths[0], dtype=self.dtype, name="conv_block1")(
-                    jnp.zeros((1, 2, 2, 1), self.dtype))
+                    jnp.zeros((1, 2, 2, 1), self.dtype)
+                )
+
             layers.init_only(self, unused_stem)
 
         x = nn.Dropout(self.trunk_dropout)(x, deterministic=not train)
@@ -124,15 +144,21 @@ class Wavegram(nn.Module):
             x = ConvBlock(width, pool_size=pool, dtype=self.dtype, name=f"conv_block{i}")(x, train)
             x = nn.Dropout(self.trunk_dropout)(x, deterministic=not train)
         x = jnp.mean(x, axis=2)  # Mean over frequency -> (B, t, C).
-        return layers.clip_head(x, embedding_size=self.embedding_size,
-                                num_classes=self.num_classes, train=train, dtype=self.dtype,
-                                outputs=outputs)
+        return layers.clip_head(
+            x,
+            embedding_size=self.embedding_size,
+            num_classes=self.num_classes,
+            train=train,
+            dtype=self.dtype,
+            outputs=outputs,
+        )
 
 
 # Registered names -> keyword arguments of ``Wavegram``.
 MODELS = {
     "Wavegram_Cnn14": dict(use_logmel=False),
     "Wavegram_Logmel_Cnn14": dict(use_logmel=True),
-    "Wavegram_Logmel128_Cnn14": dict(use_logmel=True, wavegram_bins=64,
-                                     frontend=fe.FrontendConfig(mel_bins=128)),
+    "Wavegram_Logmel128_Cnn14": dict(
+        use_logmel=True, wavegram_bins=64, frontend=fe.FrontendConfig(mel_bins=128)
+    ),
 }
