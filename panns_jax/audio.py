@@ -18,6 +18,29 @@ from typing import Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 
+# The one list of audio file extensions: what `panns-jax tag DIR` picks up and what the dataset
+# builders index. soundfile decodes most directly; the rest goes through librosa/audioread.
+AUDIO_EXTENSIONS = (
+    ".wav",
+    ".flac",
+    ".ogg",
+    ".oga",
+    ".opus",
+    ".mp3",
+    ".m4a",
+    ".aac",
+    ".au",
+    ".aif",
+    ".aiff",
+    ".aifc",
+    ".w64",
+    ".caf",
+    ".webm",
+    ".mp4",
+    ".mkv",
+    ".snd",
+)
+
 # Samples decoded at a time when streaming, counted at the OUTPUT rate: a file that
 # declares a low rate is read in proportionally fewer frames, so resampling up never
 # makes a block larger than this (issue 16, item 4).

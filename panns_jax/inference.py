@@ -54,24 +54,6 @@ DEFAULT_SED_WINDOW_S = 1.0
 DEFAULT_SED_HOP_S = 0.1
 MAX_BATCH_SIZE = 1024  # Chunks held before a flush: 1024 x 10 s at 32 kHz is 1.3 GB.
 MIN_HOP_S = 0.01  # One 10 ms frame: finer hops multiply the work with no new information.
-AUDIO_EXTENSIONS = (
-    ".wav",
-    ".flac",
-    ".ogg",
-    ".oga",
-    ".opus",
-    ".mp3",
-    ".m4a",
-    ".aac",
-    ".au",
-    ".aif",
-    ".aiff",
-    ".aifc",
-    ".w64",
-    ".caf",
-    ".webm",
-    ".mp4",
-)
 
 
 @dataclasses.dataclass
@@ -767,12 +749,12 @@ def expand_inputs(items: Iterable[str]) -> Tuple[List[str], List[str]]:
                 os.path.join(root, f)
                 for root, _, names in os.walk(item)
                 for f in names
-                if f.lower().endswith(AUDIO_EXTENSIONS)
+                if f.lower().endswith(audio.AUDIO_EXTENSIONS)
             )
             if not found:
                 errors.append(
                     f"{item}: directory holds no audio files "
-                    f"({', '.join(AUDIO_EXTENSIONS[:4])}, ...)"
+                    f"({', '.join(audio.AUDIO_EXTENSIONS[:4])}, ...)"
                 )
             files += found
         elif glob.has_magic(item) and not os.path.exists(item):

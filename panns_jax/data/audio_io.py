@@ -15,27 +15,7 @@ import numpy as np
 
 from panns_jax import audio
 
-# Extensions the builders look at when indexing a download folder. Anything
-# soundfile reads is decoded directly; the rest goes through librosa/audioread.
-AUDIO_EXTENSIONS = frozenset(
-    {
-        ".wav",
-        ".flac",
-        ".ogg",
-        ".oga",
-        ".opus",
-        ".mp3",
-        ".m4a",
-        ".aac",
-        ".au",
-        ".snd",
-        ".aif",
-        ".aiff",
-        ".webm",
-        ".mp4",
-        ".mkv",
-    }
-)
+AUDIO_EXTENSIONS = audio.AUDIO_EXTENSIONS  # The one list (panns_jax.audio).
 
 
 # One decoder for the whole package: the builders count and skip what it rejects.
