@@ -34,6 +34,10 @@ import pytest
 
 from panns_jax import checkpoints
 
+# Several minutes of two-process runs: deselected from the README's suite, run by .ci/run
+# (`-m slow tests/test_multihost.py`).
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, EVAL_EVERY, CHECKPOINT_EVERY = 9, 6, 3  # tests/train_config.py checkpoints every 3.
 HEARTBEAT_S = 10  # --heartbeat_timeout_s of the multi-process runs.
