@@ -28,6 +28,15 @@ def panns_demo_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("tfds_panns_demo")
 
 
+@pytest.fixture(scope="session")
+def data_dir(panns_demo_dir):
+    """panns_demo prepared once for the session (it is generated, no download)."""
+    from panns_jax import data
+
+    data.get_builder("panns_demo", data_dir=str(panns_demo_dir))
+    return panns_demo_dir
+
+
 # CI sets PANNS_JAX_STRICT=1: every skip is a failure there, so a test that silently stops
 # running (a missing oracle, an optional package that did not install) turns CI red.
 STRICT = os.environ.get("PANNS_JAX_STRICT") == "1"

@@ -31,6 +31,7 @@ import types
 
 import numpy as np
 import pytest
+from train_config import logged_losses as _losses
 
 from panns_jax import checkpoints
 
@@ -196,15 +197,6 @@ class Job:
         if any(code != 0 for code in self.wait()):
             self.fail(f"exit codes {[p.returncode for p in self.procs]}")
         return time.monotonic() - self.started
-
-
-def _losses(workdir: str) -> dict:
-    losses = {}
-    with open(os.path.join(workdir, "train_log.jsonl")) as f:
-        for line in f:
-            record = json.loads(line)
-            losses[record["step"]] = record["loss"]  # A resumed run rewrites later steps.
-    return losses
 
 
 def _shards(text: str) -> tuple:

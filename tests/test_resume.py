@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from train_config import logged_losses as _losses
 
 from panns_jax import checkpoints, models, train
 
@@ -133,23 +134,6 @@ def test_intact_checkpoints_resume_from_the_latest(tmp_path, caplog):
     assert train.restore_newest_intact(
         _manager(str(tmp_path / "empty")), _args(template), str(tmp_path)
     ) == (None, None)
-
-
-@pytest.fixture(scope="module")
-def data_dir(panns_demo_dir):
-    from panns_jax import data
-
-    data.get_builder("panns_demo", data_dir=str(panns_demo_dir))
-    return panns_demo_dir
-
-
-def _losses(workdir):
-    losses = {}
-    with open(os.path.join(workdir, "train_log.jsonl")) as f:
-        for line in f:
-            record = json.loads(line)
-            losses[record["step"]] = record["loss"]
-    return losses
 
 
 def test_training_resumes_from_the_newest_intact_step(data_dir, tmp_path, caplog):

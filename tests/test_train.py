@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from train_config import logged_losses as _losses
 
 from panns_jax import checkpoints, metrics, optim, train
 
@@ -30,24 +31,6 @@ def tiny_config(data_dir, **changes):
     for key, value in changes.items():
         c[key] = value
     return c
-
-
-@pytest.fixture(scope="module")
-def data_dir(panns_demo_dir):
-    """panns_demo prepared once for the session (it is generated, no download)."""
-    from panns_jax import data
-
-    data.get_builder("panns_demo", data_dir=str(panns_demo_dir))
-    return panns_demo_dir
-
-
-def _losses(workdir):
-    losses = {}
-    with open(os.path.join(workdir, "train_log.jsonl")) as f:
-        for line in f:
-            record = json.loads(line)
-            losses[record["step"]] = record["loss"]  # A resumed run rewrites later steps.
-    return losses
 
 
 def test_metrics_equal_scikit_learn():

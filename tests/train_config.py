@@ -4,6 +4,9 @@ Used by the tests of tests/test_train.py, in process and through ``panns_jax.mai
 (whose config loader imports this file; it runs from the project root).
 """
 
+import json
+import os
+
 from configs import demo
 
 
@@ -15,3 +18,13 @@ def get_config(arg=None):
     c.num_train_steps, c.eval_every, c.checkpoint_every, c.log_every = 12, 0, 3, 1
     c.keep_checkpoints = 10
     return c
+
+
+def logged_losses(workdir: str) -> dict:
+    """{step: loss} from a run's train_log.jsonl; a resumed run rewrites later steps."""
+    losses = {}
+    with open(os.path.join(workdir, "train_log.jsonl")) as f:
+        for line in f:
+            record = json.loads(line)
+            losses[record["step"]] = record["loss"]
+    return losses
