@@ -27,23 +27,10 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import peak  # noqa: E402
-from timing import interleaved_best_times, load_line  # noqa: E402
+from timing import DEFAULT_MODELS, interleaved_best_times, load_line  # noqa: E402
 
 from panns_jax import convert, models  # noqa: E402
 from panns_jax.models import profile  # noqa: E402
-
-# One or two models of every family: log-mel CNN, ResNet, MobileNet, 1-D, Wavegram.
-DEFAULT_MODELS = [
-    "Cnn14",
-    "Cnn6",
-    "ResNet22",
-    "MobileNetV1",
-    "MobileNetV2",
-    "LeeNet24",
-    "DaiNet19",
-    "Res1dNet31",
-    "Wavegram_Logmel_Cnn14",
-]
 
 
 def main() -> None:

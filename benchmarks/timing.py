@@ -42,3 +42,17 @@ def load_line() -> str:
     return f"load average {one:.2f} {five:.2f} {fifteen:.2f} on {os.cpu_count()} cores" + (
         "  (busy machine: ratios are unreliable)" if one > 1.5 * (os.cpu_count() or 1) else ""
     )
+
+
+# One or two models of every family: log-mel CNN, ResNet, MobileNet, 1-D, Wavegram.
+DEFAULT_MODELS = [
+    "Cnn14",
+    "Cnn6",
+    "ResNet22",
+    "MobileNetV1",
+    "MobileNetV2",
+    "LeeNet24",
+    "DaiNet19",
+    "Res1dNet31",
+    "Wavegram_Logmel_Cnn14",
+]
