@@ -10,12 +10,13 @@ import pytest
 import soundfile as sf
 import tensorflow_datasets as tfds
 
+from panns_jax import audio
 from panns_jax import data as pdata
 from panns_jax.data import audio_io, common, panns_demo, transfer
 
 SR = 32000
 CLIP = 10 * SR
-MIDS = [mid for mid, _ in common.audioset_classes()]
+MIDS = [mid for mid, _ in audio.audioset_classes()]
 
 
 def _pcm16(seed, n, channels=1):

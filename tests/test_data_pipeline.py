@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from panns_jax.data import panns_demo, pipeline
+from panns_jax.data import panns_demo, pipeline, sampling, sources
 
 C = 5
 SIZES = [1000, 300, 100, 30, 10]  # 100x imbalance
@@ -26,7 +26,7 @@ def skewed():
     labels = labels[order]
     lengths = 300 + (np.arange(len(labels)) % 3) * 150  # 300, 450, 600
     audio = [_audio_for(i, n) for i, n in enumerate(lengths)]
-    return pipeline.ArraySource(audio, labels, num_classes=C), labels
+    return sources.ArraySource(audio, labels, num_classes=C), labels
 
 
 def _take(it, n):
@@ -80,7 +80,7 @@ def test_multilabel_clips_are_in_each_class_stream():
     # Clip 0 is the only example of class 2 and also belongs to class 0.
     labels = [[0, 2], [0], [0], [0], [1], [1]]
     audio = np.zeros((6, 100), np.int16)
-    source = pipeline.ArraySource(audio, labels, num_classes=3)
+    source = sources.ArraySource(audio, labels, num_classes=3)
     it = _iterator(source, batch_size=3, clip_samples=100)
     batches = _take(it, 40)  # 120 draws = 40 permutations of the 3 classes
     drawn = np.concatenate([b["record"] for b in batches])
@@ -258,7 +258,7 @@ def test_folds_filter():
     audio = np.zeros((20, 10), np.int16)
     labels = np.arange(20) % 4
     folds = np.arange(20) % 5 + 1
-    source = pipeline.ArraySource(audio, labels, num_classes=4, columns={"fold": folds})
+    source = sources.ArraySource(audio, labels, num_classes=4, columns={"fold": folds})
     ev = pipeline.make_eval_iterator(
         source, batch_size=8, folds=[2, 5], process_index=0, process_count=1, with_record=True
     )
@@ -269,7 +269,7 @@ def test_folds_filter():
     assert set(folds[drawn]) == {1, 2, 3, 4}
 
 
-def test_tfds_source_end_to_end(tmp_path):
+def test_tfds_source_end_to_end(tmp_path, monkeypatch):
     """Builder -> ArrayRecord -> pipeline: batches hold the stored samples."""
     config = panns_demo.PannsDemoConfig(
         name="tiny", clip_seconds=0.25, num_train=30, num_eval=7, seed=1
@@ -287,7 +287,7 @@ def test_tfds_source_end_to_end(tmp_path):
         process_count=1,
         with_record=True,
     )
-    assert isinstance(it.source, pipeline.TfdsSource)
+    assert isinstance(it.source, sources.TfdsSource)
     for batch in _take(it, 6):
         for rec, audio, lab in zip(batch["record"], batch["audio"], batch["labels"]):
             ex = stored[int(rec)]
@@ -303,18 +303,34 @@ def test_tfds_source_end_to_end(tmp_path):
         batches[1]["audio"][2], ev_src[6]["audio"].astype(np.float32) / 32768
     )
     assert batches[0]["labels"].shape == (4, 10)
+    # A file the pread reader refuses is read by array_record's reader: the same examples.
+    from panns_jax.data import records
+
+    expected = it.source.read(np.arange(30))
+
+    class Refused(records.ArrayRecordFile):
+        def __init__(self, path):
+            self._fd = -1
+            raise ValueError("refused")
+
+    monkeypatch.setattr(records, "ArrayRecordFile", Refused)
+    fallback = sources.TfdsSource(builder, "train")
+    for (a, la), (b, lb) in zip(fallback.read(np.arange(30)), expected):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(la, lb)
+    assert type(fallback._reader(0)).__name__ == "ArrayRecordReader"
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 7, 64, 100, 1000])
 def test_permute_is_a_keyed_bijection(n):
-    perms = [pipeline.permute(np.arange(n), n, key) for key in range(5)]
+    perms = [sampling.permute(np.arange(n), n, key) for key in range(5)]
     for p in perms:
         assert sorted(p.tolist()) == list(range(n))
     if n >= 7:
         assert len({tuple(p) for p in perms}) == 5
     # Vectorised over keys and sizes at once.
     keys = np.array([3, 4])
-    both = pipeline.permute(np.array([0, 0]), np.array([n, n]), keys)
+    both = sampling.permute(np.array([0, 0]), np.array([n, n]), keys)
     assert both.tolist() == [perms[3][0], perms[4][0]]
 
 
@@ -324,8 +340,8 @@ def test_tfrecord_datasets_fall_back_to_memory(tmp_path):
     )
     builder = panns_demo.PannsDemo(data_dir=str(tmp_path), config=config, file_format="tfrecord")
     builder.download_and_prepare()
-    source = pipeline.make_source(builder, "train")
-    assert isinstance(source, pipeline.ArraySource) and source.num_examples == 12
+    source = sources.make_source(builder, "train")
+    assert isinstance(source, sources.ArraySource) and source.num_examples == 12
     ev = pipeline.make_eval_iterator(
         source, batch_size=4, process_index=0, process_count=1, with_record=True
     )
@@ -351,7 +367,7 @@ def test_demo_by_name_prepares_itself_and_uses_jax_process(panns_demo_dir):
 def test_fraction_trains_on_a_fixed_seeded_subset():
     audio = [np.full(1000, i, np.int16) for i in range(40)]
     labels = [np.array([i % 4], np.int32) for i in range(40)]
-    source = pipeline.ArraySource(audio, labels, num_classes=4)
+    source = sources.ArraySource(audio, labels, num_classes=4)
 
     def seen(seed):
         it = pipeline.make_train_iterator(
@@ -413,3 +429,151 @@ def test_tune_malloc_reuses_freed_multi_gigabyte_buffers():
 
     assert faults_per_page("default") > 0.5  # the probe sees fresh pages fault
     assert faults_per_page("tuned") < 0.05  # the same buffer, already mapped
+
+
+def _zipf_index(num_clips=3000, num_classes=527):
+    """AudioSet-shaped multi-label index: 1-3 classes per clip, Zipf-skewed classes."""
+    from panns_jax.data import common
+
+    rng = np.random.default_rng(0)
+    weights = 1.0 / np.arange(1, num_classes + 1)
+    weights /= weights.sum()
+    labels = []
+    for i in range(num_clips):
+        first = i if i < num_classes else rng.choice(num_classes, p=weights)
+        extra = rng.choice(num_classes, rng.integers(0, 3), p=weights).tolist()
+        labels.append(sorted({first, *extra}))
+    return common.ExampleIndex(labels, None)
+
+
+def test_the_stream_is_pinned():
+    """The numbers of the balanced and uniform streams and the crop offsets never change
+    (a checkpoint's iterator state resumes the same data order in any later version).
+    Pinned from the sampler as it was before the data package split (#15)."""
+    import hashlib
+
+    index = _zipf_index()
+    records = np.arange(len(index), dtype=np.int64)
+    keys = sampling.seed_keys(7)
+    k = np.arange(200000, dtype=np.int64)
+    streams = {
+        "balanced": sampling.BalancedSampler(index, records, 527, keys)(k),
+        "uniform": sampling.UniformSampler(len(records), keys)(k),
+        "crop": sampling.crop_offsets(sampling.crop_hashes(keys, k), np.full(len(k), 12344)),
+    }
+    pinned = {
+        "balanced": ([410, 474, 1478, 2854, 1497, 1581, 1943, 2669], "02eb6be43bfeb44a"),
+        "uniform": ([1064, 1535, 335, 1971, 4, 82, 1794, 834], "43f7daebb76af4d5"),
+        "crop": ([8760, 9585, 5223, 4265, 4512, 9220, 10389, 6662], "dcaee4e5fb2037d3"),
+    }
+
+    def digest(a):
+        return hashlib.sha256(np.ascontiguousarray(a, np.int64).tobytes()).hexdigest()[:16]
+
+    for name, stream in streams.items():
+        assert (stream[:8].tolist(), digest(stream)) == pinned[name], name
+    # Negative control: another seed is another stream.
+    other = sampling.BalancedSampler(index, records, 527, sampling.seed_keys(8))(k)
+    assert digest(other) != pinned["balanced"][1]
+
+
+_IMPORT_PROBE = """
+import sys
+import {module}
+print('tensorflow' in sys.modules, 'tensorflow_datasets' in sys.modules)
+"""
+
+
+def test_sampling_imports_without_tensorflow():
+    """The sampler is numpy only: importing it (and the package) skips TF's ~9 s import."""
+
+    def imports_tf(module):
+        out = subprocess.run(
+            [sys.executable, "-c", _IMPORT_PROBE.format(module=module)],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        return out.stdout.split()[-2:]
+
+    assert imports_tf("panns_jax.data.sampling") == ["False", "False"]
+    # Negative control: the tf.data iterators do bring TensorFlow in, and the probe sees it.
+    assert imports_tf("panns_jax.data.pipeline") == ["True", "True"]
+
+
+def _write_array_record(path, payloads, options):
+    from array_record.python import array_record_module
+
+    writer = array_record_module.ArrayRecordWriter(str(path), options)
+    for p in payloads:
+        writer.write(p)
+    writer.close()
+
+
+def test_array_record_file_reads_what_array_record_reads(tmp_path):
+    """The pread reader returns array_record's bytes, across 64 KiB block boundaries."""
+    from array_record.python import array_record_module
+
+    from panns_jax.data import records
+
+    rng = np.random.default_rng(0)
+    sizes = [1, 40, 65000, 65512, 65536, 200000, 3, 131072, 7, 700000]
+    payloads = [rng.integers(0, 256, n, dtype=np.uint8).tobytes() for n in sizes]
+    path = tmp_path / "x.array_record"
+    _write_array_record(path, payloads, "group_size:1,uncompressed")
+    theirs = array_record_module.ArrayRecordReader(str(path), "readahead_buffer_size:0")
+    ours = records.ArrayRecordFile(str(path))
+    assert len(ours) == theirs.num_records() == len(payloads)
+    buffer = bytearray(10)  # Too small: replaced by a larger one.
+    for i in rng.permutation(len(payloads)):
+        view = ours.read_into(int(i), buffer)
+        assert bytes(view) == theirs.read([int(i)])[0] == payloads[i]
+        buffer = view.obj
+    ours.close()
+    # Negative controls: layouts it does not read are refused, by name, not misread.
+    for options, why in [("group_size:1", "compressed"), ("group_size:4,uncompressed", "several")]:
+        other = tmp_path / f"{why}.array_record"
+        _write_array_record(other, payloads, options)
+        with pytest.raises(ValueError, match=why):
+            records.ArrayRecordFile(str(other))
+
+
+def test_batch_buffers_are_reused_only_when_no_batch_holds_them(skewed):
+    buffers = pipeline._BatchBuffers(keep=2)
+    a = buffers.empty((3, 5))
+    a[:] = 1
+    b = buffers.empty((3, 5))
+    assert not np.shares_memory(a, b) and a.ctypes.data % 64 == b.ctypes.data % 64 == 0
+    a_storage = a.ctypes.data
+    del a
+    c = buffers.empty((3, 5))  # a is gone: its storage is reused
+    assert c.ctypes.data == a_storage
+    part = c[1:]  # A slice alone keeps the storage busy.
+    del c
+    d = buffers.empty((3, 5))
+    assert not np.shares_memory(d, part) and not np.shares_memory(d, b)
+    assert len(buffers._storage) == 2  # (keep=2: d is a fresh buffer, not kept)
+    del part, b
+    e = buffers.empty((3, 5))
+    assert any(np.shares_memory(e, s) for s in buffers._storage)
+    # End to end: every batch a caller holds keeps its values while later batches are
+    # written (more of them than the buffers kept), and they are the pool's (zero copy).
+    source, _ = skewed
+    it = _iterator(source, batch_size=20)
+    held = _take(it, 12)
+    slots = it._buffers._storage
+    assert sum(any(np.shares_memory(h["audio"], s) for s in slots) for h in held) >= 2
+    again = _iterator(source, batch_size=20)
+    for step, batch in enumerate(held):
+        np.testing.assert_array_equal(batch["audio"], again.batch(step)[0])
+
+
+def test_every_name_the_package_exports_resolves():
+    """panns_jax.data imports its modules on first use: each public name must lead to one."""
+    import panns_jax.data as pdata
+
+    assert {"make_train_iterator", "ArraySource", "Audioset", "get_builder"} <= set(pdata.__all__)
+    for name in pdata.__all__:
+        assert getattr(pdata, name) is not None, name
+    with pytest.raises(AttributeError, match="no_such_name"):
+        pdata.no_such_name  # noqa: B018

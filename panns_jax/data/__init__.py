@@ -1,32 +1,61 @@
 """Datasets for panns_jax: TFDS builders and the tf.data training pipeline.
 
-Importing this package registers the builders with TFDS under the names
-`audioset`, `esc50`, `gtzan_genres`, `ravdess` and `panns_demo` (configs
-'32k' (default), '16k', '8k'; panns_demo: 'default' (2 s) and '10s').
-All write ArrayRecord files, in source order, with the feature layout
-`audio` (int16 [samples]), `labels` (multi-label ids) or `label` (ClassLabel),
-`audio_id` (str), and `fold` where the set has folds.
+The builders register with TFDS under the names `audioset`, `esc50`,
+`gtzan_genres`, `ravdess` and `panns_demo` (configs '32k' (default), '16k', '8k';
+panns_demo: 'default' (2 s) and '10s') once their module is imported: using any
+name below, or `get_builder`, does that. All write ArrayRecord files, in source
+order, with the feature layout `audio` (int16 [samples]), `labels` (multi-label
+ids) or `label` (ClassLabel), `audio_id` (str), and `fold` where the set has folds.
+
+Modules, each with one job: `sources` (random access to a split's records),
+`records` (decoding stored records), `sampling` (the stateless samplers and record
+selection; numpy only), `pipeline` (the tf.data iterators), `common` and the
+builder modules. This package imports none of them until one of its names is
+used, so `panns_jax.data.sampling` imports without TensorFlow, and no submodule's
+import runs into a half-initialised package.
 """
 
-from panns_jax.data.audioset import Audioset
-from panns_jax.data.common import (
-    DEFAULT_MAX_BAD_FRACTION,
-    BadExample,
-    ExampleIndex,
-    TooManyBadExamplesError,
-    audioset_classes,
-)
-from panns_jax.data.panns_demo import CLASS_NAMES as DEMO_CLASS_NAMES
-from panns_jax.data.panns_demo import PannsDemo
-from panns_jax.data.pipeline import (
-    ArraySource,  # Hides GPUs from TF first.
-    EvalIterable,
-    Source,
-    TfdsSource,
-    TrainIterator,
-    get_builder,
-    make_eval_iterator,
-    make_source,
-    make_train_iterator,
-)
-from panns_jax.data.transfer import Esc50, GtzanGenres, Ravdess
+from __future__ import annotations
+
+import importlib
+from typing import Any, List
+
+# Public name -> (submodule, name there).
+_EXPORTS = {
+    "Audioset": ("audioset", "Audioset"),
+    "DEFAULT_MAX_BAD_FRACTION": ("common", "DEFAULT_MAX_BAD_FRACTION"),
+    "BadExample": ("common", "BadExample"),
+    "ExampleIndex": ("common", "ExampleIndex"),
+    "TooManyBadExamplesError": ("common", "TooManyBadExamplesError"),
+    "audioset_classes": ("panns_jax.audio", "audioset_classes"),
+    "DEMO_CLASS_NAMES": ("panns_demo", "CLASS_NAMES"),
+    "PannsDemo": ("panns_demo", "PannsDemo"),
+    "Esc50": ("transfer", "Esc50"),
+    "GtzanGenres": ("transfer", "GtzanGenres"),
+    "Ravdess": ("transfer", "Ravdess"),
+    "Source": ("sources", "Source"),
+    "ArraySource": ("sources", "ArraySource"),
+    "TfdsSource": ("sources", "TfdsSource"),
+    "get_builder": ("sources", "get_builder"),
+    "make_source": ("sources", "make_source"),
+    "TrainIterator": ("pipeline", "TrainIterator"),
+    "EvalIterable": ("pipeline", "EvalIterable"),
+    "make_train_iterator": ("pipeline", "make_train_iterator"),
+    "make_eval_iterator": ("pipeline", "make_eval_iterator"),
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    """Imports the submodule that defines `name` on first use (PEP 562)."""
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module, attr = _EXPORTS[name]
+    module = module if "." in module else f"{__name__}.{module}"
+    value = getattr(importlib.import_module(module), attr)
+    globals()[name] = value  # Later lookups skip this function.
+    return value
+
+
+def __dir__() -> List[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -22,6 +22,7 @@ from typing import Dict, Iterator, List, Optional
 import numpy as np
 import tensorflow_datasets as tfds
 
+from panns_jax.audio import audioset_classes
 from panns_jax.data import audio_io, common
 
 SPLIT_CSVS = {
@@ -113,7 +114,7 @@ class Audioset(common.PannsBuilder):
         return int(round(self.builder_config.clip_seconds * self.sample_rate))
 
     def _info_kwargs(self):
-        mids = [mid for mid, _ in common.audioset_classes()]
+        mids = [mid for mid, _ in audioset_classes()]
         return dict(
             description=__doc__,
             features=tfds.features.FeaturesDict(
@@ -150,7 +151,7 @@ class Audioset(common.PannsBuilder):
     def _csv_candidates(
         self, csv_path: str, split: str, lookup: AudioLookup
     ) -> Iterator[common.Candidate]:
-        mid_to_index = {mid: i for i, (mid, _) in enumerate(common.audioset_classes())}
+        mid_to_index = {mid: i for i, (mid, _) in enumerate(audioset_classes())}
         sr, length = self.sample_rate, self.clip_samples
         for row_number, row in enumerate(read_segments_csv(csv_path)):
             name = row[0] if row else f"row {row_number}"
@@ -177,7 +178,7 @@ class Audioset(common.PannsBuilder):
         import h5py  # pylint: disable=g-import-not-at-top
 
         sr, length = self.sample_rate, self.clip_samples
-        num_classes = len(common.audioset_classes())
+        num_classes = len(audioset_classes())
         for pack in packs:
             with h5py.File(pack, "r") as f:
                 if f["target"].shape[1] != num_classes:

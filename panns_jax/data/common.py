@@ -3,7 +3,7 @@
 Every builder here
 
 * writes ArrayRecord files by default (random access is what the balanced
-  sampler needs, see pipeline.py) with `disable_shuffling`, so records are in
+  sampler needs, see sampling.py) with `disable_shuffling`, so records are in
   the order of their integer keys (the order of the source csv / folder walk);
 * counts bad inputs (missing, empty or corrupt audio, unknown labels), logs
   each by name, skips it, and fails the build only past `max_bad_fraction`;
@@ -17,10 +17,7 @@ from __future__ import annotations
 import base64
 import collections
 import concurrent.futures
-import csv
 import dataclasses
-import functools
-import importlib.resources
 import inspect
 import io
 import itertools
@@ -49,18 +46,6 @@ class BadExample(ValueError):
 
 class TooManyBadExamplesError(RuntimeError):
     """More than `max_bad_fraction` of a split's inputs were unusable."""
-
-
-@functools.lru_cache(maxsize=None)
-def audioset_classes() -> Tuple[Tuple[str, str], ...]:
-    """(mid, display_name) of the 527 AudioSet classes in model output order.
-
-    Read from the packaged copy of the release's class_labels_indices.csv.
-    """
-    res = importlib.resources.files("panns_jax").joinpath("assets/class_labels_indices.csv")
-    with res.open("r", encoding="utf-8") as f:
-        rows = sorted(csv.DictReader(f), key=lambda r: int(r["index"]))
-    return tuple((r["mid"], r["display_name"]) for r in rows)
 
 
 @dataclasses.dataclass

@@ -6,10 +6,12 @@ Data flow (per host; G = global batch, B = G / number of hosts)::
     -> one numpy call per batch (parallel, ordered tf.data map):
        k = step*G + h*B .. step*G + h*B+B-1   this host's (h) slice of the
                                               global stream's positions
-       sampler(k) -> record ids               stateless hash permutations
-       read records                           ArrayRecord random access / memory
-       random crop or zero-pad, int16/32768   offsets hashed from (seed, k)
+       sampler(k) -> record ids               stateless hash permutations (sampling.py)
+       read records, one at a time            pread into a reused buffer / memory (sources.py)
+       random crop or zero-pad, int16/32768   offsets hashed from (seed, k), written
+                                              straight into the batch's float32 rows
     -> prefetch -> {'audio': f32 [B, L], 'labels': f32 multi-hot [B, C]}
+       (the batch buffer is 64-byte aligned, so TF hands it on without a copy)
 
 The sampler is a pure function of (seed, k) over the whole selection, the same
 on every host, which buys four things: reproducibility, O(1) resume (the
@@ -21,41 +23,39 @@ order), and no per-class tf.data objects, so 527 classes cost nothing.
 Each host reads only its rows' records. Work is done per batch in numpy
 rather than per example in TF ops: measured on
 10 s clips, per-example tf.data maps (index_shuffle sampler, unbatch, decode)
-cost ~2 ms of CPU per clip, the batch-level path ~0.5 ms
-(benchmarks/input_pipeline.py).
+cost ~2 ms of CPU per clip, the batch-level path ~0.6 ms
+(benchmarks/input_pipeline.py: ~1,800 clips per CPU-second, balanced over 527
+classes). Most of what is left is memory traffic: the float32 batch is twice the
+int16 it is made from, and the page-cache copy of each record.
 
-Balanced sampling (Kong et al. 2020, Sec. IV-A; TRAINING.md Sec. 3): the stream
-is a sequence of fresh random permutations of all classes; each time class c
-comes up it yields the next example of its own shuffled list, reshuffled after
-every pass. Because every permutation contains c exactly once, draw k = e*C + j
-is class perm_e[j] and it is that class's e-th draw, so its example is
-shuffle_{c, e // n_c}[e % n_c]. Both permutations are evaluated lazily by
-`permute` (a keyed Feistel network with cycle walking, a bijection of [0, n)).
-This is the paper's sampler in distribution (not in numpy's random numbers).
-Multi-label clips are in the list of each of their classes. Classes without
-examples in the selection (folds, `fraction`) are left out of the permutations.
-
-Uniform sampling: epoch e = k // N is a fresh random permutation of the N
-examples.
-
-Evaluation is sharded by records instead: host h reads the h-th contiguous
-part of the selection, every example exactly once over all hosts.
-
-Data sources: TFDS datasets written in ArrayRecord format (the default of the
-panns_jax builders) are read by random access; datasets in TFRecord format and
-numpy arrays (`ArraySource`) are held in memory, which suits small sets only.
+The samplers (balanced: Kong et al. 2020, Sec. IV-A; uniform) and the record
+selection (folds, evaluation shards) are in sampling.py; evaluation is sharded by
+records: host h reads the h-th contiguous part of the selection, every example
+exactly once over all hosts.
 """
 
 from __future__ import annotations
 
 import atexit
 import json
+import sys
 import threading
 import weakref
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    Iterable,
+    Iterator,
+    List,
+    Mapping,
+    Optional,
+    Sequence,
+    Tuple,
+    Union,
+)
 
 import numpy as np
-from absl import logging
 
 from panns_jax import tf_cpu
 
@@ -63,296 +63,12 @@ tf = tf_cpu.import_tensorflow()  # Keep TF off accelerators: JAX owns them.
 
 import tensorflow_datasets as tfds  # noqa: E402  (after tf_cpu hid the accelerators)
 
-from panns_jax.data import common  # noqa: E402
+from panns_jax.data import sampling  # noqa: E402
+from panns_jax.data.records import Example  # noqa: E402
+from panns_jax.data.sources import Source, make_source  # noqa: E402
 
 Batch = Dict[str, np.ndarray]
-Example = Tuple[np.ndarray, np.ndarray]  # (int16 audio [n], int32 label ids)
 _STATE_VERSION = 1
-
-
-# ----------------------------------------------------------------------------
-# Sources: random access to (audio int16 [n], label ids int32 [m]) by record id.
-# ----------------------------------------------------------------------------
-
-
-class Source:
-    """Random access to the examples of one split, plus their labels."""
-
-    num_classes: int
-    index: common.ExampleIndex
-    fixed_length: Optional[int] = None  # Samples per clip if all are equal.
-
-    @property
-    def num_examples(self) -> int:
-        return len(self.index)
-
-    def read(self, records: np.ndarray) -> List[Example]:
-        """(int16 audio, int32 label ids) of each record id. Thread-safe."""
-        raise NotImplementedError
-
-
-class ArraySource(Source):
-    """Examples held in memory (tests, the demo, small TFRecord datasets).
-
-    Args:
-      audio: int16 array [N, L], float array in [-1, 1] (converted to int16), or
-        a sequence of 1-D arrays of varying length.
-      labels: multi-hot [N, C], a sequence of label-id sequences, or int [N].
-      num_classes: C (required unless labels are multi-hot).
-      columns: optional int columns (e.g. {'fold': [...]}) for `folds=` filters.
-    """
-
-    def __init__(
-        self,
-        audio: Union[np.ndarray, Sequence[np.ndarray]],
-        labels: Union[np.ndarray, Sequence[Sequence[int]]],
-        num_classes: Optional[int] = None,
-        columns: Optional[Mapping[str, Sequence[int]]] = None,
-    ):
-        def as_int16(x):
-            x = np.asarray(x)
-            if x.dtype == np.int16:
-                return x
-            from panns_jax.data import audio_io  # pylint: disable=g-import-not-at-top
-
-            return audio_io.float_to_int16(x)
-
-        if isinstance(audio, np.ndarray) and audio.ndim == 2:
-            self._audio = as_int16(audio)
-            self.fixed_length = audio.shape[1]
-        else:
-            self._audio = [as_int16(a) for a in audio]
-            lengths = {len(a) for a in self._audio}
-            self.fixed_length = lengths.pop() if len(lengths) == 1 else None
-        if isinstance(labels, np.ndarray) and labels.ndim == 2:
-            num_classes = labels.shape[1]
-            label_lists = [np.flatnonzero(row) for row in labels]
-        elif isinstance(labels, np.ndarray) and labels.ndim == 1:
-            label_lists = [[int(l)] for l in labels]
-        else:
-            label_lists = [list(l) for l in labels]
-        if num_classes is None:
-            raise ValueError("num_classes is required unless labels are multi-hot.")
-        if len(label_lists) != len(self._audio):
-            raise ValueError(f"{len(self._audio)} clips but {len(label_lists)} labels")
-        self.num_classes = int(num_classes)
-        self.index = common.ExampleIndex(label_lists, columns)
-        self._labels = self.index.label_lists()
-
-    @classmethod
-    def from_tfds(cls, builder: tfds.core.DatasetBuilder, split: str) -> "ArraySource":
-        """Loads a prepared split into memory (any file format)."""
-        features = builder.info.features
-        label_key = "labels" if "labels" in features else "label"
-        num_classes = _num_classes(features[label_key])
-        audio, labels, columns = [], [], {c: [] for c in common.INDEX_COLUMNS if c in features}
-        for ex in tfds.as_numpy(builder.as_dataset(split, shuffle_files=False)):
-            audio.append(ex["audio"])
-            labels.append(np.atleast_1d(ex[label_key]))
-            for c in columns:
-                columns[c].append(int(ex[c]))
-        return cls(audio, labels, num_classes, columns)
-
-    def read(self, records):
-        return [(self._audio[r], self._labels[r].astype(np.int32)) for r in records]
-
-
-class TfdsSource(Source):
-    """A prepared ArrayRecord TFDS split, read by random access.
-
-    Records are tf.train.Examples; the audio bytes are viewed as int16 without
-    going through TF ops (one copy from the page cache, no decompression: the
-    panns_jax builders write uncompressed ArrayRecord).
-    """
-
-    def __init__(self, builder: tfds.core.DatasetBuilder, split: str):
-        from tensorflow_datasets.core.data_sources import base as ds_base  # pylint: disable=g-import-not-at-top
-
-        self.builder, self.split = builder, split
-        features = builder.info.features
-        self._label_key = "labels" if "labels" in features else "label"
-        self.num_classes = _num_classes(features[self._label_key])
-        self.fixed_length = features["audio"].shape[0]
-        instructions = ds_base.file_instructions(builder.info, split)
-        self._files = [i.filename for i in instructions]
-        self._skips = np.array([i.skip for i in instructions], np.int64)
-        takes = np.array(
-            [i.take if i.take >= 0 else i.examples_in_shard - i.skip for i in instructions],
-            np.int64,
-        )
-        self._ends = np.cumsum(takes)
-        self._readers: Dict[int, Any] = {}
-        self._locks = [threading.Lock() for _ in self._files]
-        self._open_lock = threading.Lock()
-        text = (builder.info.metadata or {}).get(common.index_key(split))
-        if text:
-            self.index = common.ExampleIndex.decode(text)
-        else:  # Built by another tool: one pass over the labels.
-            logging.warning(
-                "%s/%s has no stored example index; scanning labels.", builder.name, split
-            )
-            self.index = ArraySource.from_tfds(builder, split).index
-        if len(self.index) != int(self._ends[-1] if len(self._ends) else 0):
-            raise ValueError(
-                f"Example index of {builder.name}/{split} has "
-                f"{len(self.index)} entries, the data "
-                f"{int(self._ends[-1])}."
-            )
-
-    def _reader(self, f: int):
-        with self._open_lock:
-            if f not in self._readers:
-                from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
-
-                self._readers[f] = array_record_module.ArrayRecordReader(
-                    self._files[f], "readahead_buffer_size:0"
-                )
-            return self._readers[f]
-
-    def _parse(self, raw: bytes) -> Example:
-        try:
-            fields = _example_fields(raw)
-            kind, value = fields["audio"]
-            samples = (
-                np.frombuffer(raw, np.int16, len(value) // 2, value.start)
-                if kind == "bytes"
-                else np.asarray(value, np.int16)
-            )
-            return samples, np.asarray(fields[self._label_key][1], np.int32)
-        except (KeyError, ValueError, IndexError, StopIteration):  # Other layout.
-            feature = tf.train.Example.FromString(raw).features.feature
-            audio = feature["audio"]
-            samples = (
-                np.frombuffer(audio.bytes_list.value[0], np.int16)
-                if audio.bytes_list.value
-                else np.asarray(audio.int64_list.value, np.int16)
-            )
-            return samples, np.asarray(feature[self._label_key].int64_list.value, np.int32)
-
-    def read(self, records):
-        files = np.searchsorted(self._ends, records, side="right")
-        out = []
-        for r, f in zip(records, files):
-            pos = int(r - (self._ends[f - 1] if f else 0) + self._skips[f])
-            reader = self._reader(int(f))
-            with self._locks[f]:
-                raw = reader.read([pos])[0]
-            out.append(self._parse(raw))
-        return out
-
-
-def _varint(buf: bytes, pos: int) -> Tuple[int, int]:
-    result = shift = 0
-    while True:
-        b = buf[pos]
-        pos += 1
-        result |= (b & 0x7F) << shift
-        if b < 0x80:
-            return result, pos
-        shift += 7
-
-
-def _example_fields(raw: bytes) -> Dict[str, Tuple[str, Any]]:
-    """Features of a serialized tf.train.Example without copying bytes values.
-
-    Returns name -> ('bytes', range of the first value in `raw`) or
-    ('ints', [int64 values]). Covers what TFDS writes (single bytes values,
-    packed int64 lists); raises ValueError on anything else.
-    """
-
-    def fields(start, end):
-        pos = start
-        while pos < end:
-            tag, pos = _varint(raw, pos)
-            if tag & 7 != 2:
-                raise ValueError("unexpected wire type")
-            n, pos = _varint(raw, pos)
-            yield tag >> 3, pos, pos + n
-            pos += n
-
-    out = {}
-    for num, s, e in fields(0, len(raw)):  # Example.features
-        if num != 1:
-            continue
-        for num2, s2, e2 in fields(s, e):  # Features.feature map entries
-            if num2 != 1:
-                continue
-            name, value = None, None
-            for num3, s3, e3 in fields(s2, e2):  # key = 1, value (Feature) = 2
-                if num3 == 1:
-                    name = raw[s3:e3].decode()
-                elif num3 == 2:
-                    value = next(fields(s3, e3), None)
-            if name is None:
-                raise ValueError("map entry without key")
-            if value is None:  # Empty feature list.
-                out[name] = ("ints", [])
-                continue
-            kind, s4, e4 = value
-            if kind == 1:  # BytesList: first value.
-                _, s5, e5 = next(fields(s4, e4))
-                out[name] = ("bytes", range(s5, e5))
-            elif kind == 3:  # Int64List, packed.
-                ints = []
-                for _, s5, e5 in fields(s4, e4):
-                    pos = s5
-                    while pos < e5:
-                        v, pos = _varint(raw, pos)
-                        ints.append(v - (1 << 64) if v >= 1 << 63 else v)
-                out[name] = ("ints", ints)
-            else:
-                out[name] = ("other", None)
-    return out
-
-
-def _num_classes(feature) -> int:
-    if isinstance(feature, tfds.features.Sequence):
-        feature = feature.feature
-    return int(feature.num_classes)
-
-
-def get_builder(name: str, data_dir: Optional[str] = None, **kwargs) -> tfds.core.DatasetBuilder:
-    """`tfds.builder(name)`; prepares datasets that need no download (panns_demo)."""
-
-    builder = tfds.builder(name, data_dir=data_dir, **kwargs)
-    if not builder.is_prepared():
-        if getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None):
-            raise FileNotFoundError(
-                f"{name} is not prepared in {builder.data_dir}. Build it with "
-                f"download_config=tfds.download.DownloadConfig(manual_dir=...):\n"
-                f"{builder.MANUAL_DOWNLOAD_INSTRUCTIONS}"
-            )
-        builder.download_and_prepare(
-            download_config=tfds.download.DownloadConfig(try_download_gcs=False)
-        )
-    return builder
-
-
-def make_source(
-    dataset: Union[str, tfds.core.DatasetBuilder, Source],
-    split: str,
-    data_dir: Optional[str] = None,
-) -> Source:
-    """A Source for a builder name ('audioset/16k'), a builder, or a Source."""
-    if isinstance(dataset, Source):
-        return dataset
-    builder = (
-        dataset if isinstance(dataset, tfds.core.DatasetBuilder) else get_builder(dataset, data_dir)
-    )
-    if builder.info.file_format == tfds.core.FileFormat.ARRAY_RECORD:
-        return TfdsSource(builder, split)
-    logging.warning(
-        "%s is stored as %s (no random access): loading %s into memory.",
-        builder.name,
-        builder.info.file_format,
-        split,
-    )
-    return ArraySource.from_tfds(builder, split)
-
-
-# ----------------------------------------------------------------------------
-# Selection of records: folds, then (evaluation) this host's contiguous shard.
-# ----------------------------------------------------------------------------
 
 
 def _process(process_index, process_count):
@@ -366,154 +82,61 @@ def _process(process_index, process_count):
     return int(process_index), int(process_count)
 
 
-def select_records(
-    index: common.ExampleIndex,
-    *,
-    folds: Optional[Sequence[int]],
-    process_index: int = 0,
-    process_count: int = 1,
-) -> np.ndarray:
-    """Record ids of this host: disjoint contiguous shards covering the selection
-    (all of it for process_count=1, which is what training samples from)."""
-    records = np.arange(len(index), dtype=np.int64)
-    if folds is not None:
-        if "fold" not in index.columns:
-            raise ValueError("folds= given but the dataset has no fold column.")
-        records = records[np.isin(index.columns["fold"], np.asarray(folds))]
-    bounds = np.linspace(0, len(records), process_count + 1).round().astype(int)
-    return records[bounds[process_index] : bounds[process_index + 1]]
+_ALIGN = 64  # TF shares (does not copy) a numpy_function output aligned like this.
 
 
-# ----------------------------------------------------------------------------
-# Stateless samplers (numpy, vectorised over a batch of stream positions k).
-# ----------------------------------------------------------------------------
+class _BatchBuffers:
+    """Float32 batch buffers, 64-byte aligned, recycled once no batch refers to them.
 
-_U = np.uint64
-
-
-def _mix(x: np.ndarray) -> np.ndarray:
-    """splitmix64 finaliser: a well-spread 64-bit hash."""
-    x = x + _U(0x9E3779B97F4A7C15)
-    x = (x ^ (x >> _U(30))) * _U(0xBF58476D1CE4E5B9)
-    x = (x ^ (x >> _U(27))) * _U(0x94D049BB133111EB)
-    return x ^ (x >> _U(31))
-
-
-def hash_ints(*parts) -> np.ndarray:
-    """Order-dependent uint64 hash of integer arrays (broadcast)."""
-    with np.errstate(over="ignore"):
-        h = np.zeros((), _U)
-        for p in parts:
-            h = _mix(h ^ np.asarray(p).astype(_U))
-        return h
-
-
-def permute(i, n, key) -> np.ndarray:
-    """pi_key(i), where pi_key is a key-chosen permutation of [0, n).
-
-    A 4-round Feistel network on the smallest 2h-bit domain holding n, with
-    cycle walking back into [0, n); vectorised over i, n and key (broadcast).
+    Aligned, the array a numpy_function returns becomes the TF tensor and then the
+    numpy batch the caller gets, without a copy (TF copies unaligned ones: 41 MB a batch
+    of 32 ten-second clips). A buffer is reused only when nothing but this pool refers to
+    its storage (every numpy view of it, and TF's tensor through the view it was given,
+    holds a reference), so a batch the caller holds, or any slice of one, is never
+    overwritten; the reuse saves the page faults of a fresh 41 MB allocation per batch.
     """
-    i, n, key = np.broadcast_arrays(np.asarray(i, _U), np.asarray(n, _U), np.asarray(key, _U))
-    half = np.ceil(np.ceil(np.log2(np.maximum(n, 2).astype(np.float64))) / 2)
-    half = half.astype(_U)
-    mask = (_U(1) << half) - _U(1)
-    x = i.copy()
-    todo = np.ones(x.shape, bool)
-    while todo.any():
-        xs, h, m, k = x[todo], half[todo], mask[todo], key[todo]
-        for r in range(4):
-            left, right = xs >> h, xs & m
-            xs = (right << h) | (left ^ (hash_ints(k, r, right) & m))
-        x[todo] = xs
-        todo[todo] = xs >= n[todo]
-    return x.astype(np.int64)
 
+    def __init__(self, keep: int):
+        self._keep = keep
+        self._storage: List[np.ndarray] = []  # uint8, at most `keep`
+        self._lock = threading.Lock()
 
-def _seed_keys(seed: int) -> Dict[str, np.uint64]:
-    # The same keys on every host: the stream is global. ([seed, 0] is what a
-    # single host used when the host index was folded in: its streams are kept.)
-    state = np.random.SeedSequence([seed, 0]).generate_state(4, _U)
-    return dict(zip(("class", "member", "uniform", "crop"), state))
-
-
-class BalancedSampler:
-    """k -> position in `records` (see the module docstring)."""
-
-    def __init__(
-        self,
-        index: common.ExampleIndex,
-        records: np.ndarray,
-        num_classes: int,
-        keys: Mapping[str, np.uint64],
-    ):
-        members = [[] for _ in range(num_classes)]
-        for pos, rec in enumerate(records):
-            for c in index.labels_of(int(rec)):
-                members[c].append(pos)
-        self.class_ids = np.array([c for c in range(num_classes) if members[c]], np.int64)
-        if not len(self.class_ids):
-            raise ValueError("Balanced sampling needs labelled examples; none found.")
-        self.counts = np.array([len(members[c]) for c in self.class_ids], np.int64)
-        self.offsets = np.concatenate([[0], np.cumsum(self.counts)[:-1]])
-        self.members = np.concatenate([members[c] for c in self.class_ids]).astype(np.int64)
-        self._keys = keys
-
-    def __call__(self, k: np.ndarray) -> np.ndarray:
-        num = len(self.class_ids)
-        epoch, j = k // num, k % num
-        slot = permute(j, num, hash_ints(self._keys["class"], epoch))
-        n = self.counts[slot]
-        m = permute(epoch % n, n, hash_ints(self._keys["member"], self.class_ids[slot], epoch // n))
-        return self.members[self.offsets[slot] + m]
-
-
-class UniformSampler:
-    """k -> position: epoch k // N is a fresh permutation of the N positions."""
-
-    def __init__(self, num: int, keys: Mapping[str, np.uint64]):
-        if num == 0:
-            raise ValueError("No examples to sample from.")
-        self._num, self._keys = num, keys
-
-    def __call__(self, k: np.ndarray) -> np.ndarray:
-        return permute(k % self._num, self._num, hash_ints(self._keys["uniform"], k // self._num))
-
-
-_BUFFERS = threading.local()
-
-
-def _scratch(shape: Tuple[int, int]) -> np.ndarray:
-    """A float32 buffer reused by the calling thread.
-
-    Safe because TF copies numpy_function outputs into its own tensors before
-    the thread can call again (tests/test_data_pipeline.py holds many batches and
-    would see any aliasing); it saves a page-faulting 40 MB allocation per batch.
-    """
-    buf = getattr(_BUFFERS, "audio", None)
-    if buf is None or buf.shape != shape:
-        buf = _BUFFERS.audio = np.empty(shape, np.float32)
-    return buf
+    def empty(self, shape: Tuple[int, ...]) -> np.ndarray:
+        nbytes = int(np.prod(shape)) * 4
+        with self._lock:
+            # The most recently used free buffer first: parts of it may still be in cache.
+            for i in reversed(range(len(self._storage))):
+                storage = self._storage[i]
+                # References: the list, this name, getrefcount's argument.
+                if sys.getrefcount(storage) == 3 and len(storage) >= nbytes + _ALIGN:
+                    self._storage.append(self._storage.pop(i))
+                    break
+            else:
+                storage = np.empty(nbytes + _ALIGN, np.uint8)
+                if len(self._storage) < self._keep:
+                    self._storage.append(storage)
+            start = -storage.ctypes.data % _ALIGN
+            return storage[start : start + nbytes].view(np.float32).reshape(shape)
 
 
 def _assemble(
-    examples: Sequence[Example],
-    length: int,
+    examples: Iterable[Example],
+    audio: np.ndarray,
     num_classes: int,
-    offsets: Sequence[int],
-    reuse: bool = False,
-) -> Tuple[np.ndarray, np.ndarray]:
-    """float32 audio [B, length] (window at offset, zero-padded) and multi-hot."""
-    shape = (len(examples), length)
-    audio = _scratch(shape) if reuse else np.empty(shape, np.float32)
-    labels = np.zeros((len(examples), num_classes), np.float32)
+    offset: Callable[[int, int], int],
+) -> np.ndarray:
+    """Writes each example's window into `audio` [B, L] (int16 / 32768, zero-padded at the
+    end; window b starts at offset(b, samples - L)) and returns the multi-hot labels."""
+    length = audio.shape[1]
+    labels = np.zeros((len(audio), num_classes), np.float32)
     scale = np.float32(1 / 32768)
-    for b, ((samples, ids), off) in enumerate(zip(examples, offsets)):
-        window = samples[off : off + length]
+    for b, (samples, ids) in enumerate(examples):
+        start = offset(b, len(samples) - length) if len(samples) > length else 0
+        window = samples[start : start + length]
         np.multiply(window, scale, out=audio[b, : len(window)])
         audio[b, len(window) :] = 0
         labels[b, ids] = 1.0
-    return audio, labels
+    return labels
 
 
 def _options() -> tf.data.Options:
@@ -594,38 +217,37 @@ class TrainIterator:
         self.source = source
         self.clip_samples, self.balanced, self.seed = int(clip_samples), balanced, int(seed)
         self.records = records  # The whole selection, the same on every host.
-        self._keys = _seed_keys(seed)
+        self._keys = sampling.seed_keys(seed)
         self.sampler = (
-            BalancedSampler(source.index, records, source.num_classes, self._keys)
+            sampling.BalancedSampler(source.index, records, source.num_classes, self._keys)
             if balanced
-            else UniformSampler(len(records), self._keys)
+            else sampling.UniformSampler(len(records), self._keys)
         )
         self._with_record = with_record
         self._prefetch, self._npc = prefetch, num_parallel_calls
         self._step = 0
         self._it: Optional[_NumpyIterator] = None
+        self._buffers = _BatchBuffers(keep=prefetch + 4)
 
     @property
     def num_classes(self) -> int:
         return self.source.num_classes
 
-    def batch(self, step: int, reuse: bool = False) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """This host's rows of global batch `step`: (audio, labels, records).
-
-        reuse: write audio into a per-thread buffer (only for tf.numpy_function,
-        which copies it).
-        """
+    def batch(self, step: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """This host's rows of global batch `step`: (audio, labels, records)."""
         k = (
             int(step) * self.global_batch_size
             + self.row_offset
             + np.arange(self.batch_size, dtype=np.int64)
         )
         records = self.records[self.sampler(k)]
-        examples = self.source.read(records)
-        excess = np.array([max(len(a) - self.clip_samples, 0) for a, _ in examples])
-        offsets = hash_ints(self._keys["crop"], k) % (excess + 1).astype(_U)
-        audio, labels = _assemble(
-            examples, self.clip_samples, self.num_classes, offsets.astype(np.int64), reuse=reuse
+        hashes = sampling.crop_hashes(self._keys, k)
+        audio = self._buffers.empty((self.batch_size, self.clip_samples))
+        labels = _assemble(
+            self.source.examples(records),
+            audio,
+            self.num_classes,
+            lambda b, excess: int(sampling.crop_offsets(hashes[b], excess)),
         )
         return audio, labels, records
 
@@ -635,7 +257,7 @@ class TrainIterator:
 
         def make(step):
             audio, labels, records = tf.numpy_function(
-                lambda s: self.batch(s, reuse=True),
+                self.batch,
                 [step],
                 (tf.float32, tf.float32, tf.int64),
                 stateful=False,
@@ -722,6 +344,7 @@ class EvalIterable:
         self.records = records
         self.num_batches = -(-max_records_per_host // batch_size)
         self._with_record, self._npc = with_record, num_parallel_calls
+        self._buffers = _BatchBuffers(keep=6)
 
     @property
     def num_examples(self) -> int:
@@ -730,20 +353,17 @@ class EvalIterable:
     def batch(self, i: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Batch i: (audio, labels, mask, records); padding rows are zeros, record -1."""
         records = self.records[i * self.batch_size : (i + 1) * self.batch_size]
-        audio, labels = _assemble(
-            self.source.read(records),
-            self.clip_samples,
+        audio = self._buffers.empty((self.batch_size, self.clip_samples))
+        labels = _assemble(
+            self.source.examples(records),
+            audio,
             self.source.num_classes,
-            [0] * len(records),
+            lambda b, excess: 0,  # The first samples.
         )
+        audio[len(records) :] = 0
         pad = self.batch_size - len(records)
         mask = np.arange(self.batch_size) < len(records)
-        return (
-            np.pad(audio, [(0, pad), (0, 0)]),
-            np.pad(labels, [(0, pad), (0, 0)]),
-            mask,
-            np.pad(records, (0, pad), constant_values=-1),
-        )
+        return audio, labels, mask, np.pad(records, (0, pad), constant_values=-1)
 
     def dataset(self) -> tf.data.Dataset:
         b, length, c = self.batch_size, self.clip_samples, self.source.num_classes
@@ -820,12 +440,8 @@ def make_train_iterator(
     process_index, process_count = _process(process_index, process_count)
     _local_batch(batch_size, process_count)  # Refuse an uneven split early.
     source = make_source(dataset, split, data_dir)
-    records = select_records(source.index, folds=folds)  # Every host: all of it.
-    if not 0 < fraction <= 1:
-        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
-    if fraction < 1:
-        keep = np.random.default_rng(seed).permutation(len(records))
-        records = records[np.sort(keep[: max(1, int(round(fraction * len(records))))])]
+    records = sampling.select_records(source.index, folds=folds)  # Every host: all of it.
+    records = sampling.subset(records, fraction, seed)
     return TrainIterator(
         source,
         batch_size=batch_size,
@@ -866,7 +482,9 @@ def make_eval_iterator(
             raise ValueError("Clips vary in length: pass clip_samples.")
         clip_samples = source.fixed_length
     shards = [
-        select_records(source.index, folds=folds, process_index=i, process_count=process_count)
+        sampling.select_records(
+            source.index, folds=folds, process_index=i, process_count=process_count
+        )
         for i in range(process_count)
     ]
     if not any(len(s) for s in shards):
