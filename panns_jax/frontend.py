@@ -8,6 +8,12 @@ Kong et al. 2020, Sec. III-A and ``golden/README.md``:
 * power spectrogram ``|rfft|^2`` -> Slaney mel filterbank (64 bins, 50-14000 Hz);
 * log-mel ``10 * log10(max(mel, 1e-10))`` with no top_db clipping.
 
+The STFT has two implementations, chosen by :attr:`FrontendConfig.stft`: ``"fft"``
+(``jnp.fft.rfft`` of gathered frames, the fast default) and ``"dft"`` (one strided
+convolution with the windowed DFT basis, as torchlibrosa computes it), which exporters
+lower to plain convolutions (ONNX and TFLite builtins have no rfft; see
+:mod:`panns_jax.export`). They agree to float32 round-off.
+
 Shapes are batch first: waveforms ``(B, L)``, log-mels ``(B, T, mel_bins)``.
 The power spectrum and the log are always computed in float32, whatever the
 model's compute dtype: ``|STFT|^2`` of full-scale audio overflows float16 and
@@ -26,6 +32,7 @@ import numpy as np
 
 # Paper, Sec. III-A: 1e-10 floor of the power mel spectrogram before the log.
 LOG_FLOOR = 1e-10
+STFT_METHODS = ("fft", "dft")  # See FrontendConfig.stft.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +45,9 @@ class FrontendConfig:
     mel_bins: int = 64  # Paper: 64 mel bins.
     fmin: float = 50.0  # Paper: 50 Hz ...
     fmax: float = 14000.0  # ... to 14 kHz.
+    # How |STFT|^2 is computed (same values to float32 round-off): "fft" (jnp.fft.rfft,
+    # fastest) or "dft" (a strided conv with the windowed DFT basis: what exporters lower).
+    stft: str = "fft"
 
     @property
     def n_freq(self) -> int:
@@ -48,6 +58,8 @@ class FrontendConfig:
         return 1 + num_samples // self.hop_size
 
     def validate(self) -> None:
+        if self.stft not in STFT_METHODS:
+            raise ValueError(f"stft must be one of {STFT_METHODS}, got {self.stft!r}")
         if self.window_size <= 0 or self.hop_size <= 0 or self.mel_bins <= 0:
             raise ValueError(f"window_size, hop_size and mel_bins must be positive: {self}")
         if not 0 <= self.fmin < self.fmax <= self.sample_rate / 2:
@@ -131,17 +143,48 @@ def validate_waveform(waveform, min_samples: int, name: str = "waveform") -> Non
             raise ValueError(f"{name} contains NaN or Inf samples")
 
 
+@functools.lru_cache(maxsize=None)
+def dft_kernel(n_fft: int) -> np.ndarray:
+    """``(n_fft, 1, 2 * n_freq)`` conv kernel: ``hann[n] cos(2 pi k n / N) | -hann[n] sin(...)``.
+
+    The original's ``conv_real`` / ``conv_imag`` STFT weights (torchlibrosa), built in
+    float64 and rounded once to float32.
+    """
+    real, imag = windowed_dft_basis(n_fft)
+    kernel = np.ascontiguousarray(np.concatenate([real, imag]).T.astype(np.float32)[:, None, :])
+    kernel.setflags(write=False)
+    return kernel
+
+
 def power_spectrogram(
-    waveform: jax.Array, n_fft: int, hop: int, pad_mode: str = "reflect"
+    waveform: jax.Array, n_fft: int, hop: int, pad_mode: str = "reflect", method: str = "fft"
 ) -> jax.Array:
     """``|STFT|^2`` of ``(B, L)`` float audio -> ``(B, T, n_fft // 2 + 1)`` float32.
 
     Centred frames: ``n_fft // 2`` samples of reflect padding on both sides
     (numpy ``'reflect'``, edge not repeated), periodic Hann window, no scaling.
+    ``method`` is :attr:`FrontendConfig.stft`: ``"fft"`` (an rfft of gathered frames)
+    or ``"dft"`` (one strided conv with :func:`dft_kernel`: no FFT and no gather, so it
+    lowers to plain convolutions in ONNX/TFLite/StableHLO and for symbolic lengths; it
+    costs ``n_fft`` MACs per output bin instead of ``O(log n_fft)``).
     """
+    if method not in STFT_METHODS:
+        raise ValueError(f"STFT method must be one of {STFT_METHODS}, got {method!r}")
     x = jnp.asarray(waveform).astype(jnp.float32)
     pad = n_fft // 2
     x = jnp.pad(x, ((0, 0), (pad, pad)), mode=pad_mode)
+    if method == "dft":
+        y = jax.lax.conv_general_dilated(
+            x[:, :, None],
+            jnp.asarray(dft_kernel(n_fft)),
+            window_strides=(hop,),
+            padding="VALID",
+            dimension_numbers=("NWC", "WIO", "NWC"),
+            precision=jax.lax.Precision.HIGHEST,
+        )
+        n_freq = n_fft // 2 + 1
+        real, imag = y[..., :n_freq], y[..., n_freq:]
+        return real * real + imag * imag
     frames = x[:, _frame_indices(x.shape[-1], n_fft, hop)]  # (B, T, n_fft)
     spectrum = jnp.fft.rfft(frames * hann_window(n_fft), axis=-1)
     return jnp.real(spectrum) ** 2 + jnp.imag(spectrum) ** 2
@@ -162,7 +205,7 @@ def logmel(waveform: jax.Array, config: FrontendConfig = FrontendConfig()) -> ja
     x = jnp.asarray(waveform)
     if x.ndim == 1:
         x = x[None]
-    power = power_spectrogram(x, config.window_size, config.hop_size)
+    power = power_spectrogram(x, config.window_size, config.hop_size, method=config.stft)
     mel_matrix = mel_filterbank(
         config.sample_rate, config.window_size, config.mel_bins, config.fmin, config.fmax
     )

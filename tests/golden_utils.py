@@ -12,16 +12,17 @@ from typing import Dict
 import numpy as np
 import pytest
 
+from panns_jax import tolerance
+
 PROJECT_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED = pathlib.Path(os.environ.get("PANNS_JAX_SHARED", PROJECT_ROOT.parent / "shared"))
 GOLDEN = SHARED / "golden"
 AUDIO = SHARED / "audio"
 
-# golden/README.md, "Tolerances": recommended per-array checks for float32.
-LOGMEL_ATOL_DB = 0.02
-RELATIVE_KEYS = ("logits", "embedding", "fc1_input")  # *_logits, embedding, segmentwise_embedding
-RELATIVE_RTOL = 5e-4
-PROBABILITY_ATOL = 5e-4
+# golden/README.md, "Tolerances": the library's one rule (panns_jax.tolerance).
+LOGMEL_ATOL_DB = tolerance.LOGMEL_ATOL_DB
+RELATIVE_RTOL = tolerance.RELATIVE_RTOL
+PROBABILITY_ATOL = tolerance.PROBABILITY_ATOL
 
 
 MISSING = (
@@ -80,16 +81,4 @@ def mel_filterbanks() -> Dict[str, np.ndarray]:
 
 def check_array(key: str, got: np.ndarray, ref: np.ndarray) -> str:
     """Empty string when ``got`` matches ``ref`` within the README's tolerance, else why not."""
-    got = np.asarray(got, np.float64)
-    ref = np.asarray(ref, np.float64)
-    if got.shape != ref.shape:
-        return f"{key}: shape {got.shape} != golden {ref.shape}"
-    err = float(np.max(np.abs(got - ref))) if ref.size else 0.0
-    output = key.split("/")[-1]
-    if output == "logmel":
-        bound = LOGMEL_ATOL_DB
-    elif output.endswith(RELATIVE_KEYS):
-        bound = RELATIVE_RTOL * float(np.max(np.abs(ref)))
-    else:
-        bound = PROBABILITY_ATOL
-    return "" if err <= bound else f"{key}: max abs error {err:.3g} > {bound:.3g}"
+    return tolerance.check(key, got, ref, reference_name="golden")[0]

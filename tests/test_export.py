@@ -7,6 +7,7 @@ Skips with the reason when the export extra (``pip install -e ".[export]"``) is 
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 import sys
@@ -18,6 +19,7 @@ import pytest
 
 from panns_jax import checkpoints, convert, export, models
 from panns_jax import frontend as fe
+from panns_jax.export import writers
 
 RUNTIMES = {
     "onnx": ("jax2onnx", "onnxruntime"),
@@ -87,19 +89,21 @@ def test_export_reproduces_golden(golden_models, tmp_path, name, format):
     assert _golden_mismatches(name, export.load(out), cases, limit) == []
 
 
-def test_dft_front_end_matches_fft_within_golden_tolerance():
-    G.require_golden()
-    for case in ("batch", "odd"):
-        x = G.inputs()[case]
-        with export.export_friendly_frontend():
-            got = jax.jit(fe.logmel)(x)
-        want = fe.logmel(x)
-        assert float(np.max(np.abs(np.asarray(got) - np.asarray(want)))) <= G.LOGMEL_ATOL_DB
-        assert (
-            float(np.max(np.abs(np.asarray(got) - G.outputs("Cnn14")[f"{case}/logmel"])))
-            <= G.LOGMEL_ATOL_DB
-        )
-    assert fe.power_spectrogram is not export.dft_power_spectrogram  # Patch undone.
+def test_exported_model_has_the_dft_front_end_and_the_same_parameters():
+    """The exporter builds the model with FrontendConfig(stft="dft"), wrappers included; the
+    module it was given (and the process's front end) stay as they were."""
+    from panns_jax.models import transfer_head
+
+    model = models.get("MobileNetV2")
+    exported = export.export_model(model)
+    assert exported.frontend == dataclasses.replace(model.frontend, stft="dft")
+    assert model.frontend.stft == "fft" and exported == model.clone(frontend=exported.frontend)
+    wrapped = transfer_head.Transfer(base=model, num_classes=3)
+    assert export.export_model(wrapped).base.frontend.stft == "dft"
+    assert wrapped.base.frontend.stft == "fft"
+    x = jax.ShapeDtypeStruct((1, 32000), np.float32)
+    shapes = [jax.eval_shape(m.init, jax.random.key(0), x) for m in (model, exported)]
+    assert jax.tree.structure(shapes[0]) == jax.tree.structure(shapes[1])
 
 
 def test_mismatching_export_fails_and_writes_nothing(golden_models, tmp_path, monkeypatch):
@@ -108,7 +112,7 @@ def test_mismatching_export_fails_and_writes_nothing(golden_models, tmp_path, mo
     model, variables = golden_models("MobileNetV2")
     n = model.frontend.window_size
     symmetric = (0.5 - 0.5 * np.cos(2 * np.pi * np.arange(n) / (n - 1))).astype(np.float32)
-    real_kernel = export.dft_kernel
+    real_kernel = fe.dft_kernel
 
     def bad_kernel(n_fft):
         periodic = fe.hann_window(n_fft)
@@ -118,7 +122,7 @@ def test_mismatching_export_fails_and_writes_nothing(golden_models, tmp_path, mo
             * (symmetric[:, None, None])
         )
 
-    monkeypatch.setattr(export, "dft_kernel", bad_kernel)
+    monkeypatch.setattr(fe, "dft_kernel", bad_kernel)  # Only the exported (DFT) model sees it.
     out = tmp_path / "bad.tflite"
     with pytest.raises(export.ExportValidationError, match="max abs error"):
         export.export(
@@ -151,9 +155,74 @@ def test_cli_exports_a_checkpoint(golden_models, tmp_path, capsys):
 def test_missing_runtime_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "jax2onnx", None)  # As if not installed.
     with pytest.raises(ImportError, match=r"panns_jax\[export\]"):
-        export._write_onnx(
+        writers.write_onnx(
             lambda x: {"y": x},
             jax.ShapeDtypeStruct((1, 32000), np.float32),
             "/nonexistent/m.onnx",
             "m",
         )
+
+
+def _tiny_model():
+    """A Cnn10 of two narrow blocks at 16 kHz: seconds to export, the same code paths."""
+    model = models.get(
+        "Cnn10",
+        num_classes=3,
+        widths=(8, 16),
+        pool_sizes=((2, 2), (2, 2)),
+        embedding_size=16,
+        frontend=fe.FrontendConfig(sample_rate=16000, window_size=512, hop_size=160, fmax=8000),
+    )
+    return model, models.init(model, jax.random.key(0), 16000)
+
+
+def test_savedmodel_is_replaced_only_by_a_validated_export(tmp_path, monkeypatch):
+    """A directory export is staged like a file: a failing export leaves the old SavedModel
+    and no staging directory; a passing one with overwrite=True replaces it."""
+    require("savedmodel")
+    model, variables = _tiny_model()
+    out = tmp_path / "m_savedmodel"
+    first = export.export((model, variables), "savedmodel", str(out), seconds=1.0)
+    assert first.input_shape == (None, 16000) and (out / "saved_model.pb").is_file()
+    before = sorted(p.name for p in out.rglob("*"))
+
+    real_kernel = fe.dft_kernel
+    monkeypatch.setattr(fe, "dft_kernel", lambda n: real_kernel(n) * np.float32(1.01))
+    with pytest.raises(export.ExportValidationError, match="clipwise_logits"):
+        export.export((model, variables), "savedmodel", str(out), seconds=1.0, overwrite=True)
+    assert os.listdir(tmp_path) == ["m_savedmodel"]
+    assert sorted(p.name for p in out.rglob("*")) == before
+    monkeypatch.undo()
+
+    second = export.export((model, variables), "savedmodel", str(out), overwrite=True)
+    assert os.listdir(tmp_path) == ["m_savedmodel"] and second.input_shape == (None, None)
+    x = np.random.default_rng(0).uniform(-0.5, 0.5, (3, 20001)).astype(np.float32)
+    got = export.load(str(out))(x)
+    want = jax.device_get(export.serving_function(model, variables)(x))
+    assert export.compare(got, want)[1] == []
+
+
+def test_validation_uses_the_golden_rule():
+    """Export validation, the golden tests and the baselines share panns_jax.tolerance:
+    logits relative to max|ref| (5e-4 * 20 = 0.01 here), probabilities 5e-4 absolute."""
+    want = {"clipwise_logits": np.array([[10.0, -20.0]]), "clipwise_output": np.array([[0.5, 0.2]])}
+
+    def shifted(logits, probabilities):
+        return {
+            "clipwise_logits": want["clipwise_logits"] + logits,
+            "clipwise_output": want["clipwise_output"] + probabilities,
+        }
+
+    errors, failures = export.compare(shifted(0.009, -4e-4), want)
+    assert failures == [] and errors["clipwise_logits"][1] == pytest.approx(0.01)
+    assert errors["clipwise_output"] == (pytest.approx(4e-4), 5e-4)
+    for got, bad in [
+        (shifted(0.011, 0.0), "clipwise_logits"),
+        (shifted(0.0, 6e-4), "clipwise_output"),
+        (shifted(np.nan, 0.0), "clipwise_logits"),
+        ({"clipwise_logits": want["clipwise_logits"][0]}, "clipwise_logits: shape"),
+    ]:
+        failures = export.compare(got, want)[1]
+        assert failures and failures[0].startswith(bad), (bad, failures)
+    assert G.check_array("batch/logmel", np.full(3, 0.019), np.zeros(3)) == ""
+    assert "max abs error" in G.check_array("batch/logmel", np.full(3, 0.021), np.zeros(3))

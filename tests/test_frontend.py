@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import golden_utils as G
 import jax
 import jax.numpy as jnp
@@ -24,10 +26,11 @@ def _filterbank_key(c: fe.FrontendConfig) -> str:
     return f"sr{c.sample_rate}_nfft{c.window_size}_mels{c.mel_bins}_fmin{c.fmin:g}_fmax{c.fmax:g}"
 
 
+@pytest.mark.parametrize("stft", fe.STFT_METHODS)
 @pytest.mark.parametrize("name", sorted(FRONTENDS))
-def test_logmel_matches_golden(name):
+def test_logmel_matches_golden(name, stft):
     G.require_golden()
-    config = FRONTENDS[name]
+    config = dataclasses.replace(FRONTENDS[name], stft=stft)
     assert G.manifest()["models"][name]["frontend"]["mel_filterbank"] == _filterbank_key(config)
     reference = G.outputs(name)
     logmel = jax.jit(lambda x: fe.logmel(x, config))
@@ -76,6 +79,64 @@ def test_negative_controls_fail_the_parity_check():
     )
     soft_floor = lambda m: 10 * jnp.log10(m + 1e-10)
     assert _golden_logmel_error(lambda x: _variant_logmel(x, log=soft_floor)) > G.LOGMEL_ATOL_DB
+
+
+FLOAT32_UNIT_ROUNDOFF = 2.0**-24
+
+
+def _stft_power_bound(x: np.ndarray, n_fft: int, hop: int) -> tuple:
+    """float64 ``|X|^2`` of the centred Hann frames of ``x`` and the largest float32 error of
+    one STFT path in each bin.
+
+    Per frame with windowed samples ``v``, a float32 ``X_k = sum_n v_n e^(-2 pi i k n / N)``
+    errs by at most ``(1 + 2 sqrt(N)) u sum|v|``: ``u sum|v|`` for rounding the basis and
+    the products once each, and ``2 sqrt(N) u sum|v|`` for accumulating N terms (the
+    probabilistic bound of Higham & Mary 2019, lambda = 2; the FFT's log2(N) is smaller).
+    Then ``||X| + dX|^2 - |X|^2`` bounds the power error; digital silence must be exact.
+    """
+    padded = np.pad(x.astype(np.float64), ((0, 0), (n_fft // 2, n_fft // 2)), mode="reflect")
+    starts = np.arange(1 + (padded.shape[1] - n_fft) // hop)[:, None] * hop
+    v = padded[:, starts + np.arange(n_fft)] * fe.hann_window(n_fft).astype(np.float64)
+    magnitude = np.abs(np.fft.rfft(v, axis=-1))
+    dx = (1 + 2 * np.sqrt(n_fft)) * FLOAT32_UNIT_ROUNDOFF * np.sum(np.abs(v), -1, keepdims=True)
+    return magnitude**2, (magnitude + dx) ** 2 - magnitude**2
+
+
+def _stft_power(x: np.ndarray, n_fft: int, hop: int, method: str) -> np.ndarray:
+    power = jax.jit(lambda a: fe.power_spectrogram(a, n_fft, hop, method=method))(x)
+    return np.asarray(power, np.float64)
+
+
+def test_dft_stft_equals_fft_stft_to_float32_roundoff(monkeypatch):
+    """The exporters' DFT-convolution STFT (stft="dft") and the FFT agree within the sum of
+    their round-off bounds in every bin, at every transform size; a symmetric Hann window
+    in the DFT basis (a relative change ~1/N) is far outside them."""
+    G.require_golden()
+    for n_fft, hop in ((1024, 320), (512, 160), (256, 80)):
+        for case in ("batch", "odd"):  # Real audio, a chirp, tones over digital silence.
+            x = G.inputs()[case]
+            _, bound = _stft_power_bound(x, n_fft, hop)
+            dft, fft = (_stft_power(x, n_fft, hop, m) for m in ("dft", "fft"))
+            assert dft.shape == fft.shape == bound.shape
+            assert np.all(np.abs(dft - fft) <= 2 * bound), (n_fft, case)
+
+    n_fft, hop = 1024, 320
+    x = G.inputs()["batch"]
+    symmetric = np.hanning(n_fft) / np.where(fe.hann_window(n_fft) == 0, 1, fe.hann_window(n_fft))
+    real_kernel = fe.dft_kernel
+    monkeypatch.setattr(
+        fe, "dft_kernel", lambda n: (real_kernel(n) * symmetric[:, None, None]).astype(np.float32)
+    )
+    dft = _stft_power(x, n_fft, hop, "dft")
+    _, bound = _stft_power_bound(x, n_fft, hop)
+    assert np.max(np.abs(dft - _stft_power(x, n_fft, hop, "fft")) / (2 * bound)) > 10
+
+
+def test_unknown_stft_method_is_a_clear_error():
+    with pytest.raises(ValueError, match="stft must be one of"):
+        fe.FrontendConfig(stft="wavelet").validate()
+    with pytest.raises(ValueError, match="STFT method must be one of"):
+        fe.logmel(np.zeros((1, 4096), np.float32), fe.FrontendConfig(stft="rfft"))
 
 
 def test_ten_seconds_give_1001_frames():
