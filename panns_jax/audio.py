@@ -384,9 +384,20 @@ def iter_chunks(
 
 
 @functools.lru_cache(maxsize=None)
-def audioset_labels() -> List[str]:
-    """Display names of the 527 AudioSet classes, in model output order."""
+def audioset_classes() -> Tuple[Tuple[str, str], ...]:
+    """``(mid, display_name)`` of the 527 AudioSet classes, in model output order.
+
+    Read from the packaged copy of the release's class_labels_indices.csv; the one reader
+    of it (the dataset builders map the segment CSVs' mids through it, the taggers name
+    outputs with :func:`audioset_labels`).
+    """
     text = importlib.resources.files("panns_jax").joinpath("assets/class_labels_indices.csv")
     with text.open("r", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
-    return [row["display_name"] for row in sorted(rows, key=lambda r: int(r["index"]))]
+        rows = sorted(csv.DictReader(f), key=lambda r: int(r["index"]))
+    return tuple((row["mid"], row["display_name"]) for row in rows)
+
+
+@functools.lru_cache(maxsize=None)
+def audioset_labels() -> List[str]:
+    """Display names of the 527 AudioSet classes, in model output order."""
+    return [name for _, name in audioset_classes()]

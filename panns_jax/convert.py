@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import functools
 import os
-import uuid
 from typing import TYPE_CHECKING, Any, Dict, Iterable, Mapping, Optional, Tuple
 
 import flax
@@ -55,24 +54,27 @@ class CheckpointMismatchError(ValueError):
     """A state_dict does not fit the requested architecture."""
 
 
+def _torch_axes(ndim: int) -> Tuple[int, ...]:
+    """The kernel's axes in torch order (the layout table above); reversed for 2-D."""
+    return {4: (3, 2, 0, 1), 3: (2, 1, 0)}.get(ndim, tuple(reversed(range(ndim))))
+
+
 def _kernel_to_torch(kernel: np.ndarray) -> np.ndarray:
-    if kernel.ndim == 4:
-        return kernel.transpose(3, 2, 0, 1)
-    if kernel.ndim == 3:
-        return kernel.transpose(2, 1, 0)
-    return kernel.T
+    return kernel.transpose(_torch_axes(kernel.ndim))
 
 
 def _kernel_from_torch(weight: np.ndarray) -> np.ndarray:
-    if weight.ndim == 4:
-        return weight.transpose(2, 3, 1, 0)
-    if weight.ndim == 3:
-        return weight.transpose(2, 1, 0)
-    return weight.T
+    return weight.transpose(np.argsort(_torch_axes(weight.ndim)))
 
 
 def _torch_key(collection: str, path: Tuple[str, ...]) -> str:
     return ".".join(path[:-1] + (_LEAF_TO_SUFFIX[(collection, path[-1])],))
+
+
+def _is_classifier(key: str) -> bool:
+    """Whether a state_dict key belongs to the classifier (:data:`models.CLASSIFIER_PARAMS`,
+    ``<name>.*`` by the naming rule above)."""
+    return key.split(".", 1)[0] in models.CLASSIFIER_PARAMS
 
 
 def uses_logmel(model: Any) -> bool:
@@ -173,7 +175,10 @@ def _describe_mismatch(name: str, missing, unexpected, wrong_shape, state_dict) 
         )
     for key, (got, want) in sorted(wrong_shape.items())[:10]:
         lines.append(f"  shape mismatch for {key}: checkpoint {got}, {name} expects {want}")
-    head = wrong_shape.get("fc_audioset.weight")
+    head = next(
+        (s for k, s in sorted(wrong_shape.items()) if _is_classifier(k) and k.endswith(".weight")),
+        None,
+    )
     if head and head[0][:1] != head[1][:1]:  # Only when the class count itself differs.
         classes = head[0][0]
         lines.append(
@@ -183,7 +188,7 @@ def _describe_mismatch(name: str, missing, unexpected, wrong_shape, state_dict) 
     if not missing and not unexpected:
         # Same layers, other sizes: the architecture is right, its arguments are not (a
         # narrow model exported with to-torch). Guessing among all models would take ~1 min.
-        if not (head and head[0][:1] != head[1][:1] and len(wrong_shape) <= 2):
+        if not (head and head[0][:1] != head[1][:1] and all(map(_is_classifier, wrong_shape))):
             lines.append(
                 f"  every layer of {name} is there with other sizes: pass the "
                 'architecture arguments it was built with (--overrides \'{"widths": '
@@ -204,7 +209,7 @@ def from_state_dict(
     Strict: missing, unexpected or mis-shaped entries raise one
     :class:`CheckpointMismatchError` listing every difference. Front-end buffers
     and ``num_batches_tracked`` are accepted and ignored (ours are constants).
-    With ``skip_head`` the classifier (``fc_audioset``/``att_block``) keeps the
+    With ``skip_head`` the classifier (:data:`models.CLASSIFIER_PARAMS`) keeps the
     model's fresh initialisation, for transfer to another class count.
     """
     shapes = jax.eval_shape(lambda: models.init(model, jax.random.key(0)))
@@ -215,7 +220,7 @@ def from_state_dict(
             wanted[_torch_key(collection, path)] = (collection, path, value.shape)
 
     def is_head(key: str) -> bool:
-        return skip_head and key.startswith(("fc_audioset.", "att_block.att.", "att_block.cla."))
+        return skip_head and _is_classifier(key)
 
     ignorable = set(FRONTEND_KEYS) if uses_logmel(model) else set()
     given = {k for k in state_dict if not k.endswith("num_batches_tracked") and k not in ignorable}
@@ -317,32 +322,19 @@ def write_torch_checkpoint(
     """
     import collections
 
-    from panns_jax import pth
+    from panns_jax import fileio, pth
 
     tensors = collections.OrderedDict((k, np.asarray(v)) for k, v in state_dict.items())
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    staging = os.path.join(directory, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:12]}")
-    try:
-        with open(staging, "xb") as f:  # The umask's mode, unlike mkstemp's 0o600.
-            pth.save(f, {"model": tensors, "iteration": int(iteration)})
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(staging, path)
-    except BaseException:
-        if os.path.exists(staging):
-            os.remove(staging)
-        raise
-
-
-# Classifier weights of the clip models and of the decision-level (attention) models.
-_HEAD_WEIGHTS = ("fc_audioset.weight", "att_block.cla.weight")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with fileio.staged(path) as staging, open(staging, "xb") as f:
+        pth.save(f, {"model": tensors, "iteration": int(iteration)})
 
 
 def head_classes(state_dict: Mapping[str, Any]) -> Optional[int]:
-    """Class count of an original state_dict's classifier (527 for the released models)."""
-    for key in _HEAD_WEIGHTS:
-        if key in state_dict:
+    """Class count of an original state_dict's classifier (527 for the released models):
+    the output size (first torch dimension) of any of its weights."""
+    for key in sorted(state_dict):
+        if _is_classifier(key) and key.endswith(".weight"):
             return int(np.shape(state_dict[key])[0])
     return None
 
@@ -376,51 +368,11 @@ def torch_to_checkpoint(
     variables = from_state_dict(state_dict, model, name=model_name, skip_head=new_head)
     if new_head and seed:
         fresh = models.init(model, jax.random.key(seed))
-        head = {k: v for k, v in fresh["params"].items() if k in ("fc_audioset", "att_block")}
+        head = {k: v for k, v in fresh["params"].items() if k in models.CLASSIFIER_PARAMS}
         variables["params"] = {**variables["params"], **jax.device_get(head)}
     return checkpoints.ModelCheckpoint(
         model=model_name, variables=variables, overrides=overrides, step=step
     )
-
-
-def load_model_checkpoint(
-    path: str, model_name: Optional[str] = None, overrides: Optional[Mapping[str, Any]] = None
-) -> "checkpoints.ModelCheckpoint":
-    """A panns_jax checkpoint directory, an original ``.pth`` (named by ``model_name``,
-    with further architecture ``overrides``; the class count is read from its head), or
-    the name of a released model (``Cnn14``: :mod:`panns_jax.zoo`, downloaded, verified
-    and converted on first use). An existing path wins over a zoo name.
-
-    The one loader behind every ``--checkpoint`` flag (tag, sed, embed, export, stream,
-    HEAR) and transfer learning's.
-    """
-    from panns_jax import checkpoints, zoo
-
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        if zoo.is_zoo_name(path):
-            loaded = zoo.load(path)
-            if model_name and model_name != loaded.model:
-                raise ValueError(f"{path} is a pretrained {loaded.model}, not {model_name}")
-            return loaded
-        raise FileNotFoundError(
-            f"{path}: no such checkpoint directory or .pth file, nor a "
-            "pretrained model name (`panns-jax download --list`)"
-        )
-    if checkpoints.is_model_checkpoint(path):
-        loaded = checkpoints.load(path)
-        if model_name and model_name != loaded.model:
-            raise ValueError(f"{path} holds {loaded.model}, not {model_name}")
-        return loaded
-    if os.path.isdir(path):
-        raise ValueError(f"{path}: not a panns_jax checkpoint directory")
-    if not model_name:
-        raise ValueError(
-            f"{path}: not a panns_jax checkpoint directory; name the architecture "
-            "of an original .pth with --model"
-        )
-    state, step = read_torch_checkpoint(path)
-    return torch_to_checkpoint(state, model_name, step=step, overrides=overrides)
 
 
 def main(argv: Optional[Iterable[str]] = None) -> int:

@@ -27,12 +27,13 @@ input's device).
 
 from __future__ import annotations
 
-from typing import Any, Optional, Tuple
+from typing import Any, Mapping, Optional, Tuple
 
 import numpy as np
 
-from panns_jax import inference, tf_cpu
+from panns_jax import loader, models, tf_cpu
 from panns_jax.audio import MAX_SAMPLE_RATE, resample  # (``audio`` is the HEAR API's argument)
+from panns_jax.tagger import AudioTagger, chunk_embeddings, positive_seconds
 
 tf = tf_cpu.import_tensorflow()
 
@@ -48,7 +49,7 @@ def default_input_rate(model_rate: int) -> int:
 
 
 class PannsHearModel(tf.Module):
-    """An :class:`inference.AudioTagger` with the attributes HEAR expects.
+    """An :class:`panns_jax.tagger.AudioTagger` with the attributes HEAR expects.
 
     A ``tf.Module`` because hear-validator and the HEAR evaluation kit accept only
     TensorFlow or PyTorch modules; the computation is the tagger's jitted JAX model.
@@ -56,7 +57,7 @@ class PannsHearModel(tf.Module):
 
     def __init__(
         self,
-        tagger: inference.AudioTagger,
+        tagger: AudioTagger,
         timestamp_window_s: float = 1.0,
         timestamp_hop_s: float = 0.05,
         input_sample_rate: Optional[int] = None,
@@ -81,7 +82,7 @@ class PannsHearModel(tf.Module):
             )
         self.sample_rate = int(rate)
         self.timestamp_window = tagger.window_samples(timestamp_window_s, "timestamp_window_s")
-        hop_s = inference._positive_seconds(timestamp_hop_s, "timestamp_hop_s")
+        hop_s = positive_seconds(timestamp_hop_s, "timestamp_hop_s")
         self.timestamp_hop = int(round(hop_s * self.model_sample_rate))
         if hop_s < MIN_TIMESTAMP_HOP_S:
             raise ValueError(
@@ -101,9 +102,9 @@ class PannsHearModel(tf.Module):
 
     def _embed(self, waveforms: np.ndarray) -> np.ndarray:
         """``(B, L)`` -> ``(B, E)`` in batches of the tagger's batch size."""
-        key = self.tagger.embedding_key
+        key = models.outputs(self.tagger.model).embedding
         parts = [
-            inference.chunk_embeddings(
+            chunk_embeddings(
                 self.tagger.predict_batch(waveforms[i : i + self.tagger.batch_size], [key])[key]
             )
             for i in range(0, len(waveforms), self.tagger.batch_size)
@@ -125,14 +126,18 @@ def load_model(
     timestamp_hop_s: float = 0.05,
     input_sample_rate: Optional[int] = None,
     batch_size: int = 8,
+    overrides: Optional[Mapping[str, Any]] = None,
 ) -> PannsHearModel:
-    """A model from a panns_jax checkpoint directory, an original ``.pth`` (needs
-    ``model_name``) or a pretrained model name such as ``"Cnn14"`` (``panns-jax download
-    --list``), which is downloaded, verified and converted once, then read from the cache.
+    """A model from a panns_jax checkpoint directory of any kind, an original ``.pth``
+    (needs ``model_name``, and ``overrides`` for one built with other arguments) or a
+    pretrained model name such as ``"Cnn14"`` (``panns-jax download --list``), which is
+    downloaded, verified and converted once, then read from the cache
+    (:func:`panns_jax.loader.load`).
 
     An empty path gives a randomly initialised ``model_name`` (default Cnn14), for tests.
     """
-    tagger = inference.load_tagger(model_file_path or None, model_name, batch_size=batch_size)
+    loaded = loader.load(model_file_path or None, model=model_name, overrides=overrides)
+    tagger = AudioTagger.from_loaded(loaded, batch_size=batch_size)
     return PannsHearModel(tagger, timestamp_window_s, timestamp_hop_s, input_sample_rate)
 
 

@@ -44,7 +44,6 @@ import time
 from typing import Any, Callable, Iterable, Iterator, List, Mapping, Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from panns_jax import models
@@ -52,6 +51,7 @@ from panns_jax import models
 DEFAULT_WINDOW = 1.0  # Seconds of context per prediction (clip models).
 DEFAULT_SED_WINDOW = 3.2  # Decision-level models: 10 segments of 32 frames (Cnn14).
 DEFAULT_HOP = 0.25  # Seconds between predictions.
+DEFAULT_RANDOM_MODEL = "MobileNetV1"  # `stream` without --checkpoint or --model: a fast one.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,14 +141,6 @@ class Hysteresis:
         return self.labels[i] if i < len(self.labels) else str(i)
 
 
-def is_decision_level(model: Any) -> bool:
-    """Whether ``model`` has framewise output (the SED heads), from its output shapes."""
-    rate = models.sample_rate(model)
-    shapes = jax.eval_shape(lambda: models.init(model, jax.random.key(0), rate))
-    out = jax.eval_shape(lambda v: model.apply(v, jnp.zeros((1, rate), jnp.float32)), shapes)
-    return "framewise_output" in out
-
-
 class StreamingTagger:
     """Sliding-window tagger over a ring buffer; see the module docstring.
 
@@ -178,7 +170,9 @@ class StreamingTagger:
         self.model = model
         self.sample_rate = models.sample_rate(model)
         self.frame_hop = model.frontend.hop_size
-        self.decision_level = is_decision_level(model) if decision_level is None else decision_level
+        if decision_level is None:
+            decision_level = models.outputs(model).decision_level
+        self.decision_level = decision_level
         if window is None:
             window = DEFAULT_SED_WINDOW if self.decision_level else DEFAULT_WINDOW
         for value, what in ((window, "window"), (hop, "hop")):
@@ -373,30 +367,6 @@ def _mic_blocks(sample_rate: int, block: int, device: Optional[str]) -> Iterator
     return generate()  # Not a generator itself: a missing sounddevice fails right away.
 
 
-def _load_model(
-    checkpoint: Optional[str], model_name: Optional[str], overrides: Optional[dict] = None
-):
-    """``(model, variables, labels)``: the checkpoint's class names, None for AudioSet's."""
-    if checkpoint is None:
-        name = model_name or "MobileNetV1"
-        model = models.get(name, **(overrides or {}))
-        print(
-            f"warning: no checkpoint given; {name} is randomly initialised, so its events "
-            "are meaningless (this demonstrates the pipeline only)",
-            file=sys.stderr,
-        )
-        return model, models.init(model, jax.random.key(0), models.sample_rate(model)), None
-    from panns_jax import checkpoints, convert
-
-    if overrides and checkpoints.is_model_checkpoint(checkpoint):
-        raise ValueError(
-            f"{checkpoint}: a panns_jax checkpoint directory records its own "
-            "overrides; --overrides applies to .pth files only"
-        )
-    loaded = convert.load_model_checkpoint(checkpoint, model_name, overrides=overrides)
-    return loaded.build_model(), dict(loaded.variables), loaded.labels
-
-
 def _file_blocks(path: str, sample_rate: int, block: int, notes: List[str]) -> Iterator[np.ndarray]:
     """Blocks of ``block`` samples of a file, decoded and resampled in bounded memory."""
     from panns_jax import audio
@@ -486,7 +456,19 @@ def main_stream(argv: Optional[Sequence[str]] = None) -> int:
             _import_sounddevice()  # Fail before loading a model.
         elif not os.path.isfile(args.file):
             raise FileNotFoundError(f"{args.file}: no such file")
-        model, variables, labels = _load_model(args.checkpoint, args.model, args.overrides)
+        from panns_jax import loader
+
+        model, variables, meta = loader.load(
+            args.checkpoint,
+            model=args.model or (None if args.checkpoint else DEFAULT_RANDOM_MODEL),
+            overrides=args.overrides,
+        )
+        if meta.kind == "random":
+            print(
+                f"warning: no checkpoint given; {meta.name} is randomly initialised, so its "
+                "events are meaningless (this demonstrates the pipeline only)",
+                file=sys.stderr,
+            )
         tagger = StreamingTagger(
             model,
             variables,
@@ -494,7 +476,7 @@ def main_stream(argv: Optional[Sequence[str]] = None) -> int:
             hop=args.hop,
             on_threshold=args.on_threshold,
             off_threshold=args.off_threshold,
-            labels=labels,
+            labels=meta.labels,
         )
         block = max(1, int(round(args.block * tagger.sample_rate)))
         if args.mic:

@@ -40,7 +40,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from panns_jax import checkpoints, frontend, metrics, model_builder, models, optim, recipe
+from panns_jax import checkpoints, fileio, frontend, metrics, model_builder, models, optim, recipe
 
 Batch = Dict[str, np.ndarray]
 
@@ -1005,12 +1005,8 @@ def install_best(
     staged = os.path.join(workdir, f".best.staged-{os.getpid()}-{time.time_ns()}")
     checkpoints.save(staged, checkpoint)
     try:
-        part = os.path.join(staged, _best_file(key) + ".part")
-        with open(part, "w") as f:
+        with fileio.staged(os.path.join(staged, _best_file(key))) as part, open(part, "w") as f:
             json.dump(score, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(part, os.path.join(staged, _best_file(key)))
         checkpoints.replace_dir(staged, os.path.join(workdir, "best"))
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)

@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Mapping, Optional, Sequence
 
 import flax
 import flax.linen as nn
@@ -52,14 +52,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from panns_jax import checkpoints, convert, models
+from panns_jax import checkpoints, loader, models
 from panns_jax.models.transfer_head import HEAD_KEY as _HEAD_KEY
 from panns_jax.models.transfer_head import Transfer, head_spec
 from panns_jax.recipe import STRATEGIES, ConfigError
 
 FROZEN_BASE = ("freeze_l1", "freeze_l3")
 BASE = "base"  # Name of the pretrained submodule (the original's ``Transfer_Cnn14.base``).
-_BASE_CLASSIFIERS = ("fc_audioset", "att_block")  # Unused once the new head exists.
 
 
 # ----------------------------------------------------------------------------
@@ -109,21 +108,19 @@ def load_base(config: ml_collections.ConfigDict) -> PretrainedBase:
     is_pth = os.path.isfile(path) and path.endswith((".pth", ".pt"))
     # A .pth is config.model (+ model_overrides) with the class count of its own head.
     try:
-        checkpoint = convert.load_model_checkpoint(
+        _, variables, meta = loader.load(
             path,
-            config.model if is_pth else None,
+            model=config.model if is_pth else None,
             overrides=config.get("model_overrides") if is_pth else None,
         )
     except (OSError, ValueError, ImportError) as err:  # Each one line, naming the file.
         raise ConfigError(f"config.transfer.checkpoint: {err}") from err
-    if _HEAD_KEY in checkpoint.overrides:
+    if _HEAD_KEY in meta.overrides:
         raise ConfigError(
             f"{path} is a Freeze_L3 transfer checkpoint; transfer from a "
             "registry-model checkpoint instead"
         )
-    base = PretrainedBase(
-        checkpoint.model, dict(checkpoint.overrides), checkpoint.variables, checkpoint.labels
-    )
+    base = PretrainedBase(meta.name, dict(meta.overrides), variables, meta.labels)
     wanted = (config.get("model_overrides") or {}).get("frontend")
     if wanted is not None and wanted != base.build().frontend:
         raise ConfigError(
@@ -204,7 +201,8 @@ def param_labels(params: Mapping[str, Any], strategy: Optional[str]) -> Any:
         keys = [getattr(p, "key", str(p)) for p in path]
         if not keys or keys[0] != BASE:
             return "trained"
-        if strategy in FROZEN_BASE or (len(keys) > 1 and keys[1] in _BASE_CLASSIFIERS):
+        # The base's own classifier is unused once the new head exists.
+        if strategy in FROZEN_BASE or (len(keys) > 1 and keys[1] in models.CLASSIFIER_PARAMS):
             return "frozen"
         return "trained"
 
@@ -237,14 +235,17 @@ def to_checkpoint(
     A Freeze_L3 head has no registry equivalent: its checkpoint holds the whole Transfer
     tree and a ``transfer_head`` entry in its overrides, from which
     :func:`panns_jax.models.get` (and so every checkpoint loader) rebuilds the model.
+    Both record the task in ``extra`` (``task``: ``singlelabel`` for a softmax head), which
+    :func:`panns_jax.loader.load` reports, since a folded head no longer says it.
     """
+    task = {loader.TASK_KEY: "singlelabel" if model.output == "softmax" else "multilabel"}
     params = dict(variables["params"])
     batch_stats = dict(variables.get("batch_stats", {}))
     overrides = {k: v for k, v in base.overrides.items() if k != "dtype"}
     if model.head_layers == 1:
         base_params = dict(params[BASE])
         head = params["fc_transfer"]
-        base_params["fc_audioset"] = {"kernel": head["kernel"], "bias": head["bias"]}
+        base_params[models.CLASSIFIER] = {"kernel": head["kernel"], "bias": head["bias"]}
         folded = {"params": base_params, "batch_stats": batch_stats.get(BASE, {})}
         return checkpoints.ModelCheckpoint(
             model=base.name,
@@ -252,6 +253,7 @@ def to_checkpoint(
             step=step,
             overrides={**overrides, "num_classes": model.num_classes},
             labels=list(labels) if labels else None,
+            extra=task,
         )
     return checkpoints.ModelCheckpoint(
         model=base.name,
@@ -259,14 +261,8 @@ def to_checkpoint(
         step=step,
         overrides={**overrides, _HEAD_KEY: head_spec(model)},
         labels=list(labels) if labels else None,
+        extra=task,
     )
-
-
-def load(path: str) -> Tuple[nn.Module, Dict[str, Any], Optional[Sequence[str]]]:
-    """``(model, variables, labels)`` of any checkpoint a transfer run exports (a registry
-    model, or a :class:`Transfer` for Freeze_L3: ``models.get`` builds both)."""
-    checkpoint = checkpoints.load(path)
-    return checkpoint.build_model(), checkpoint.variables, checkpoint.labels
 
 
 # ----------------------------------------------------------------------------

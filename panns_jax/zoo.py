@@ -43,6 +43,8 @@ import urllib.parse
 import urllib.request
 from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
 
+from panns_jax import fileio
+
 ZENODO_RECORD = "3987831"
 ZENODO_URL = "https://zenodo.org/record/3987831/files/{file}?download=1"
 TIMEOUT_S = 30.0  # Per connect and per read.
@@ -240,11 +242,9 @@ def _read_record(entry: ZooEntry) -> Dict[str, Any]:
 
 
 def _write_record(entry: ZooEntry, record: Dict[str, Any]) -> None:
-    path = _record_path(entry)
-    staging = f"{path}.tmp-{os.getpid()}"
-    with open(staging, "w", encoding="utf-8") as f:
-        json.dump(record, f, indent=2)
-    os.replace(staging, path)
+    with fileio.staged(_record_path(entry)) as staging:
+        with open(staging, "w", encoding="utf-8") as f:
+            json.dump(record, f, indent=2)
 
 
 def _hash_file(path: str) -> Tuple[str, str, int]:
@@ -554,19 +554,15 @@ def install(name: str, source: str) -> str:
         except OSError as err:
             raise ZooError(f"{source}: cannot be read ({err.strerror or err})") from None
         final = pth_path(entry)
-        staging = f"{final}.part"
-        try:
-            shutil.copyfile(source, staging)
-        except OSError as err:
-            if os.path.exists(staging):
-                os.remove(staging)
-            raise ZooError(f"cannot copy {source} into {cache_dir()} ({err})") from None
-        if _hash_file(staging)[1] != sha256:  # Changed while being copied.
-            os.remove(staging)
-            raise ZooError(f"{source} changed while it was copied; try again")
-        if os.path.exists(final) and _hash_file(final)[1] != sha256:
-            _discard(entry)
-        os.replace(staging, final)
+        with fileio.staged(final) as staging:
+            try:
+                shutil.copyfile(source, staging)
+            except OSError as err:
+                raise ZooError(f"cannot copy {source} into {cache_dir()} ({err})") from None
+            if _hash_file(staging)[1] != sha256:  # Changed while being copied.
+                raise ZooError(f"{source} changed while it was copied; try again")
+            if os.path.exists(final) and _hash_file(final)[1] != sha256:
+                _discard(entry)
         _trust(entry, md5, sha256)
         _converted(entry, _read_record(entry))
     return final

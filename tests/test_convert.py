@@ -120,6 +120,31 @@ def test_transfer_to_new_class_count_keeps_all_but_the_head():
         convert.torch_to_checkpoint(state, "Cnn14", new_head=True)
 
 
+def test_attention_head_is_replaced_whole_for_a_new_class_count():
+    """Cnn14_DecisionLevelAtt's classifier is its whole attention block
+    (models.CLASSIFIER_PARAMS): its bn_att has one channel per class too, so it is
+    re-initialised with att and cla."""
+    name, narrow = "Cnn14_DecisionLevelAtt", {"widths": (4, 8), "embedding_size": 16}
+    narrow["pool_sizes"] = ((2, 2), (1, 1))
+    model = models.get(name, **narrow)
+    shapes = jax.eval_shape(lambda: models.init(model, jax.random.key(0)))
+    rng = np.random.default_rng(0)
+    variables = jax.tree_util.tree_map(lambda s: rng.standard_normal(s.shape, np.float32), shapes)
+    state = convert.to_state_dict(variables, model)
+    assert convert.head_classes(state) == 527
+    checkpoint = convert.torch_to_checkpoint(
+        state, name, num_classes=10, new_head=True, overrides=narrow
+    )
+    params, stats = checkpoint.variables["params"], checkpoint.variables["batch_stats"]
+    assert params["att_block"]["cla"]["kernel"].shape == (1, 16, 10)
+    assert params["att_block"]["bn_att"]["scale"].shape == (10,)
+    assert stats["att_block"]["bn_att"]["mean"].shape == (10,)
+    np.testing.assert_array_equal(params["fc1"]["kernel"], variables["params"]["fc1"]["kernel"])
+    # Negative control: without a new head the class count is a mismatch, named as one.
+    with pytest.raises(convert.CheckpointMismatchError, match="527 classes: pass num_classes"):
+        convert.from_state_dict(state, models.get(name, **narrow, num_classes=10))
+
+
 def test_checkpoint_directory_round_trip(tmp_path):
     G.require_golden()
     state = G.load_state("Cnn6")
@@ -272,12 +297,14 @@ def test_checkpoint_keeps_structured_overrides_and_labels(tmp_path):
     assert loaded.build_model() == model
 
 
-def test_load_model_checkpoint_names_what_is_wrong(tmp_path):
+def test_the_loader_names_what_is_wrong(tmp_path):
+    from panns_jax import loader
+
     with pytest.raises(FileNotFoundError, match="no such checkpoint directory or .pth"):
-        convert.load_model_checkpoint(str(tmp_path / "missing"))
+        loader.load(str(tmp_path / "missing"))
     with pytest.raises(ValueError, match="not a panns_jax checkpoint directory"):
-        convert.load_model_checkpoint(str(tmp_path))
+        loader.load(str(tmp_path))
     pth = tmp_path / "model.pth"
     pth.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="name the architecture"):
-        convert.load_model_checkpoint(str(pth))
+        loader.load(str(pth))

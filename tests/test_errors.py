@@ -1,6 +1,6 @@
 """Hostile and mistaken inputs through the real command lines (issue 16).
 
-Every case runs an entry point (``inference.main``, ``convert.main``, the stream and
+Every case runs an entry point (``cli.main``, ``convert.main``, the stream and
 export parsers, or a subprocess) and asserts the exit status, the one clear line on
 stderr, and that nothing on disk changed but what the command was asked to write.
 A tiny Cnn10 (widths 8..64, 5 named classes) keeps every compile short.
@@ -29,7 +29,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from panns_jax import audio, checkpoints, convert, hear, inference, models, streaming
+from panns_jax import audio, checkpoints, cli, convert, hear, models, streaming
+from panns_jax.tagger import AudioTagger, load_tagger
 
 SR = 32000
 OVERRIDES = {"widths": (8, 16, 32, 64), "embedding_size": 32, "num_classes": 5}
@@ -189,11 +190,11 @@ def test_refused_before_any_work(env, capsys, monkeypatch, case, argv, message):
     def no_model(*args, **kwargs):
         raise AssertionError("a model was built before the arguments were validated")
 
-    monkeypatch.setattr(inference, "load_tagger", no_model)
+    monkeypatch.setattr(cli, "load_tagger", no_model)
     fill = lambda s: s.format(root=root, ckpt=env["ckpt"])  # noqa: E731
     before = snapshot(root)
     code, out, err = run_main(
-        inference.main, [fill(a) for a in argv] + ["--checkpoint", env["ckpt"]], capsys
+        cli.main, [fill(a) for a in argv] + ["--checkpoint", env["ckpt"]], capsys
     )
     assert code == 2, err
     assert fill(message) in one_error_line(err)
@@ -209,7 +210,7 @@ def test_read_only_output_directory(env, tmp_path, capsys):
         locked = pathlib.Path("/sys")
     try:
         code, _, err = run_main(
-            inference.main,
+            cli.main,
             [
                 "tag",
                 env["root"] / "good.wav",
@@ -241,7 +242,7 @@ def test_flipped_bit_in_weights_is_an_error_not_nan(env, tmp_path, capsys):
     originals = jax.tree_util.tree_leaves({k: env["variables"][k] for k in checkpoints.COLLECTIONS})
     assert any(not np.array_equal(a, b) for a, b in zip(leaves, originals))
     code, out, err = run_main(
-        inference.main,
+        cli.main,
         ["tag", env["root"] / "good.wav", "--checkpoint", damaged, "--format", "json"],
         capsys,
     )
@@ -259,7 +260,7 @@ def test_non_finite_outputs_fail_per_file_and_json_stays_valid(env, tmp_path, ca
     out_file = tmp_path / "tags.json"
     wav = env["root"] / "good.wav"
     code, _, err = run_main(
-        inference.main,
+        cli.main,
         ["tag", wav, "--checkpoint", ckpt, "--format", "json", "--output", out_file],
         capsys,
     )
@@ -270,13 +271,13 @@ def test_non_finite_outputs_fail_per_file_and_json_stays_valid(env, tmp_path, ca
     assert code == 1 and f"{wav}: the model produced non-finite" in one_error_line(err)
     # HEAR: a NaN in the embedding layer (fc1) is an error, not NaN embeddings.
     variables["params"]["fc1"]["bias"][0] = np.nan
-    tagger = inference.AudioTagger("Cnn10", variables, overrides=OVERRIDES)
+    tagger = AudioTagger("Cnn10", variables, overrides=OVERRIDES)
     with pytest.raises(ValueError, match="non-finite embeddings"):
         hear.PannsHearModel(tagger, timestamp_window_s=0.5, input_sample_rate=SR)
 
 
 def test_int16_is_scaled_and_complex_refused(env):
-    tagger = inference.load_tagger(env["ckpt"], None)
+    tagger = load_tagger(env["ckpt"], None)
     pcm = (env["noise"] * 32767).astype(np.int16)
     as_float = pcm.astype(np.float32) / 32768
     np.testing.assert_array_equal(tagger.embed(pcm), tagger.embed(as_float))
@@ -288,7 +289,7 @@ def test_int16_is_scaled_and_complex_refused(env):
     with pytest.raises(audio.AudioError, match="complex samples"):
         tagger.tag(env["noise"] + 1j * env["noise"])
     with pytest.raises(ValueError, match="batch size must be an integer"):
-        inference.AudioTagger("Cnn10", overrides=OVERRIDES, batch_size=-1)
+        AudioTagger("Cnn10", overrides=OVERRIDES, batch_size=-1)
     # Item 3: API hops are rejected, not clamped to one sample.
     with pytest.raises(ValueError, match="hop must be a positive"):
         tagger.tag(env["noise"], hop_s=-1)
@@ -300,7 +301,7 @@ def test_warnings_for_truncated_silent_and_loud_files(env, capsys):
     root = env["root"]
     files = ["truncated.wav", "silence.wav", "loud.wav", "good.wav"]
     code, out, err = run_main(
-        inference.main,
+        cli.main,
         [
             "tag",
             *[root / f for f in files],
@@ -331,7 +332,7 @@ def test_warnings_for_truncated_silent_and_loud_files(env, capsys):
 def test_absurd_sample_rates_are_refused_and_good_files_complete(env, capsys):
     root = env["root"]
     code, out, err = run_main(
-        inference.main,
+        cli.main,
         [
             "tag",
             root / "rate10.wav",
@@ -474,7 +475,7 @@ def test_sed_names_are_unique_and_npz_records_its_source(env, tmp_path, capsys):
     inputs = [tmp_path / "a/good.wav", tmp_path / "b/good.wav", tmp_path / "c/good_2.wav"]
     out = tmp_path / "frames"
     code, _, err = run_main(
-        inference.main,
+        cli.main,
         [
             "sed",
             *inputs,
@@ -539,7 +540,7 @@ def test_damaged_metadata_is_one_line(env, tmp_path, capsys, case, edit, message
     ckpt = _edit_metadata(env, tmp_path, edit)
     before = snapshot(tmp_path)
     code, out, err = run_main(
-        inference.main, ["tag", env["root"] / "good.wav", "--checkpoint", ckpt], capsys
+        cli.main, ["tag", env["root"] / "good.wav", "--checkpoint", ckpt], capsys
     )
     assert code == 2 and out == ""
     line = one_error_line(err)
@@ -621,13 +622,13 @@ def test_export_seconds_and_stream_window_are_validated(env, capsys):
             "--hop must be a positive, finite number of seconds, got nan",
         ),
     ]:
-        code, _, err = run_main(inference.main, argv, capsys)
+        code, _, err = run_main(cli.main, argv, capsys)
         assert code == 2 and message in one_error_line(err), err
     assert snapshot(env["root"]) == before
 
 
 def test_hear_rejects_bad_rates_hops_and_empty_sounds(env):
-    tagger = inference.load_tagger(env["ckpt"], None)
+    tagger = load_tagger(env["ckpt"], None)
     for kwargs, message in [
         (dict(input_sample_rate=7), "input_sample_rate must be"),
         (dict(timestamp_hop_s=0), "timestamp_hop_s must be a positive"),
@@ -692,11 +693,11 @@ def test_narrow_model_round_trips_through_pth_with_overrides(env, tmp_path, caps
     assert "pass num_classes" not in err and not (tmp_path / "x").exists()
     wav = env["root"] / "good.wav"
     code, want, err = run_main(
-        inference.main, ["tag", wav, "--checkpoint", env["ckpt"], "--format", "json"], capsys
+        cli.main, ["tag", wav, "--checkpoint", env["ckpt"], "--format", "json"], capsys
     )
     assert code == 0, err
     code, got, err = run_main(
-        inference.main,
+        cli.main,
         [
             "tag",
             wav,
@@ -723,7 +724,7 @@ def test_narrow_model_round_trips_through_pth_with_overrides(env, tmp_path, caps
 def test_embed_output_is_named_as_reported(env, tmp_path, capsys):
     out = tmp_path / "emb.npy"
     code, _, err = run_main(
-        inference.main,
+        cli.main,
         ["embed", env["root"] / "good.wav", "--checkpoint", env["ckpt"], "--output", out],
         capsys,
     )

@@ -16,7 +16,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from panns_jax import audio, checkpoints, convert, inference
+from panns_jax import audio, checkpoints, cli, convert
+from panns_jax.sed import detect_events
+from panns_jax.tagger import aggregate_chunks, load_tagger
 
 WAV = str(G.AUDIO / "R9_ZSCveAHg_7s.wav")
 SR = 32000
@@ -37,7 +39,7 @@ def cnn6_checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cnn6(cnn6_checkpoint):
-    return inference.load_tagger(cnn6_checkpoint, None)
+    return load_tagger(cnn6_checkpoint, None)
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +62,7 @@ def long_wav(tmp_path_factory):
 
 
 def _tag_json(capsys, *argv) -> list:
-    assert inference.main(["tag", *argv, "--format", "json", "--no-progress"]) == 0
+    assert cli.main(["tag", *argv, "--format", "json", "--no-progress"]) == 0
     return json.loads(capsys.readouterr().out)
 
 
@@ -84,7 +86,7 @@ def test_cli_tag_json_equals_model_applied_directly(cnn6_checkpoint, direct, cap
 def test_cli_tag_csv_and_output_file(cnn6_checkpoint, direct, tmp_path, capsys):
     out = tmp_path / "tags.csv"
     assert (
-        inference.main(
+        cli.main(
             [
                 "tag",
                 WAV,
@@ -151,7 +153,7 @@ def test_directories_globs_and_progress_bar(cnn6_checkpoint, direct, tmp_path, c
         sf.write(tmp_path / "sub" / f"c{i}.wav", x, SR, subtype="FLOAT")
     (tmp_path / "sub" / "notes.txt").write_text("not listed: not an audio extension")
     assert (
-        inference.main(
+        cli.main(
             [
                 "tag",
                 str(tmp_path / "sub"),
@@ -206,8 +208,8 @@ def test_chunks_equal_the_model_on_their_sample_ranges(cnn6, long_wav, long_refe
         )
     # Aggregation over chunks as documented: max (default) and mean.
     clip = result.outputs["clipwise_output"]
-    np.testing.assert_array_equal(inference.aggregate_chunks(clip), clip.max(axis=0))
-    np.testing.assert_array_equal(inference.aggregate_chunks(clip, "mean"), clip.mean(axis=0))
+    np.testing.assert_array_equal(aggregate_chunks(clip), clip.max(axis=0))
+    np.testing.assert_array_equal(aggregate_chunks(clip, "mean"), clip.mean(axis=0))
 
 
 def test_cli_tag_long_file_aggregates_chunks(cnn6_checkpoint, long_wav, long_reference, capsys):
@@ -256,7 +258,7 @@ def test_chunk_starts_cover_the_recording():
 
 @pytest.fixture(scope="module")
 def sed_tagger(tmp_path_factory):
-    return inference.load_tagger(_checkpoint(tmp_path_factory, "Cnn14_DecisionLevelMax"), None)
+    return load_tagger(_checkpoint(tmp_path_factory, "Cnn14_DecisionLevelMax"), None)
 
 
 def test_sed_decision_level_framewise_equals_model(sed_tagger, tmp_path):
@@ -288,7 +290,7 @@ def test_sed_decision_level_framewise_equals_model(sed_tagger, tmp_path):
 def test_sed_events_follow_the_threshold():
     labels = ["a", "b"]
     framewise = np.array([[0.1, 0.9], [0.6, 0.9], [0.7, 0.2], [0.2, 0.8]], np.float32)
-    events = inference.detect_events(framewise, np.arange(4) * 0.5, 0.5, 0.5, labels, 2.0)
+    events = detect_events(framewise, np.arange(4) * 0.5, 0.5, 0.5, labels, 2.0)
     assert events == [
         {"onset": 0.0, "offset": 0.75, "label": "b", "index": 1, "score": pytest.approx(0.9)},
         {"onset": 0.25, "offset": 1.25, "label": "a", "index": 0, "score": pytest.approx(0.7)},
@@ -306,7 +308,7 @@ def test_sed_clip_model_sliding_windows(cnn6, direct):
             sed.framewise[k], direct(x[s : s + SR])["clipwise_output"][0], **TOL
         )
     assert sed.frame_hop == 0.5 and sed.duration == 3.0
-    expected = inference.detect_events(sed.framewise, sed.times, 0.5, 0.9, cnn6.labels, 3.0)
+    expected = detect_events(sed.framewise, sed.times, 0.5, 0.9, cnn6.labels, 3.0)
     assert sed.events == expected and expected  # Random-ish weights saturate some classes.
 
 
@@ -317,7 +319,7 @@ def test_cli_sed_csv_and_png(sed_tagger, tmp_path, capsys):
     ck.save(ckpt, ck.ModelCheckpoint("Cnn14_DecisionLevelMax", sed_tagger.variables))
     plots, frames = tmp_path / "plots", tmp_path / "frames"
     assert (
-        inference.main(
+        cli.main(
             [
                 "sed",
                 WAV,
@@ -358,7 +360,7 @@ def test_cli_sed_csv_and_png(sed_tagger, tmp_path, capsys):
 def test_cli_embed_npz_and_npy(cnn6_checkpoint, direct, long_wav, long_reference, tmp_path):
     out = tmp_path / "emb.npz"
     assert (
-        inference.main(
+        cli.main(
             [
                 "embed",
                 WAV,
@@ -383,7 +385,7 @@ def test_cli_embed_npz_and_npy(cnn6_checkpoint, direct, long_wav, long_reference
     np.testing.assert_allclose(saved["embeddings"], np.stack(expected), rtol=1e-5, atol=1e-5)
     npy = tmp_path / "emb.npy"  # Default: one embedding per file, the mean over chunks.
     assert (
-        inference.main(
+        cli.main(
             [
                 "embed",
                 WAV,
@@ -416,7 +418,7 @@ def test_bad_files_name_the_file_and_reason(tmp_path, cnn6_checkpoint, capsys):
     (tmp_path / "noise.xyz").write_bytes(np.random.default_rng(0).bytes(4096))
     sf.write(tmp_path / "tiny.wav", np.zeros(SR // 10, np.float32), SR)  # 0.1 s < Cnn6's 0.15 s.
     bad = ["empty.wav", "missing.wav", "text.wav", "zero.wav", "nan.wav", "noise.xyz", "tiny.wav"]
-    code = inference.main(
+    code = cli.main(
         [
             "tag",
             *[str(tmp_path / b) for b in bad],
@@ -450,7 +452,7 @@ def test_bad_files_name_the_file_and_reason(tmp_path, cnn6_checkpoint, capsys):
 
 def test_single_bad_file_exits_nonzero(tmp_path, cnn6_checkpoint, capsys):
     for command in ("tag", "sed", "embed"):
-        code = inference.main(
+        code = cli.main(
             [
                 command,
                 str(tmp_path / "missing.flac"),
@@ -463,7 +465,7 @@ def test_single_bad_file_exits_nonzero(tmp_path, cnn6_checkpoint, capsys):
         assert code == 1
         err = capsys.readouterr().err
         assert f"{tmp_path / 'missing.flac'}: no such file" in err
-    assert inference.main(["tag", WAV, "--checkpoint", str(tmp_path)]) == 2  # Not a checkpoint.
+    assert cli.main(["tag", WAV, "--checkpoint", str(tmp_path)]) == 2  # Not a checkpoint.
 
 
 def test_api_errors_and_silence(cnn6):

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import ast
 import os
-from typing import Dict, List, Set
+import subprocess
+import sys
+from typing import Dict, List, Sequence, Set
 
 import pytest
 
@@ -13,10 +15,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOOP = ("panns_jax.train", "panns_jax.transfer", "panns_jax.crossval", "panns_jax.model_builder")
 
 
-def import_graph(package_dir: str) -> Dict[str, Set[str]]:
+def import_graph(package_dir: str, package_edges: bool = False) -> Dict[str, Set[str]]:
     """Every ``import`` statement (at any depth, lazy ones included) of the package's
     modules, as edges between its modules. ``from pkg import sub`` is an edge to ``pkg.sub``
-    when that is a module, else to ``pkg``."""
+    when that is a module, else to ``pkg``. package_edges: also an edge from each module to
+    its package, whose ``__init__`` Python runs first when the module is imported."""
     files = {}
     for folder, _, names in os.walk(package_dir):
         for name in names:
@@ -41,6 +44,8 @@ def import_graph(package_dir: str) -> Dict[str, Set[str]]:
                     base = ".".join(parts + ([node.module] if node.module else []))
                 for alias in node.names:
                     edges.add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in files else base)
+        if package_edges and module.rpartition(".")[0] in files:
+            edges.add(module.rpartition(".")[0])
         graph[module] = {e for e in edges if e in files and e != module}
     return graph
 
@@ -71,6 +76,34 @@ def test_the_loop_and_transfer_import_one_way():
     broken = {k: set(v) for k, v in graph.items()}
     broken["panns_jax.transfer"].add("panns_jax.train")
     assert cycles_through(broken, "panns_jax.train")
+
+
+def test_the_package_imports_without_a_circle():
+    """No module of panns_jax reaches itself through imports, lazy ones included (#15): the
+    loader imports the zoo and the converter, and neither imports the other back."""
+    graph = import_graph(os.path.join(ROOT, "panns_jax"))
+    assert {"panns_jax.loader", "panns_jax.convert", "panns_jax.zoo"} <= set(graph)
+    assert {m: cycles_through(graph, m) for m in graph if cycles_through(graph, m)} == {}
+    # Negative control: the old lazy import (convert's loader reaching into the zoo, whose
+    # conversion calls the converter) is the circle the check finds.
+    broken = {k: set(v) for k, v in graph.items()}
+    broken["panns_jax.convert"].add("panns_jax.zoo")
+    assert cycles_through(broken, "panns_jax.convert")
+
+
+def test_the_data_package_has_no_import_circle():
+    """Importing any module of panns_jax.data runs the package's ``__init__`` first: that
+    must not import its submodules back (it used to import pipeline, and with it TF) (#15)."""
+    graph = import_graph(os.path.join(ROOT, "panns_jax"), package_edges=True)
+    data = [m for m in graph if m == "panns_jax.data" or m.startswith("panns_jax.data.")]
+    for module in ("panns_jax.data.sampling", "panns_jax.data.pipeline"):
+        assert module in data, module
+    for module in data:
+        assert cycles_through(graph, module) == [], module
+    # Negative control: the old eager re-export of the pipeline is the circle it finds.
+    broken = {k: set(v) for k, v in graph.items()}
+    broken["panns_jax.data"].add("panns_jax.data.pipeline")
+    assert cycles_through(broken, "panns_jax.data.pipeline")
 
 
 def test_builders_and_tasks_carry_what_the_loop_used_to_branch_on():
@@ -134,3 +167,53 @@ def test_only_the_training_binary_changes_malloc(tmp_path):
     sneaky.mkdir()
     (sneaky / "train.py").write_text("from m import malloc\nmalloc.tune_malloc()\n")
     assert calls_of(str(sneaky), "tune_malloc") == {os.path.relpath(sneaky / "train.py", ROOT)}
+
+
+def modules_after(code: str, watched: Sequence[str], pythonpath: Sequence[str] = ()) -> Set[str]:
+    """Which of ``watched`` are in ``sys.modules`` after ``code`` runs in a fresh interpreter."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([*pythonpath, ROOT, env.get("PYTHONPATH", "")])
+    probe = f"{code}\nimport sys\nprint(sorted(m for m in {list(watched)!r} if m in sys.modules))"
+    done = subprocess.run(
+        [sys.executable, "-c", probe], env=env, cwd=ROOT, capture_output=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    return set(ast.literal_eval(done.stdout.decode().strip().splitlines()[-1]))
+
+
+def test_tagging_modules_import_without_tensorflow(tmp_path):
+    """tag / sed / embed start without TensorFlow's ~9 s import: only export, HEAR and the
+    data pipeline need it, and they import it themselves (#15)."""
+    modules = "panns_jax.tagger, panns_jax.sed, panns_jax.cli, panns_jax.inference"
+    assert modules_after(f"import {modules}", ["tensorflow"]) == set()
+    # Negative control: a module that imports TensorFlow is caught (a stand-in package, so
+    # the control costs no real TensorFlow import).
+    (tmp_path / "tensorflow").mkdir()
+    (tmp_path / "tensorflow" / "__init__.py").write_text("")
+    (tmp_path / "uses_tf.py").write_text("import tensorflow\n")
+    assert modules_after("import uses_tf", ["tensorflow"], [str(tmp_path)]) == {"tensorflow"}
+
+
+def test_sed_plots_leave_matplotlib_global_state_alone(tmp_path):
+    """plot_sed draws on its own Figure: no pyplot, no backend switch, so a notebook's or a
+    GUI program's matplotlib setup survives a call (library code changes no process state)."""
+    backend = "import matplotlib\nassert dict.__getitem__(matplotlib.rcParams, 'backend') == 'svg'"
+    png = tmp_path / "sed.png"
+    plot = f"""
+import os
+os.environ["MPLBACKEND"] = "svg"
+import numpy as np
+from panns_jax import sed
+frames = np.linspace(0, 1, 300 * 3, dtype=np.float32).reshape(300, 3)
+result = sed.SedResult("x.wav", np.arange(300) * 0.01, frames, 0.01, 3.0, [])
+sed.plot_sed(result, {str(png)!r}, ["a", "b", "c"], top_k=2, logmel=np.zeros((300, 64)))
+{backend}
+"""
+    assert modules_after(plot, ["matplotlib.pyplot"]) == set()
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 1000
+    # Negative control: what plot_sed used to do (switch to Agg, draw with pyplot) is caught.
+    old = 'os.environ["MPLBACKEND"] = "svg"\nimport matplotlib\nmatplotlib.use("Agg")\n'
+    old += "import matplotlib.pyplot as plt\nplt.subplots(2, 1)"
+    assert modules_after(f"import os\n{old}", ["matplotlib.pyplot"]) == {"matplotlib.pyplot"}
+    with pytest.raises(AssertionError):
+        modules_after(f"import os\n{old}\n{backend}", [])

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from panns_jax import checkpoints, crossval, models, train, transfer
+from panns_jax import checkpoints, crossval, loader, models, train, transfer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SR = 32000
@@ -109,13 +109,44 @@ def test_each_strategy_updates_exactly_its_parameters(strategy, pretrained):
     host = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
     exported = transfer.to_checkpoint(model, base, host, step=3, labels=list(TASK_CLASSES))
     audio = rng.uniform(-0.3, 0.3, (2, SR)).astype(np.float32)
-    want = jax.jit(model.apply)(host, audio)["logits"]
+    want = jax.jit(model.apply)(host, audio)
     if strategy == "freeze_l3":
         assert "transfer_head" in exported.overrides
     else:  # A plain registry model: the inference tools read it.
         assert exported.model == "Cnn10" and exported.overrides["num_classes"] == 4
-        got = jax.jit(exported.build_model().apply)(exported.variables, audio)["logits"]
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+        got = jax.jit(exported.build_model().apply)(exported.variables, audio)
+        head = exported.variables["params"]["fc_audioset"]
+        for name in ("kernel", "bias"):
+            assert _bitwise_equal(np.asarray(head[name]), host["params"]["fc_transfer"][name])
+        _assert_same_linear_head(got, want, head)
+        dropped_bias = dict(got, logits=got["logits"] - head["bias"])  # A broken fold fails.
+        with pytest.raises(AssertionError, match="logits differ"):
+            _assert_same_linear_head(dropped_bias, want, head)
+
+
+def _assert_same_linear_head(got, want, head):
+    """``logits = embedding @ kernel + bias`` in both models, from embeddings that the same
+    base layers computed (compiled apart: their sums may be ordered differently).
+
+    The embeddings must agree within the golden rule for a float32 forward pass
+    (panns_jax.tolerance); each model's logits within a dot product's float32 round-off,
+    gamma_n (|h| @ |W| + |b|) with n = width + 1 (Higham 2002, sec. 3.1), of the float64 head on
+    its own embedding; so the two logits differ by at most both round-offs plus the float64
+    head of the embeddings' actual difference.
+    """
+    from panns_jax import tolerance
+
+    kernel, bias = (np.asarray(head[k], np.float64) for k in ("kernel", "bias"))
+    h_got, h_want = (np.asarray(o["embedding"], np.float64) for o in (got, want))
+    problem, _, _ = tolerance.check("embedding", h_got, h_want, "the Transfer model's")
+    assert not problem, problem
+    n = kernel.shape[0] + 1
+    unit = float(np.finfo(np.float32).eps) / 2
+    gamma = n * unit / (1 - n * unit)
+    bound = sum(gamma * (np.abs(h) @ np.abs(kernel) + np.abs(bias)) for h in (h_got, h_want))
+    bound += np.abs((h_got - h_want) @ kernel)
+    diff = np.abs(np.asarray(got["logits"], np.float64) - np.asarray(want["logits"], np.float64))
+    assert np.all(diff <= bound), f"logits differ by {np.max(diff):.3g} (bound {np.min(bound):.3g})"
 
 
 def _pretrain_sources(n: int = 160):
@@ -193,7 +224,7 @@ def test_pretrained_checkpoint_transfers_to_a_held_out_task_with_cross_validatio
 
     # The held-out fold's model is an ordinary 4-class checkpoint; its frozen trunk is the
     # pretrained one, bit for bit.
-    fold_model, variables, _ = transfer.load(str(workdir / "fold1" / "model"))
+    fold_model, variables, _ = loader.load(str(workdir / "fold1" / "model"))
     assert fold_model.num_classes == 4
     pretrained = checkpoints.load(checkpoint).variables
     for name, value in _leaves(pretrained).items():
@@ -220,8 +251,8 @@ def test_base_from_a_pytorch_state_dict(tmp_path):
     for name, value in _leaves(variables).items():
         np.testing.assert_array_equal(_leaves(base.variables)[name], value)
     # The same loader serves --checkpoint of inference and export.
-    loaded = convert.load_model_checkpoint(path, "Cnn10", overrides=TINY)
-    assert loaded.overrides == {**TINY, "num_classes": 10}
+    loaded = loader.load(path, model="Cnn10", overrides=TINY)
+    assert loaded.metadata.overrides == {**TINY, "num_classes": 10}
 
 
 def test_configs_strategies_and_folds():

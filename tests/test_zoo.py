@@ -372,18 +372,36 @@ def test_install_from_file_then_corruption_is_detected(
     assert _gets(server, ZIP_FILE) == [None]
 
 
+def test_install_replaces_a_damaged_cached_file(zoo_env, server, served_files):
+    """A different file already in the cache is discarded and the verified copy takes its
+    place (the staged copy is a sibling that discarding the old file does not touch)."""
+    cached = os.path.join(zoo_env["PANNS_JAX_HOME"], ZIP_FILE)
+    os.makedirs(os.path.dirname(cached), exist_ok=True)
+    with open(cached, "wb") as f:
+        f.write(b"not the release file")
+    source = os.path.join(os.path.dirname(zoo_env["PANNS_JAX_HOME"]), "mine.pth")
+    with open(source, "wb") as f:
+        f.write(served_files[ZIP_FILE])
+    assert zoo.install("Cnn6", source) == cached
+    with open(cached, "rb") as f:
+        assert f.read() == served_files[ZIP_FILE]
+    assert not [n for n in _cache_files(zoo_env) if n.endswith(".part")]
+    assert server.requests == []
+
+
 def test_every_checkpoint_flag_takes_a_zoo_name(zoo_env, server):
-    """export, stream, HEAR and transfer load through convert.load_model_checkpoint."""
+    """export, stream, HEAR and transfer load through loader.load."""
     import ml_collections
 
-    from panns_jax import export, hear, streaming, transfer
+    from panns_jax import export, hear, loader, transfer
 
     expected = convert.from_state_dict(G.load_state("Cnn6"), models.get("Cnn6"))
-    first = convert.load_model_checkpoint("Cnn6")
-    assert first.model == "Cnn6" and len(_gets(server, ZIP_FILE)) == 1
+    first = loader.load("Cnn6")  # What `stream --checkpoint Cnn6` calls.
+    assert first.metadata.name == "Cnn6" and len(_gets(server, ZIP_FILE)) == 1
+    assert first.metadata.kind == "zoo"
     model, variables, name = export.resolve_source("Cnn6")
     assert name == "Cnn6" and model == models.get("Cnn6")
-    _, stream_variables, _ = streaming._load_model("Cnn6", None)
+    stream_variables = first.variables
     assert hear.load_model("Cnn6").tagger.model_name == "Cnn6"
     config = ml_collections.ConfigDict(
         {"model": "Cnn6", "transfer": {"strategy": "finetune", "checkpoint": "Cnn6"}}
@@ -393,9 +411,9 @@ def test_every_checkpoint_flag_takes_a_zoo_name(zoo_env, server):
         jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(loaded), expected)
     assert len(_gets(server, ZIP_FILE)) == 1  # Downloaded once, then the cache.
     with pytest.raises(ValueError, match="is a pretrained Cnn6, not Cnn10"):
-        convert.load_model_checkpoint("Cnn6", "Cnn10")
+        loader.load("Cnn6", model="Cnn10")
     with pytest.raises(FileNotFoundError, match="nor a pretrained model name"):
-        convert.load_model_checkpoint("Cnn6x")
+        loader.load("Cnn6x")
 
 
 def test_list_and_table_facts(zoo_env, capsys, monkeypatch):

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from panns_jax.models import cnn, conv1d, mobilenet, resnet, transfer_head, wavegram
+from panns_jax.models.layers import CLASSIFIER, CLASSIFIER_PARAMS, Outputs
 
 _FAMILY_MODULES = [cnn, resnet, mobilenet, conv1d, wavegram]
 _FAMILY_CLASSES = {
@@ -73,6 +74,21 @@ def get(name: str, **overrides: Any) -> nn.Module:
 def sample_rate(model: nn.Module) -> int:
     """The sample rate a model's input must have."""
     return model.frontend.sample_rate
+
+
+def outputs(model: nn.Module) -> Outputs:
+    """What ``model.apply`` returns: decision-level or not, and its embedding's key.
+
+    Declared by the model's class (``declared_outputs``), so that callers need not trace
+    the model to find out; tests/test_models.py checks every declaration against a trace.
+    """
+    declared = getattr(type(model), "declared_outputs", None)
+    if declared is None:
+        raise TypeError(
+            f"{type(model).__name__} declares no outputs: give its class a "
+            "declared_outputs (panns_jax.models.layers.Outputs)"
+        )
+    return model.declared_outputs
 
 
 def init(

@@ -47,6 +47,12 @@ class Cnn(nn.Module):
     trunk_dropout: float = 0.2
     dtype: Dtype = jnp.float32
 
+    @property
+    def declared_outputs(self) -> layers.Outputs:
+        """What apply returns (``models.outputs``): a decision-level head adds framewise
+        output and embeds per segment."""
+        return layers.CLIP_OUTPUTS if self.head == "clip" else layers.DECISION_LEVEL_OUTPUTS
+
     @nn.compact
     def __call__(
         self, waveform: jax.Array, train: bool = False, mixup_lambda: Optional[jax.Array] = None
@@ -59,11 +65,8 @@ class Cnn(nn.Module):
         x = layers.logmel_stem(
             self,
             waveform,
-            self.frontend,
             train=train,
-            spec_augment=self.spec_augment,
             mixup_lambda=mixup_lambda,
-            dtype=self.dtype,
             outputs=outputs,
             apply_mixup=self.mixup_domain == "logmel",
         )
@@ -83,14 +86,7 @@ class Cnn(nn.Module):
 
         x = jnp.mean(x, axis=2)  # Mean over frequency -> (B, t, C).
         if self.head == "clip":
-            return layers.clip_head(
-                x,
-                embedding_size=self.embedding_size,
-                num_classes=self.num_classes,
-                train=train,
-                dtype=self.dtype,
-                outputs=outputs,
-            )
+            return layers.clip_head(self, x, train=train, outputs=outputs)
         ratio = 1  # Frames per segment: the product of the time pools (32 for Cnn14).
         for pool in self.pool_sizes:
             ratio *= pool[0]
@@ -114,10 +110,12 @@ class Cnn(nn.Module):
         x = nn.Dropout(0.5)(x, deterministic=not train)
 
         if self.head == "decision_att":
-            att_block = AttentionBlock(self.num_classes, dtype=self.dtype, name="att_block")
+            att_block = AttentionBlock(
+                self.num_classes, dtype=self.dtype, name=layers.ATTENTION_CLASSIFIER
+            )
             outputs.update(att_block(x))
         else:
-            logits = nn.Dense(self.num_classes, dtype=self.dtype, name="fc_audioset")(x)
+            logits = nn.Dense(self.num_classes, dtype=self.dtype, name=layers.CLASSIFIER)(x)
             logits = logits.astype(jnp.float32)
             segmentwise = jax.nn.sigmoid(logits)
             outputs["segmentwise_logits"] = logits

@@ -47,14 +47,7 @@ def _waveform_input(
 
 def _head(x: jax.Array, module: nn.Module, train: bool) -> dict:
     """Head H on the (B, t, C) trunk output (no frequency axis to average)."""
-    return layers.clip_head(
-        x,
-        embedding_size=module.embedding_size,
-        num_classes=module.num_classes,
-        train=train,
-        dtype=module.dtype,
-        outputs={},
-    )
+    return layers.clip_head(module, x, train=train, outputs={})
 
 
 class LeeNetConvBlock(nn.Module):
@@ -97,6 +90,7 @@ class LeeNet(nn.Module):
     dtype: Dtype = jnp.float32
 
     uses_logmel = False  # No STFT / mel buffers in the original state_dict.
+    declared_outputs = layers.CLIP_OUTPUTS  # What apply returns (``models.outputs``).
 
     @nn.compact
     def __call__(
@@ -158,6 +152,7 @@ class DaiNet(nn.Module):
     dtype: Dtype = jnp.float32
 
     uses_logmel = False
+    declared_outputs = layers.CLIP_OUTPUTS  # What apply returns (``models.outputs``).
 
     @nn.compact
     def __call__(
@@ -214,6 +209,7 @@ class Res1dNet(nn.Module):
     dtype: Dtype = jnp.float32
 
     uses_logmel = False
+    declared_outputs = layers.CLIP_OUTPUTS  # What apply returns (``models.outputs``).
 
     @nn.compact
     def __call__(

@@ -218,34 +218,6 @@ def pointwise_conv(x: jax.Array, w: jax.Array) -> jax.Array:
     return lax.dot_general(x, w[0, 0], (((x.ndim - 1,), (0,)), ((), ())))
 
 
-def _is_pointwise(
-    lhs,
-    rhs,
-    window_strides,
-    padding,
-    lhs_dilation,
-    rhs_dilation,
-    dimension_numbers,
-    feature_group_count,
-    kwargs,
-) -> bool:
-    return (
-        lhs.ndim == 4
-        and rhs.ndim == 4
-        and tuple(rhs.shape[:2]) == (1, 1)
-        and feature_group_count == 1
-        and tuple(window_strides) == (1, 1)
-        and not kwargs.get("precision")
-        and kwargs.get("preferred_element_type") is None
-        and (lhs_dilation is None or tuple(lhs_dilation) == (1, 1))
-        and (rhs_dilation is None or tuple(rhs_dilation) == (1, 1))
-        and not isinstance(padding, str)
-        and all(int(lo) == 0 and int(hi) == 0 for lo, hi in padding)
-        and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-        == lax.conv_dimension_numbers(lhs.shape, rhs.shape, _DIMENSION_NUMBERS)
-    )
-
-
 def conv_general_dilated(
     lhs: jax.Array,
     rhs: jax.Array,
@@ -261,45 +233,18 @@ def conv_general_dilated(
     routes depthwise NHWC convs with explicit padding through :func:`depthwise_conv` and
     unpadded 1x1 convs through :func:`pointwise_conv`; every other conv goes to
     :func:`same_conv.conv_general_dilated`."""
-    simple = (
-        not _PLAIN_LAX[0]
-        and is_depthwise(lhs.shape, rhs.shape, feature_group_count)
-        and not kwargs.get("precision")
-        and kwargs.get("preferred_element_type") is None
-        and (lhs_dilation is None or tuple(lhs_dilation) == (1, 1))
-        and (rhs_dilation is None or tuple(rhs_dilation) == (1, 1))
-        and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-        == lax.conv_dimension_numbers(lhs.shape, rhs.shape, _DIMENSION_NUMBERS)
-        and not isinstance(padding, str)
-    )
-    pointwise = (
-        not simple
-        and not _PLAIN_LAX[0]
-        and _is_pointwise(
-            lhs,
-            rhs,
-            window_strides,
-            padding,
-            lhs_dilation,
-            rhs_dilation,
-            dimension_numbers,
-            feature_group_count,
-            kwargs,
-        )
-    )
-    if pointwise:
+    args = (lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers)
+    args += (feature_group_count,)
+    fast = not _PLAIN_LAX[0] and same_conv.is_plain(args, kwargs)
+    if fast and is_depthwise(lhs.shape, rhs.shape, feature_group_count):
+        pads = tuple((int(lo), int(hi)) for lo, hi in padding)
+        return depthwise_conv(lhs, rhs, tuple(int(s) for s in window_strides), pads)
+    if (
+        fast
+        and tuple(rhs.shape[:2]) == (1, 1)
+        and feature_group_count == 1
+        and tuple(window_strides) == (1, 1)
+        and all(int(lo) == 0 and int(hi) == 0 for lo, hi in padding)
+    ):
         return pointwise_conv(lhs, rhs)
-    if not simple:
-        return same_conv.conv_general_dilated(
-            lhs,
-            rhs,
-            window_strides,
-            padding,
-            lhs_dilation,
-            rhs_dilation,
-            dimension_numbers,
-            feature_group_count,
-            **kwargs,
-        )
-    pads = tuple((int(lo), int(hi)) for lo, hi in padding)
-    return depthwise_conv(lhs, rhs, tuple(int(s) for s in window_strides), pads)
+    return same_conv.conv_general_dilated(*args, **kwargs)

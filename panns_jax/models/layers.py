@@ -12,6 +12,7 @@ Layout conventions (see ``golden/ARCHITECTURES.md``):
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Optional, Tuple
 
 import flax.linen as nn
@@ -22,6 +23,26 @@ from panns_jax import frontend as fe
 from panns_jax.models import same_conv
 
 Dtype = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Outputs:
+    """What a model's ``apply`` returns, declared by its class so that callers need not trace it.
+
+    Attributes:
+      decision_level: whether the model has a native ``framewise_output`` (the paper's
+        decision-level SED heads of the original code; clip models have only
+        ``clipwise_output`` (``golden/ARCHITECTURES.md`` §8).
+      embedding: the key of the model's embedding: ``embedding`` (clip models, one vector
+        per clip) or ``segmentwise_embedding`` (decision-level models, one per segment).
+    """
+
+    decision_level: bool
+    embedding: str
+
+
+CLIP_OUTPUTS = Outputs(decision_level=False, embedding="embedding")
+DECISION_LEVEL_OUTPUTS = Outputs(decision_level=True, embedding="segmentwise_embedding")
 
 # Every BatchNorm of the original uses eps 1e-5 and momentum 0.1
 # (running <- 0.9 * running + 0.1 * batch statistic).
@@ -155,12 +176,9 @@ class ConvBlock(nn.Module):
 def logmel_stem(
     module: nn.Module,
     waveform: jax.Array,
-    frontend: fe.FrontendConfig,
     *,
     train: bool,
-    spec_augment: bool,
     mixup_lambda: Optional[jax.Array],
-    dtype: Dtype,
     outputs: dict,
     time_drop_width: int = 64,
     apply_mixup: bool = True,
@@ -168,16 +186,18 @@ def logmel_stem(
     """Front end shared by every log-mel model: log-mel -> bn0 -> SpecAugment -> mixup.
 
     Must be called inside ``module``'s ``@nn.compact`` method: it creates the module's
-    ``bn0`` (one BatchNorm channel per mel bin, statistics over batch and time).
+    ``bn0`` (one BatchNorm channel per mel bin, statistics over batch and time), and reads
+    its ``frontend``, ``spec_augment`` and ``dtype`` attributes.
     Records ``outputs['logmel']`` (before bn0, float32). Returns ``(B, T, mel, 1)``.
     SpecAugment uses the ``'specaug'`` rng stream; its frequency stripes are at most
     ``mel_bins // 8`` wide (8 for 64 mels, 4 for 32, 16 for 128), as the original.
     """
+    frontend = module.frontend
     x = fe.logmel(waveform, frontend)  # (B, T, F) float32, always.
     outputs["logmel"] = x
     x = BatchNorm(name="bn0")(x, use_running_average=not train)
     x = x[..., None]
-    if train and spec_augment:
+    if train and module.spec_augment:
         rng = module.make_rng("specaug")
         x = fe.spec_augment(
             rng,
@@ -189,16 +209,22 @@ def logmel_stem(
         )
     if train and apply_mixup and mixup_lambda is not None:
         x = fe.mixup(x, mixup_lambda)
-    return x.astype(dtype)
+    return x.astype(module.dtype)
+
+
+# The classifier layers, named as the original's (Kong et al. 2020): ``fc_audioset`` of every
+# model but Cnn14_DecisionLevelAtt, whose classifier is its attention block. What transfer
+# learning replaces; their state_dict keys are ``<name>.*`` by the converter's naming rule.
+CLASSIFIER = "fc_audioset"
+ATTENTION_CLASSIFIER = "att_block"
+CLASSIFIER_PARAMS = (CLASSIFIER, ATTENTION_CLASSIFIER)
 
 
 def clip_head(
+    module: nn.Module,
     features_btc: jax.Array,
     *,
-    embedding_size: int,
-    num_classes: int,
     train: bool,
-    dtype: Dtype,
     outputs: dict,
     dropout_before_fc1: bool = True,
 ) -> dict:
@@ -208,15 +234,16 @@ def clip_head(
     ``(B, t, C)``. Pools max over time + mean over time (a sum), dropout 0.5,
     fc1 + ReLU = h; the classifier reads h, while the returned ``embedding`` is
     dropout 0.5 of h (so that dropout only affects transfer heads, as the original).
-    Must be called inside a parent's ``@nn.compact`` method (creates ``fc1`` and
-    ``fc_audioset``).
+    Must be called inside ``module``'s ``@nn.compact`` method (creates ``fc1`` and
+    ``fc_audioset``); reads its ``embedding_size``, ``num_classes`` and ``dtype``.
     """
+    dtype = module.dtype
     x = jnp.max(features_btc, axis=1) + jnp.mean(features_btc, axis=1)
     outputs["fc1_input"] = x.astype(jnp.float32)
     if dropout_before_fc1:
         x = nn.Dropout(0.5)(x, deterministic=not train)
-    h = nn.relu(nn.Dense(embedding_size, dtype=dtype, name="fc1")(x))
-    logits = nn.Dense(num_classes, dtype=dtype, name="fc_audioset")(h).astype(jnp.float32)
+    h = nn.relu(nn.Dense(module.embedding_size, dtype=dtype, name="fc1")(x))
+    logits = nn.Dense(module.num_classes, dtype=dtype, name=CLASSIFIER)(h).astype(jnp.float32)
     outputs["embedding"] = nn.Dropout(0.5)(h, deterministic=not train).astype(jnp.float32)
     outputs["clipwise_logits"] = logits
     outputs["logits"] = logits

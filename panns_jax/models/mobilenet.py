@@ -160,6 +160,8 @@ class MobileNet(nn.Module):
     spec_augment: bool = True
     dtype: Dtype = jnp.float32
 
+    declared_outputs = layers.CLIP_OUTPUTS  # What apply returns (``models.outputs``).
+
     @nn.compact
     def __call__(
         self, waveform: jax.Array, train: bool = False, mixup_lambda: Optional[jax.Array] = None
@@ -168,24 +170,15 @@ class MobileNet(nn.Module):
             raise ValueError(f"unknown MobileNet version {self.version!r}; expected 1 or 2")
         outputs: dict = {}
         x = layers.logmel_stem(
-            self,
-            waveform,
-            self.frontend,
-            train=train,
-            spec_augment=self.spec_augment,
-            mixup_lambda=mixup_lambda,
-            dtype=self.dtype,
-            outputs=outputs,
+            self, waveform, train=train, mixup_lambda=mixup_lambda, outputs=outputs
         )
         for prefix, seq, residual in VERSIONS[self.version]():
             y = sequential(x, prefix, seq, train, self.dtype)
             x = x + y if residual else y
         return layers.clip_head(
+            self,
             jnp.mean(x, axis=2),
-            embedding_size=self.embedding_size,
-            num_classes=self.num_classes,
             train=train,
-            dtype=self.dtype,
             outputs=outputs,
             dropout_before_fc1=self.version == 1,
         )

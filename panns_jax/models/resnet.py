@@ -108,6 +108,8 @@ class ResNet(nn.Module):
     spec_augment: bool = True
     dtype: Dtype = jnp.float32
 
+    declared_outputs = layers.CLIP_OUTPUTS  # What apply returns (``models.outputs``).
+
     @nn.compact
     def __call__(
         self, waveform: jax.Array, train: bool = False, mixup_lambda: Optional[jax.Array] = None
@@ -117,14 +119,7 @@ class ResNet(nn.Module):
         block_cls = BLOCKS[self.block]
         outputs: dict = {}
         x = layers.logmel_stem(
-            self,
-            waveform,
-            self.frontend,
-            train=train,
-            spec_augment=self.spec_augment,
-            mixup_lambda=mixup_lambda,
-            dtype=self.dtype,
-            outputs=outputs,
+            self, waveform, train=train, mixup_lambda=mixup_lambda, outputs=outputs
         )
 
         def trunk_dropout(y: jax.Array) -> jax.Array:
@@ -142,14 +137,7 @@ class ResNet(nn.Module):
         x = trunk_dropout(pool2d(x, (2, 2)))
         x = ConvBlock(2048, pool_size=(1, 1), dtype=self.dtype, name="conv_block_after1")(x, train)
         x = trunk_dropout(x)
-        return layers.clip_head(
-            jnp.mean(x, axis=2),
-            embedding_size=self.embedding_size,
-            num_classes=self.num_classes,
-            train=train,
-            dtype=self.dtype,
-            outputs=outputs,
-        )
+        return layers.clip_head(self, jnp.mean(x, axis=2), train=train, outputs=outputs)
 
 
 # Registered names -> keyword arguments of ``ResNet`` (merged into panns_jax.models.REGISTRY).

@@ -27,7 +27,7 @@ unchanged.
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -128,6 +128,25 @@ def _same_conv_bwd(pad, residuals, dy):
 same_conv.defvjp(_same_conv_fwd, _same_conv_bwd)
 
 
+def is_plain(args: Sequence[Any], kwargs: Mapping[str, Any]) -> bool:
+    """Whether a ``lax.conv_general_dilated(*args, **kwargs)`` call (all eight positional
+    arguments) has what the fast convolutions here and in :mod:`panns_jax.models.depthwise`
+    compute: NHWC x HWIO, explicit padding, no dilation, default precision and output type
+    (any strides and groups)."""
+    lhs, rhs, _, padding, lhs_dilation, rhs_dilation, dimension_numbers, _ = args
+    return (
+        lhs.ndim == 4
+        and rhs.ndim == 4
+        and not isinstance(padding, str)
+        and not kwargs.get("precision")
+        and kwargs.get("preferred_element_type") is None
+        and (lhs_dilation is None or tuple(lhs_dilation) == (1, 1))
+        and (rhs_dilation is None or tuple(rhs_dilation) == (1, 1))
+        and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+        == lax.conv_dimension_numbers(lhs.shape, rhs.shape, _DIMENSION_NUMBERS)
+    )
+
+
 def conv_general_dilated(
     lhs: jax.Array,
     rhs: jax.Array,
@@ -142,6 +161,8 @@ def conv_general_dilated(
     """Drop-in for ``lax.conv_general_dilated`` (flax's ``Conv.conv_general_dilated``) that
     pads stride-1 inputs shorter than 6 time rows, and routes plain same-padded stride-1
     convs through :func:`same_conv`."""
+    args = (lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers)
+    args += (feature_group_count,)
     rows = lhs.shape[1]
     # Symbolic lengths (shape-polymorphic export) keep the plain conv: comparing them
     # would add a length constraint to the exported graph.
@@ -153,44 +174,18 @@ def conv_general_dilated(
     ):
         padded = jnp.pad(lhs, ((0, 0), (0, _MIN_FAST_ROWS - rows), (0, 0), (0, 0)))
         # The barrier keeps XLA from folding the pad back into the conv's own padding.
-        return conv_general_dilated(
-            lax.optimization_barrier(padded),
-            rhs,
-            window_strides,
-            padding,
-            lhs_dilation,
-            rhs_dilation,
-            dimension_numbers,
-            feature_group_count,
-            **kwargs,
-        )[:, :rows]
+        out = conv_general_dilated(lax.optimization_barrier(padded), *args[1:], **kwargs)
+        return out[:, :rows]
     kernel = rhs.shape[0]
     plain = (
         tuple(window_strides) == (1, 1)
         and feature_group_count == 1
-        and not kwargs.get("precision")
-        and kwargs.get("preferred_element_type") is None
-        and (lhs_dilation is None or tuple(lhs_dilation) == (1, 1))
-        and (rhs_dilation is None or tuple(rhs_dilation) == (1, 1))
-        and lhs.ndim == 4
-        and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-        == lax.conv_dimension_numbers(lhs.shape, rhs.shape, _DIMENSION_NUMBERS)
+        and is_plain(args, kwargs)
         and kernel == rhs.shape[1]
         and kernel % 2 == 1
         and kernel > 1
-        and not isinstance(padding, str)
         and tuple(map(tuple, padding)) == ((kernel // 2,) * 2,) * 2
     )
     if not plain:
-        return lax.conv_general_dilated(
-            lhs,
-            rhs,
-            window_strides,
-            padding,
-            lhs_dilation,
-            rhs_dilation,
-            dimension_numbers,
-            feature_group_count,
-            **kwargs,
-        )
+        return lax.conv_general_dilated(*args, **kwargs)
     return same_conv(lhs, rhs, kernel // 2)

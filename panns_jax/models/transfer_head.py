@@ -51,6 +51,11 @@ class Transfer(nn.Module):
     def uses_logmel(self) -> bool:
         return getattr(self.base, "uses_logmel", True)
 
+    @property
+    def declared_outputs(self) -> Any:
+        """The base's (``models.outputs``): the head replaces only the clip scores."""
+        return self.base.declared_outputs
+
     @nn.compact
     def __call__(
         self, waveform: jax.Array, train: bool = False, mixup_lambda: Optional[jax.Array] = None

@@ -58,6 +58,8 @@ class Wavegram(nn.Module):
     trunk_dropout: float = 0.2
     dtype: Dtype = jnp.float32
 
+    declared_outputs = layers.CLIP_OUTPUTS  # What apply returns (``models.outputs``).
+
     @property
     def uses_logmel(self) -> bool:
         """Whether the original owns STFT / mel buffers (used by ``panns_jax.convert``)."""
@@ -117,14 +119,7 @@ class Wavegram(nn.Module):
             x = fe.mixup(x, mixup_lambda)
         if self.use_logmel:
             mel = layers.logmel_stem(
-                self,
-                waveform,
-                self.frontend,
-                train=train,
-                spec_augment=self.spec_augment,
-                mixup_lambda=mixup_lambda,
-                dtype=self.dtype,
-                outputs=outputs,
+                self, waveform, train=train, mixup_lambda=mixup_lambda, outputs=outputs
             )
             mel = ConvBlock(self.widths[0], dtype=self.dtype, name="conv_block1")(mel, train)
             x = jnp.concatenate([mel, x], axis=-1)  # Log-mel channels first.
@@ -144,14 +139,7 @@ class Wavegram(nn.Module):
             x = ConvBlock(width, pool_size=pool, dtype=self.dtype, name=f"conv_block{i}")(x, train)
             x = nn.Dropout(self.trunk_dropout)(x, deterministic=not train)
         x = jnp.mean(x, axis=2)  # Mean over frequency -> (B, t, C).
-        return layers.clip_head(
-            x,
-            embedding_size=self.embedding_size,
-            num_classes=self.num_classes,
-            train=train,
-            dtype=self.dtype,
-            outputs=outputs,
-        )
+        return layers.clip_head(self, x, train=train, outputs=outputs)
 
 
 # Registered names -> keyword arguments of ``Wavegram``.

@@ -1,0 +1,197 @@
+"""The one door from "a model" to a module, its variables and what they mean.
+
+    from panns_jax import loader
+    module, variables, meta = loader.load("ckpt/best")      # any checkpoint we write
+    module, variables, meta = loader.load("Cnn14")          # a released model (zoo)
+    module, variables, meta = loader.load("x.pth", model="Cnn10", overrides={...})
+    module, variables, meta = loader.load(model="MobileNetV1")  # random weights
+    probabilities = module.apply(variables, waveform)["clipwise_output"]
+
+Every entry point (tag, sed, embed, export, stream, HEAR, transfer learning, the
+notebooks) loads through :func:`load`, so each kind of checkpoint works everywhere:
+
+* a panns_jax checkpoint directory (:mod:`panns_jax.checkpoints`) of any run: plain
+  training, a transfer run's folded Freeze_L1 / fine-tuned model (a registry model with
+  the task's class count), or a Freeze_L3 model (a ``transfer_head`` override that
+  :func:`panns_jax.models.get` turns into a :class:`~panns_jax.models.transfer_head.Transfer`);
+  it records its own architecture, so ``overrides`` are refused;
+* an original PANNs ``.pth`` (``model`` names its architecture, ``overrides`` its further
+  arguments; the class count is read from its head), converted in memory without torch;
+* the name of a released model (:mod:`panns_jax.zoo`): downloaded, verified and
+  converted on first use. An existing path wins over a zoo name;
+* nothing: ``model`` (default :data:`DEFAULT_MODEL`) randomly initialised from ``seed``
+  (``metadata.kind == 'random'``; its outputs are meaningless, callers say so).
+
+Errors are one line: ``FileNotFoundError`` for a source that is neither a path nor a zoo
+name, ``ValueError`` (e.g. :class:`~panns_jax.checkpoints.CheckpointError`) for the rest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Dict, Iterator, Mapping, Optional, Tuple
+
+import flax.linen as nn
+import jax
+
+from panns_jax import checkpoints, convert, models, zoo
+from panns_jax.models import transfer_head
+
+DEFAULT_MODEL = "Cnn14"
+KINDS = ("checkpoint", "pth", "zoo", "random")
+TASKS = ("multilabel", "singlelabel")
+TASK_KEY = "task"  # A checkpoint's ``extra`` entry naming the task it was trained for.
+
+
+@dataclasses.dataclass(frozen=True)
+class Metadata:
+    """What a loaded model is and how to read its outputs.
+
+    Attributes:
+      name: the registry architecture (``Cnn14``); a Freeze_L3 model's base architecture.
+      overrides: the registry overrides that rebuild ``module`` with
+        :func:`panns_jax.models.get` (a Freeze_L3 model's include ``transfer_head``).
+      labels: the class names, one per output class: the checkpoint's own, else AudioSet's
+        527 for a 527-class head, else ``class 0``, ``class 1``, ...
+      sample_rate: the rate (Hz) the module's input must have.
+      task: ``multilabel`` (independent sigmoid scores, the paper's AudioSet tagging) or
+        ``singlelabel`` (one class per clip: a softmax head, or a checkpoint that records
+        a single-label training task).
+      kind: where the weights came from: ``checkpoint``, ``pth``, ``zoo`` or ``random``.
+      source: the path or zoo name given (None for random weights).
+      step: the training step (iteration) of the weights; 0 for random ones.
+      outputs: what ``module.apply`` returns (:func:`panns_jax.models.outputs`).
+    """
+
+    name: str
+    overrides: Mapping[str, Any]
+    labels: Tuple[str, ...]
+    sample_rate: int
+    task: str
+    kind: str
+    source: Optional[str]
+    step: int
+    outputs: models.Outputs
+
+
+@dataclasses.dataclass(frozen=True)
+class Loaded:
+    """A module, its ``{'params', 'batch_stats'}`` and its :class:`Metadata`; unpacks as
+    ``module, variables, metadata = load(...)``."""
+
+    module: nn.Module
+    variables: Dict[str, Any]
+    metadata: Metadata
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter((self.module, self.variables, self.metadata))
+
+
+def labels_for(module: nn.Module, given: Optional[Any]) -> Tuple[str, ...]:
+    """The checkpoint's class names, else AudioSet's for 527 classes, else placeholders."""
+    if given is not None:
+        return tuple(given)
+    from panns_jax import audio  # Its decoders are not needed to load a model.
+
+    classes = getattr(module, "num_classes", None)
+    names = audio.audioset_labels()
+    if classes is None or classes == len(names):
+        return tuple(names)
+    return tuple(f"class {i}" for i in range(classes))
+
+
+def task_of(module: nn.Module, extra: Optional[Mapping[str, Any]] = None) -> str:
+    """``singlelabel`` for a softmax head (a transfer head with ``output='softmax'``) or a
+    checkpoint whose ``extra`` records a single-label task (a folded Freeze_L1 / fine-tuned
+    model of ESC-50, ...), else ``multilabel``."""
+    if isinstance(module, transfer_head.Transfer):
+        return "singlelabel" if module.output == "softmax" else "multilabel"
+    recorded = (extra or {}).get(TASK_KEY)
+    return recorded if recorded in TASKS else "multilabel"
+
+
+def _finish(
+    checkpoint: checkpoints.ModelCheckpoint,
+    kind: str,
+    source: Optional[str],
+    module: Optional[nn.Module] = None,
+) -> Loaded:
+    module = module if module is not None else checkpoint.build_model()
+    variables = {k: v for k, v in checkpoint.variables.items() if k in checkpoints.COLLECTIONS}
+    metadata = Metadata(
+        name=checkpoint.model,
+        overrides=dict(checkpoint.overrides),
+        labels=labels_for(module, checkpoint.labels),
+        sample_rate=models.sample_rate(module),
+        task=task_of(module, checkpoint.extra),
+        kind=kind,
+        source=source,
+        step=int(checkpoint.step),
+        outputs=models.outputs(module),
+    )
+    return Loaded(module, variables, metadata)
+
+
+def load(
+    source: Optional[str] = None,
+    *,
+    model: Optional[str] = None,
+    overrides: Optional[Mapping[str, Any]] = None,
+    seed: int = 0,
+) -> Loaded:
+    """The module, variables and metadata of ``source``; see the module docstring.
+
+    Args:
+      source: a checkpoint directory, an original ``.pth``, a zoo name, or None (random).
+      model: the architecture: required for a ``.pth``, the random model's (default
+        :data:`DEFAULT_MODEL`), and otherwise a check (the source must hold it).
+      overrides: further architecture arguments of a ``.pth`` or random model; a
+        checkpoint directory or zoo model records its own, so they are refused there.
+      seed: the random initialisation's seed (random weights only).
+    """
+    overrides = dict(overrides or {})
+    if source is None:
+        name = model or DEFAULT_MODEL
+        module = models.get(name, **overrides)
+        variables = models.init(module, jax.random.key(seed), models.sample_rate(module))
+        checkpoint = checkpoints.ModelCheckpoint(
+            model=name, variables=variables, overrides=overrides
+        )
+        return _finish(checkpoint, "random", None, module)
+    source = os.fspath(source)
+    if not os.path.exists(source):
+        if not zoo.is_zoo_name(source):
+            raise FileNotFoundError(
+                f"{source}: no such checkpoint directory or .pth file, nor a "
+                "pretrained model name (`panns-jax download --list`)"
+            )
+        if overrides:
+            raise ValueError(
+                f"{source} is a pretrained model with its own architecture; "
+                "--overrides applies to a .pth or a random model only"
+            )
+        checkpoint = zoo.load(source)
+        if model and model != checkpoint.model:
+            raise ValueError(f"{source} is a pretrained {checkpoint.model}, not {model}")
+        return _finish(checkpoint, "zoo", source)
+    if checkpoints.is_model_checkpoint(source):
+        if overrides:
+            raise ValueError(
+                f"{source}: a panns_jax checkpoint directory records its own "
+                "overrides; --overrides applies to .pth files only"
+            )
+        checkpoint = checkpoints.load(source)
+        if model and model != checkpoint.model:
+            raise ValueError(f"{source} holds {checkpoint.model}, not {model}")
+        return _finish(checkpoint, "checkpoint", source)
+    if os.path.isdir(source):
+        raise ValueError(f"{source}: not a panns_jax checkpoint directory")
+    if not model:
+        raise ValueError(
+            f"{source}: not a panns_jax checkpoint directory; name the architecture "
+            "of an original .pth with --model"
+        )
+    state, step = convert.read_torch_checkpoint(source)
+    checkpoint = convert.torch_to_checkpoint(state, model, step=step, overrides=overrides)
+    return _finish(checkpoint, "pth", source)
