@@ -40,7 +40,17 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from panns_jax import checkpoints, fileio, frontend, metrics, model_builder, models, optim, recipe
+from panns_jax import (
+    checkpoints,
+    fileio,
+    frontend,
+    loader,
+    metrics,
+    model_builder,
+    models,
+    optim,
+    recipe,
+)
 
 Batch = Dict[str, np.ndarray]
 
@@ -733,6 +743,10 @@ def train_and_evaluate(
             return
         labels = list(class_names) if class_names else None
         checkpoint = builder.to_checkpoint(model, host, step_now, labels)
+        # The task, so that the loader reports how to read the outputs (a head folded
+        # into a registry model no longer says it was trained with a softmax).
+        extra = {**checkpoint.extra, loader.TASK_KEY: task.name}
+        checkpoint = dataclasses.replace(checkpoint, extra=extra)
         if score is None:
             checkpoints.save(os.path.join(workdir, name), checkpoint, overwrite=True)
         else:

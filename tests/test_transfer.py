@@ -224,8 +224,12 @@ def test_pretrained_checkpoint_transfers_to_a_held_out_task_with_cross_validatio
 
     # The held-out fold's model is an ordinary 4-class checkpoint; its frozen trunk is the
     # pretrained one, bit for bit.
-    fold_model, variables, _ = loader.load(str(workdir / "fold1" / "model"))
+    fold_model, variables, meta = loader.load(str(workdir / "fold1" / "model"))
     assert fold_model.num_classes == 4
+    # Training records its task, so the folded head still reads as single-label; the
+    # pretraining run's as multi-label (the negative control of the same field).
+    assert meta.task == "singlelabel"
+    assert loader.load(checkpoint).metadata.task == "multilabel"
     pretrained = checkpoints.load(checkpoint).variables
     for name, value in _leaves(pretrained).items():
         if "fc_audioset" not in name:
