@@ -27,7 +27,7 @@ import re
 import shutil
 import tempfile
 import time
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import flax
 import jax
@@ -259,11 +259,11 @@ _bce.defvjp(_bce_fwd, _bce_bwd)
 
 
 def make_train_step(
-    model,
+    model: flax.linen.Module,
     optimizer: optax.GradientTransformation,
-    config,
+    config: ml_collections.ConfigDict,
     builder: Optional[model_builder.ModelBuilder] = None,
-):
+) -> Callable[[TrainState, Dict[str, jax.Array]], Tuple[TrainState, Dict[str, jax.Array]]]:
     mixup_on = config.mixup != "none"
     task = get_task(config)
     labels_of = (builder or model_builder.for_config(config)).param_labels
@@ -308,7 +308,9 @@ def make_train_step(
     return train_step
 
 
-def make_eval_step(model, task: Optional[Task] = None):
+def make_eval_step(
+    model: flax.linen.Module, task: Optional[Task] = None
+) -> Callable[..., jax.Array]:
     task = task or MultiLabelTask()
 
     def eval_step(params, batch_stats, audio):
