@@ -20,7 +20,6 @@ weights whose shapes fit it) with one-line errors naming the file.
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import hashlib
 import json
@@ -31,6 +30,8 @@ import uuid
 from typing import Any, Dict, List, Mapping, Optional
 
 import numpy as np
+
+from panns_jax import fileio
 
 METADATA_FILE = "panns_jax.json"
 VARIABLES_DIR = "variables"
@@ -140,38 +141,6 @@ def _make_dir(parent: str, prefix: str) -> str:
     raise FileExistsError(f"cannot create a staging directory in {parent}")
 
 
-def _exchange(a: str, b: str) -> bool:
-    """Swap two paths in one ``renameat2(RENAME_EXCHANGE)``; False where unsupported."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        renameat2 = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    result = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
-    return result == 0
-
-
-def replace_dir(staging: str, path: str) -> None:
-    """Move the complete directory ``staging`` to ``path``, replacing what is there.
-
-    With an existing ``path`` the two are exchanged atomically where the kernel allows
-    (then the old one is removed); elsewhere the old one is moved aside first, so at
-    worst a crash leaves it beside ``path`` as ``.NAME.old-*``, never half written.
-    """
-    if not os.path.lexists(path):
-        os.replace(staging, path)
-        return
-    if _exchange(staging, path):
-        shutil.rmtree(staging, ignore_errors=True)  # Now the old checkpoint.
-        return
-    parent, base = os.path.split(path)
-    old = os.path.join(parent, f".{base}.old-{uuid.uuid4().hex[:12]}")
-    os.replace(path, old)
-    os.replace(staging, path)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def _this_process_checkpointer():
     """An orbax checkpointer that involves this process only. Model checkpoints hold host
     numpy arrays and one process writes them; orbax's default waits at a barrier for every
@@ -225,7 +194,7 @@ def save(path: str, checkpoint: ModelCheckpoint, *, overwrite: bool = False) -> 
             json.dump(metadata, f, indent=2)
             f.flush()
             os.fsync(f.fileno())
-        replace_dir(staging, path)
+        fileio.replace_dir(staging, path)
     except BaseException as err:
         shutil.rmtree(staging, ignore_errors=True)
         code = re.search(r"os_error_code='(\d+)'", str(err))

@@ -214,11 +214,7 @@ def resolve_weights(args: argparse.Namespace) -> Tuple[Optional[str], Optional[s
             "pass --checkpoint DIR_OR_PTH, or --random-weights to try the "
             "pipeline with random weights"
         )
-    if getattr(args, "overrides", None):
-        raise ValueError(
-            "--overrides applies to a .pth or --random-weights, not to a pretrained model"
-        )
-    return name, None
+    return name, None  # The loader refuses --overrides for it, before any download.
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

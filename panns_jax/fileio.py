@@ -7,12 +7,13 @@ kept until the new one is complete.
 """
 
 import contextlib
+import ctypes
 import os
 import shutil
 import uuid
 from typing import Iterator
 
-__all__ = ["staged"]
+__all__ = ["replace_dir", "staged"]
 
 
 @contextlib.contextmanager
@@ -25,15 +26,18 @@ def staged(path: str) -> Iterator[str]:
     to disk and replaces ``path`` (``os.replace``); on an exception it is removed and the
     exception propagates, leaving ``path`` as it was. Writers that add their own suffix to a
     path (``numpy.savez``, ``savefig`` without ``format=``) should be given an open file. A
-    directory may be staged too (removed whole on an exception), but ``os.replace`` cannot
-    replace an existing directory: the caller removes the old one first.
+    directory may be staged too: removed whole on an exception, and on success swapped
+    with an existing one by :func:`replace_dir`.
     """
     directory, base = os.path.split(os.path.abspath(path))
     staging = os.path.join(directory, f".{base}.{uuid.uuid4().hex[:12]}.part")
     try:
         yield staging
         _fsync(staging)
-        os.replace(staging, path)
+        if os.path.isdir(staging) and not os.path.islink(staging):
+            replace_dir(staging, path)
+        else:
+            os.replace(staging, path)
     except BaseException:
         if os.path.isdir(staging) and not os.path.islink(staging):  # A SavedModel export.
             shutil.rmtree(staging, ignore_errors=True)
@@ -51,3 +55,35 @@ def _fsync(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Swap two paths in one ``renameat2(RENAME_EXCHANGE)``; False where unsupported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    result = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
+    return result == 0
+
+
+def replace_dir(staging: str, path: str) -> None:
+    """Move the complete directory ``staging`` to ``path``, replacing what is there.
+
+    With an existing ``path`` the two are exchanged atomically where the kernel allows
+    (then the old one is removed); elsewhere the old one is moved aside first, so at
+    worst a crash leaves it beside ``path`` as ``.NAME.old-*``, never half written.
+    """
+    if not os.path.lexists(path):
+        os.replace(staging, path)
+        return
+    if _exchange(staging, path):
+        shutil.rmtree(staging, ignore_errors=True)  # Now the old directory.
+        return
+    parent, base = os.path.split(path)
+    old = os.path.join(parent, f".{base}.old-{uuid.uuid4().hex[:12]}")
+    os.replace(path, old)
+    os.replace(staging, path)
+    shutil.rmtree(old, ignore_errors=True)

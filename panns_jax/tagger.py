@@ -92,8 +92,7 @@ class AudioTagger:
             loaded = loader.load(model=model_name, overrides=overrides, seed=seed)
             module, variables, metadata = loaded
             labels = metadata.labels if labels is None else labels
-            self._setup(model_name, module, variables, False, labels, batch_size)
-            self.metadata = metadata
+            self._setup(model_name, module, variables, False, labels, batch_size, metadata)
             return
         model = models.get(model_name, **(overrides or {}))
         self._setup(model_name, model, variables, True, labels, batch_size)
@@ -106,6 +105,7 @@ class AudioTagger:
         pretrained: bool,
         labels: Optional[Sequence[str]],
         batch_size: int,
+        metadata: Any = None,
     ) -> None:
         check_batch_size(batch_size)
         self.model_name = model_name
@@ -115,7 +115,7 @@ class AudioTagger:
         self.pretrained = pretrained
         self.variables = variables
         self.batch_size = batch_size
-        self.metadata: Any = None
+        self.metadata = metadata
         num_classes = getattr(model, "num_classes", 527)
         if labels is not None and len(labels) != num_classes:
             raise ValueError(f"{len(labels)} labels for a {num_classes}-class model")
@@ -131,8 +131,7 @@ class AudioTagger:
         tagger = cls.__new__(cls)
         labels = list(metadata.labels)
         pretrained = metadata.kind != "random"
-        tagger._setup(metadata.name, module, variables, pretrained, labels, batch_size)
-        tagger.metadata = metadata
+        tagger._setup(metadata.name, module, variables, pretrained, labels, batch_size, metadata)
         return tagger
 
     @classmethod

@@ -997,7 +997,7 @@ def _read_best(workdir: str, key: str = "mAP") -> float:
     return -1.0
 
 
-# What a crash in checkpoints.save / replace_dir / install_best can leave in the workdir.
+# What a crash in checkpoints.save / fileio.replace_dir / install_best can leave in the workdir.
 _LEFTOVER = tuple(
     f"{dot}{name}.{kind}-"
     for dot in (".", "..")
@@ -1012,7 +1012,7 @@ def install_best(
     """Make ``checkpoint`` ``workdir/best``, its score (``best_map.json``) inside it.
 
     The checkpoint and the score file are staged in one hidden directory, which then
-    replaces ``best`` in one rename-based swap (:func:`panns_jax.checkpoints.replace_dir`):
+    replaces ``best`` in one rename-based swap (:func:`panns_jax.fileio.replace_dir`):
     ``best`` and its score change together or not at all; :func:`recover_exports` tidies what
     a crash can leave behind. Process 0 only.
     """
@@ -1023,7 +1023,7 @@ def install_best(
     try:
         with fileio.staged(os.path.join(staged, _best_file(key))) as part, open(part, "w") as f:
             json.dump(score, f)
-        checkpoints.replace_dir(staged, os.path.join(workdir, "best"))
+        fileio.replace_dir(staged, os.path.join(workdir, "best"))
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)
         raise

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from train_config import logged_losses as _losses
 
-from panns_jax import checkpoints, models, train
+from panns_jax import checkpoints, fileio, models, train
 
 # ----------------------------------------------------------------------------
 # Resume from the newest intact step.
@@ -239,7 +239,7 @@ def _crash_states(monkeypatch, tmp_path, install, variables):
     monkeypatch.setattr(os, "replace", hooked(os.replace, 2))
     monkeypatch.setattr(os, "rename", hooked(os.rename, 2))
     monkeypatch.setattr(shutil, "rmtree", hooked(shutil.rmtree, 1))
-    monkeypatch.setattr(checkpoints, "_exchange", hooked(checkpoints._exchange, 2))
+    monkeypatch.setattr(fileio, "_exchange", hooked(fileio._exchange, 2))
     install(workdir, _checkpoint(variables, 2), {"mAP": SCORES[2], "step": 2})
     monkeypatch.undo()
     snapshot()
@@ -251,7 +251,7 @@ def test_best_and_its_score_survive_a_crash_at_any_point(
     monkeypatch, tmp_path, tiny_variables, exchange
 ):
     if not exchange:  # Filesystems without RENAME_EXCHANGE (or non-Linux): the fallback.
-        monkeypatch.setattr(checkpoints, "_exchange", lambda a, b: False)
+        monkeypatch.setattr(fileio, "_exchange", lambda a, b: False)
     states = _crash_states(monkeypatch, tmp_path, train.install_best, tiny_variables)
     assert len(states) >= 3  # Before the swap, inside it, after it.
     seen = set()

@@ -8,7 +8,6 @@ import functools
 import gc
 import math
 import os
-import shutil
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 import jax
@@ -140,28 +139,21 @@ def export(
     os.makedirs(os.path.dirname(out), exist_ok=True)
     runner = reference = None
     try:
+        # Staged: removed on failure; on success it replaces an existing export (a SavedModel
+        # directory is swapped in by fileio.replace_dir, never removed first).
         with fileio.staged(out) as staging:
-            try:
-                if format == "onnx":
-                    writers.write_onnx(serve, spec, staging, name, opset=onnx_opset)
-                elif format == "savedmodel":
-                    writers.write_savedmodel(serve, static, min_samples, staging, platforms)
-                else:
-                    writers.write_tflite(serve, static, min_samples, staging)
-                runner = runtimes.load(staging, format)
-                # The reference is the model as given (FFT front end). Variables are an
-                # argument, not constants folded into the executable (80 M floats for Cnn14).
-                forward = jax.jit(lambda v, x: serving.serving_function(model, v)(x))
-                reference = functools.partial(lambda v, x: jax.device_get(forward(v, x)), variables)
-                worst = validation.validate(
-                    runner, reference, batches, f"{format} export of {name}"
-                )
-                if os.path.isdir(out):  # os.replace cannot replace a (SavedModel) directory.
-                    shutil.rmtree(out)
-            except BaseException:
-                if os.path.isdir(staging):  # fileio.staged removes files only.
-                    shutil.rmtree(staging, ignore_errors=True)
-                raise
+            if format == "onnx":
+                writers.write_onnx(serve, spec, staging, name, opset=onnx_opset)
+            elif format == "savedmodel":
+                writers.write_savedmodel(serve, static, min_samples, staging, platforms)
+            else:
+                writers.write_tflite(serve, static, min_samples, staging)
+            runner = runtimes.load(staging, format)
+            # The reference is the model as given (FFT front end). Variables are an
+            # argument, not constants folded into the executable (80 M floats for Cnn14).
+            forward = jax.jit(lambda v, x: serving.serving_function(model, v)(x))
+            reference = functools.partial(lambda v, x: jax.device_get(forward(v, x)), variables)
+            worst = validation.validate(runner, reference, batches, f"{format} export of {name}")
     finally:
         runner = reference = forward = None
         gc.collect()  # Converter/runtime copies of the weights: GBs for Cnn14.
