@@ -75,19 +75,21 @@ def _pad(x: jax.Array, padding) -> jax.Array:
 def _correlate(xp: jax.Array, w: jax.Array, strides: Tuple[int, int]) -> jax.Array:
     """Valid depthwise correlation of an already padded ``xp``: sum of shifted multiply-adds.
 
-    Computes one output column more than needed and crops it: with a slice as its last
-    op the sum stays one loop fusion reading ``xp`` once. Otherwise XLA:CPU's YNNPACK
-    fusion pulls the multiply-adds into the next 1x1 conv and first copies out every
-    shifted input (9 copies; MobileNetV1's forward took 1.9x longer).
+    Optimization barriers on both sides keep the sum one loop fusion: before it, XLA
+    writes the padded ``xp`` once and the nine shifted reads become plain strided loads
+    (with the pad fused into them, each costs a bounds check per element and tap: 4x
+    slower at MobileNetV1's features.2, 8 x 5 s); after it, XLA:CPU's YNNPACK fusion
+    cannot pull the multiply-adds into the next pooling or 1x1 conv, where it first
+    copies out every shifted input.
     """
+    xp = lax.optimization_barrier(xp)
     kernel = w.shape[:2]
     out_hw = tuple((size - k) // s + 1 for size, k, s in zip(xp.shape[1:3], kernel, strides))
-    xp = lax.pad(xp, jnp.array(0, xp.dtype), ((0, 0, 0), (0, 0, 0), (0, strides[1], 0), (0, 0, 0)))
     y = None
-    for (kh, kw), tap in _taps(xp, kernel, (out_hw[0], out_hw[1] + 1), strides):
+    for (kh, kw), tap in _taps(xp, kernel, out_hw, strides):
         term = tap * w[kh, kw, 0]
         y = term if y is None else y + term
-    return y[:, :, : out_hw[1]]
+    return lax.optimization_barrier(y)
 
 
 def _shifted_conv(
@@ -95,6 +97,22 @@ def _shifted_conv(
 ) -> jax.Array:
     """The depthwise conv as a sum of ``kh * kw`` shifted, broadcast multiply-adds."""
     return _correlate(_pad(x, padding), w, strides)
+
+
+def avg_pool(x: jax.Array, size: int) -> jax.Array:
+    """Non-overlapping ``size`` x ``size`` average pool (floor) as a sum of strided slices.
+
+    An elementwise sum, so XLA:CPU fuses the depthwise conv before it into the same loop
+    (each conv output is read once) instead of a YNNPACK reduce-window fusion that first
+    copies out every shifted input and broadcast weight of that conv.
+    """
+    h, w = (x.shape[1] // size) * size, (x.shape[2] // size) * size
+    total = None
+    for i in range(size):
+        for j in range(size):
+            part = x[:, i:h:size, j:w:size]
+            total = part if total is None else total + part
+    return total * jnp.asarray(1.0 / (size * size), x.dtype)
 
 
 def _xla_grads(x, w, dy, strides, padding):
@@ -119,16 +137,37 @@ def _input_grad(x_shape, w, dy, strides, padding):
     return _correlate(dyp, w[::-1, ::-1], (1, 1))
 
 
+# Products summed per output of the weight gradient's elementwise pass (see _weight_grad).
+_TERMS_PER_PASS = 40
+
+
 def _weight_grad(x, w, dy, strides, padding):
-    """dw[kh, kw, 0, c] = sum over (n, i, j) of x_pad[n, s*i + kh, s*j + kw, c] dy[n, i, j, c]."""
-    xp = _pad(x, padding)
-    sums = {
-        index: jnp.sum(tap * dy, axis=(0, 1, 2), dtype=jnp.float32)
-        for index, tap in _taps(xp, w.shape[:2], dy.shape[1:3], strides)
-    }
-    return jnp.stack(
-        [sums[(kh, kw)] for kh in range(w.shape[0]) for kw in range(w.shape[1])]
-    ).reshape(w.shape)
+    """dw[kh, kw, 0, c] = sum over (n, i, j) of x_pad[n, s*i + kh, s*j + kw, c] dy[n, i, j, c].
+
+    In two passes: one elementwise fusion sums, for all taps at once, the products over
+    the batch and over ``split`` blocks of rows (up to ``_TERMS_PER_PASS`` terms, an
+    array 9 / terms the size of dy), then one reduction sums the rest. One reduction per
+    tap over whole products (XLA:CPU materialises each product before reducing it) read
+    x and dy nine times and took 4-6x longer.
+    """
+    xp, dy = lax.optimization_barrier((_pad(x, padding), dy))
+    n, rows = dy.shape[:2]
+    split = max(
+        d for d in range(1, rows + 1) if rows % d == 0 and (d == 1 or n * d <= _TERMS_PER_PASS)
+    )
+    block = rows // split
+    partials = {}
+    for index, tap in _taps(xp, w.shape[:2], dy.shape[1:3], strides):
+        acc = None
+        for b in range(n):
+            for r in range(0, rows, block):
+                term = tap[b, r : r + block].astype(jnp.float32) * dy[b, r : r + block].astype(
+                    jnp.float32
+                )
+                acc = term if acc is None else acc + term
+        partials[index] = acc
+    ordered = [partials[(kh, kw)] for kh in range(w.shape[0]) for kw in range(w.shape[1])]
+    return jnp.sum(jnp.stack(ordered), axis=(1, 2)).reshape(w.shape)
 
 
 def _cpu_grads(x, w, dy, strides, padding):
@@ -214,8 +253,14 @@ def pointwise_conv(x: jax.Array, w: jax.Array) -> jax.Array:
     conv's weight gradient as a convolution whose window is the whole (time, freq) map,
     after transposing both operands (0.6 s of a 1.9 s MobileNetV1 train step at 8 x 5 s
     for features.1's 32->64 conv alone), while a product's gradient is two products.
+    The product is taken on ``x`` flattened to (positions, channels): the weight
+    gradient then contracts one axis, which XLA:CPU computes without first transposing
+    the output gradient (contracting (batch, time, freq) of the 4-D arrays, it wrote a
+    transposed copy of it: 10 ms of features.1's backward at 8 x 5 s).
     """
-    return lax.dot_general(x, w[0, 0], (((x.ndim - 1,), (0,)), ((), ())))
+    flat = x.reshape(-1, x.shape[-1])
+    y = lax.dot_general(flat, w[0, 0], (((1,), (0,)), ((), ())))
+    return y.reshape(*x.shape[:-1], w.shape[-1])
 
 
 def conv_general_dilated(

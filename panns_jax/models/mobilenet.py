@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from panns_jax import frontend as fe
 from panns_jax.models import depthwise, layers
-from panns_jax.models.layers import BatchNorm, Dtype, conv2d, pool2d
+from panns_jax.models.layers import BatchNorm, Dtype, conv2d
 
 # A layer of a Sequential: ("conv", out, kernel, groups) | ("pool", s) | ("bn",) | ("relu",)
 # | ("relu6",).
@@ -77,7 +77,7 @@ def sequential(
         elif kind == "conv":
             x = conv2d(layer[1], layer[2], name, dtype)(x)
         elif kind == "pool":
-            x = pool2d(x, (layer[1], layer[1]), "avg")
+            x = depthwise.avg_pool(x, layer[1]) if layer[1] > 1 else x
         elif kind == "bn":
             x = BatchNorm(dtype=dtype, name=name)(x, use_running_average=not train)
         elif kind == "relu":
