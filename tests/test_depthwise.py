@@ -197,3 +197,49 @@ def test_pointwise_matches_xla_and_keeps_parameters():
     np.testing.assert_array_equal(
         layer.apply({"params": params}, x), depthwise.pointwise_conv(x, params["kernel"])
     )
+
+
+def _pool_agrees_with_flax(pool, shape):
+    """(forward within round-off, gradient equal) of ``pool(x, 2)`` against nn.avg_pool.
+
+    The forward is a four-term sum times 0.25 on both sides, summed in possibly another
+    order: within 4 eps x the sum of |terms| / 4. The gradient places g / 4 (exact) on
+    each window and zeros on the floored rows/columns: equal.
+    """
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+
+    def ref(a):
+        return nn.avg_pool(a, (2, 2), strides=(2, 2), padding="VALID")
+
+    ours, ours_vjp = jax.vjp(lambda a: pool(a, 2), x)
+    want, want_vjp = jax.vjp(ref, x)
+    assert ours.shape == want.shape == (shape[0], shape[1] // 2, shape[2] // 2, shape[3])
+    g = jnp.asarray(rng.normal(size=want.shape), jnp.float32)
+    forward_ok = bool(np.all(np.abs(ours - want) <= 4 * EPS * ref(jnp.abs(x))))
+    return forward_ok, bool(np.array_equal(ours_vjp(g)[0], want_vjp(g)[0]))
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 6, 3), (2, 9, 7, 3), (1, 250, 32, 4)])
+def test_avg_pool_matches_flax_forward_and_gradient(shape):
+    assert _pool_agrees_with_flax(depthwise.avg_pool, shape) == (True, True)
+
+
+def test_avg_pool_negative_control():
+    """A gradient spread one row off its window fails the comparison."""
+
+    shape = (2, 9, 7, 3)
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+    def broken(x, size):
+        return depthwise.avg_pool(x, size)
+
+    def fwd(x, size):
+        return depthwise.avg_pool(x, size), None
+
+    def bwd(size, _, g):
+        (dx,) = depthwise._avg_pool_bwd(size, shape, None, g)
+        return (jnp.roll(dx, 1, axis=1),)
+
+    broken.defvjp(fwd, bwd)
+    assert _pool_agrees_with_flax(broken, shape) == (True, False)

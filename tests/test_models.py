@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import subprocess
 import sys
 
@@ -91,6 +92,77 @@ def test_batchnorm_running_variance_is_unbiased_like_pytorch():
     np.testing.assert_allclose(
         np.asarray(y).reshape(-1, 4), (flat - flat.mean(0)) / np.sqrt(flat.var(0) + 1e-5), atol=1e-4
     )
+
+
+def _bn_gradient_errors(batch_normalize):
+    """max |ours - float64 autodiff| / round-off bound for dx, dscale, dbias (<= 1: within).
+
+    The reference differentiates the plain formula (mean, biased variance, normalise) in
+    float64 on the same float32 inputs, with cotangents on y and on the statistics. In
+    float32 each channel sum over ``count`` terms errs by at most count * eps x its sum
+    of |terms|, the variance (hence 1/std) by about count * eps relative; dx inherits
+    that relative error on each of its three terms (2x margin).
+    """
+    rng = np.random.default_rng(0)
+    shape = (4, 6, 5, 3)
+    count = 4 * 6 * 5
+    x = rng.normal(1.0, 2.0, shape).astype(np.float32)
+    scale = rng.uniform(0.5, 1.5, 3).astype(np.float32)
+    bias = rng.normal(size=3).astype(np.float32)
+    dy = rng.normal(size=shape).astype(np.float32)
+    dmean, dvar = rng.normal(size=3).astype(np.float32), rng.normal(size=3).astype(np.float32)
+
+    def plain(x, scale, bias):
+        mean = jnp.mean(x, axis=(0, 1, 2))
+        var = jnp.mean(jnp.square(x - mean), axis=(0, 1, 2))
+        return (x - mean) * (scale * jax.lax.rsqrt(var + 1e-5)) + bias, mean, var
+
+    got = jax.vjp(lambda *a: batch_normalize(*a, 1e-5), x, scale, bias)[1]((dy, dmean, dvar))
+    with jax.enable_x64(True):
+        args = [np.float64(a) for a in (x, scale, bias)]
+        want = jax.vjp(plain, *args)[1]((np.float64(dy), np.float64(dmean), np.float64(dvar)))
+        want = [np.asarray(w) for w in want]
+    x64 = np.float64(x)
+    inv = 1 / np.sqrt(x64.var(axis=(0, 1, 2)) + 1e-5)
+    xhat = (x64 - x64.mean(axis=(0, 1, 2))) * inv
+    ady, adyx = np.abs(dy), np.abs(dy * xhat)
+    eps = np.finfo(np.float32).eps
+    stats = (np.abs(dmean) + 2 * np.abs(dvar) * np.abs(xhat) / inv) / count
+    bounds = (
+        2
+        * count
+        * eps
+        * (
+            np.abs(scale) * inv * (ady + ady.mean((0, 1, 2)) + np.abs(xhat) * adyx.mean((0, 1, 2)))
+            + stats
+        ),
+        2 * count * eps * adyx.sum((0, 1, 2)),
+        2 * count * eps * ady.sum((0, 1, 2)),
+    )
+    return [float(np.max(np.abs(np.float64(g) - w) / b)) for g, w, b in zip(got, want, bounds)]
+
+
+def test_batchnorm_backward_matches_autodiff_within_round_off():
+    assert max(_bn_gradient_errors(layers.batch_normalize)) <= 1.0
+
+
+def test_batchnorm_backward_negative_control():
+    """A backward without the xhat * mean(dy * xhat) term of dx fails the comparison."""
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+    def broken(x, scale, bias, epsilon):
+        return layers.batch_normalize(x, scale, bias, epsilon)
+
+    def bwd(epsilon, residuals, cotangents):
+        x, mean, inv_std, scale = residuals
+        dy, axes, count = cotangents[0], (0, 1, 2), x.size // x.shape[-1]
+        xhat = (x - mean) * inv_std
+        dx = scale * inv_std * (dy - jnp.sum(dy, axes) / count)
+        return dx, jnp.sum(dy * xhat, axes), jnp.sum(dy, axes)
+
+    broken.defvjp(layers._batch_normalize_fwd, bwd)
+    errors = _bn_gradient_errors(broken)
+    assert errors[0] > 10 and max(errors[1:]) <= 1, errors
 
 
 def test_bfloat16_compute_keeps_float32_params_and_outputs():

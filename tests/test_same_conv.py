@@ -21,7 +21,9 @@ def _lax_conv(x, w, pad):
         ((2, 30, 12, 20, 8), 5, "unfolded weight gradient, 5x5 kernel"),
         ((2, 7, 3, 48, 40), 3, "col2im input gradient (tiny map)"),
         ((2, 6, 2, 16, 32), 5, "col2im, 5x5 kernel larger than the map"),
-        ((2, 40, 16, 1, 8), 3, "XLA gradient (one input channel)"),
+        ((2, 40, 16, 1, 8), 3, "XLA gradient (one input channel, im2col larger than dy)"),
+        ((2, 40, 16, 1, 32), 3, "im2col / col2im products (the first conv: one input channel)"),
+        ((2, 30, 12, 2, 64), 5, "im2col / col2im products, 5x5 kernel"),
     ],
 )
 def test_gradients_match_xla(shape, kernel, branch):
@@ -91,3 +93,20 @@ def test_dispatch_keeps_other_convs_on_lax():
         )(x)
     )
     assert "custom_vjp" not in jaxpr
+
+
+def test_sabotaged_im2col_fails(monkeypatch):
+    """Negative control: reading the first conv's kernel transposed breaks both gradients."""
+    original = same_conv._input_grad_col2im_shifted
+
+    def transposed(w, dy, pad):
+        return original(jnp.swapaxes(w, 0, 1), dy, pad)
+
+    monkeypatch.setattr(same_conv, "_input_grad_col2im_shifted", transposed)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(2, 12, 8, 1)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(3, 3, 1, 16)), jnp.float32)
+    dy = jnp.asarray(rng.normal(size=(2, 12, 8, 16)), jnp.float32)
+    ours = jax.vjp(lambda a, b: same_conv.same_conv(a, b, 1), x, k)[1](dy)[0]
+    ref = jax.vjp(lambda a, b: _lax_conv(a, b, 1), x, k)[1](dy)[0]
+    assert float(jnp.max(jnp.abs(ours - ref))) > 0.1 * float(jnp.max(jnp.abs(ref)))

@@ -10,8 +10,11 @@ same arithmetic written as nine shifted, broadcast multiply-adds, and their grad
   w[kh, kw]``: one elementwise fusion, no im2col buffer;
 * the input gradient as the same shifted sum over the stride-dilated, padded output
   gradient with the kernel flipped (a transposed convolution);
-* the weight gradient as one reduction per tap of ``x_pad[shifted] * dy`` over
-  (batch, time, freq).
+* the weight gradient as, per tap, ``x_pad[shifted] * dy`` summed over the batch and
+  blocks of rows in one elementwise pass, then one reduction of what is left.
+
+:func:`avg_pool` (the pool MobileNets apply after each depthwise conv) is written as
+strided slices so that XLA fuses the conv into it.
 
 Other backends (GPU/TPU) keep XLA's convolution and XLA's own gradient, selected at
 lowering time with ``lax.platform_dependent`` as in :mod:`panns_jax.models.same_conv`.
@@ -75,21 +78,18 @@ def _pad(x: jax.Array, padding) -> jax.Array:
 def _correlate(xp: jax.Array, w: jax.Array, strides: Tuple[int, int]) -> jax.Array:
     """Valid depthwise correlation of an already padded ``xp``: sum of shifted multiply-adds.
 
-    Optimization barriers on both sides keep the sum one loop fusion: before it, XLA
-    writes the padded ``xp`` once and the nine shifted reads become plain strided loads
-    (with the pad fused into them, each costs a bounds check per element and tap: 4x
-    slower at MobileNetV1's features.2, 8 x 5 s); after it, XLA:CPU's YNNPACK fusion
-    cannot pull the multiply-adds into the next pooling or 1x1 conv, where it first
-    copies out every shifted input.
+    One loop fusion when its consumer is elementwise (MobileNets pool it with
+    :func:`avg_pool`, strided slices, into the same loop). Consumed by a reduce-window
+    pool, XLA:CPU's YNNPACK fusion instead copied out every shifted input and broadcast
+    weight (MobileNetV1's train step 1.2x longer).
     """
-    xp = lax.optimization_barrier(xp)
     kernel = w.shape[:2]
     out_hw = tuple((size - k) // s + 1 for size, k, s in zip(xp.shape[1:3], kernel, strides))
     y = None
     for (kh, kw), tap in _taps(xp, kernel, out_hw, strides):
         term = tap * w[kh, kw, 0]
         y = term if y is None else y + term
-    return lax.optimization_barrier(y)
+    return y
 
 
 def _shifted_conv(
@@ -104,15 +104,39 @@ def avg_pool(x: jax.Array, size: int) -> jax.Array:
 
     An elementwise sum, so XLA:CPU fuses the depthwise conv before it into the same loop
     (each conv output is read once) instead of a YNNPACK reduce-window fusion that first
-    copies out every shifted input and broadcast weight of that conv.
+    copies out every shifted input and broadcast weight of that conv. The gradient
+    repeats each output gradient / size^2 over its window by a broadcast (the strided
+    slices' own gradient, one interior-padded copy per window position, made a
+    MobileNetV1 train step 3-6% slower).
     """
-    h, w = (x.shape[1] // size) * size, (x.shape[2] // size) * size
+    return _avg_pool(x, size, tuple(x.shape))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _avg_pool(x, size, shape):
+    h, w = (shape[1] // size) * size, (shape[2] // size) * size
     total = None
     for i in range(size):
         for j in range(size):
             part = x[:, i:h:size, j:w:size]
             total = part if total is None else total + part
     return total * jnp.asarray(1.0 / (size * size), x.dtype)
+
+
+def _avg_pool_fwd(x, size, shape):
+    return _avg_pool(x, size, shape), None
+
+
+def _avg_pool_bwd(size, shape, _, g):
+    n, h, w, c = shape
+    rows, cols = g.shape[1], g.shape[2]
+    g = g * jnp.asarray(1.0 / (size * size), g.dtype)
+    window = jnp.broadcast_to(g[:, :, None, :, None], (n, rows, size, cols, size, c))
+    dx = window.reshape(n, rows * size, cols * size, c)
+    return (jnp.pad(dx, ((0, 0), (0, h - rows * size), (0, w - cols * size), (0, 0))),)
+
+
+_avg_pool.defvjp(_avg_pool_fwd, _avg_pool_bwd)
 
 
 def _xla_grads(x, w, dy, strides, padding):
@@ -150,7 +174,7 @@ def _weight_grad(x, w, dy, strides, padding):
     tap over whole products (XLA:CPU materialises each product before reducing it) read
     x and dy nine times and took 4-6x longer.
     """
-    xp, dy = lax.optimization_barrier((_pad(x, padding), dy))
+    xp = _pad(x, padding)
     n, rows = dy.shape[:2]
     split = max(
         d for d in range(1, rows + 1) if rows % d == 0 and (d == 1 or n * d <= _TERMS_PER_PASS)
