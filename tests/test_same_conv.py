@@ -97,12 +97,12 @@ def test_dispatch_keeps_other_convs_on_lax():
 
 def test_sabotaged_im2col_fails(monkeypatch):
     """Negative control: reading the first conv's kernel transposed breaks both gradients."""
-    original = same_conv._input_grad_col2im_shifted
+    original = same_conv._input_grad_col2im
 
     def transposed(w, dy, pad):
         return original(jnp.swapaxes(w, 0, 1), dy, pad)
 
-    monkeypatch.setattr(same_conv, "_input_grad_col2im_shifted", transposed)
+    monkeypatch.setattr(same_conv, "_input_grad_col2im", transposed)
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(2, 12, 8, 1)), jnp.float32)
     k = jnp.asarray(rng.normal(size=(3, 3, 1, 16)), jnp.float32)

@@ -17,11 +17,12 @@ shapes are slow there (measured on a 2-core AVX-512 machine, batch 8 of 5 s clip
 On CPU this module computes both as matrix products instead (same sums, reassociated):
 the weight gradient of a large map as one product of a frequency-unfolded input and
 time-shifted output gradients, the input gradient of a tiny map as one product followed
-by a scatter-add of the kernel taps (col2im). A Cnn14 train step takes 1.4x (batch 8 x
-5 s) to 1.7x (32 x 10 s) longer without them (jax 0.10.2). Other backends (GPU/TPU)
-keep XLA's own gradient, selected at lowering time with ``lax.platform_dependent``. The
-forward pass is always ``lax.conv_general_dilated``, so inference and exports are
-unchanged.
+by a sum of the kernel taps' columns at their shifts (col2im). A Cnn14 train step takes
+1.4x (batch 8 x 5 s) to 1.7x (32 x 10 s) longer without them (jax 0.10.2). The first
+conv on the log-mel (one input channel) takes both gradients as products (im2col,
+col2im). Other backends (GPU/TPU) keep XLA's own gradient, selected at lowering time
+with ``lax.platform_dependent``. The forward pass is always ``lax.conv_general_dilated``,
+so inference and exports are unchanged.
 """
 
 from __future__ import annotations
@@ -75,20 +76,6 @@ def _weight_grad_unfolded(x, dy, kernel, pad):
     return grad.reshape(kernel, ci, kernel, co).transpose(2, 0, 1, 3)
 
 
-def _input_grad_col2im(w, dy, pad):
-    """dx = col2im(dy @ W^T): one product, then each tap's columns added at its shift."""
-    kernel, _, ci, co = w.shape
-    n, h, w_, _ = dy.shape
-    cols = lax.dot_general(
-        dy.reshape(-1, co), w.reshape(kernel * kernel * ci, co), (((1,), (1,)), ((), ()))
-    ).reshape(n, h, w_, kernel, kernel, ci)
-    out = jnp.zeros((n, h + 2 * pad, w_ + 2 * pad, ci), cols.dtype)
-    for kh in range(kernel):
-        for kw in range(kernel):
-            out = out.at[:, kh : kh + h, kw : kw + w_].add(cols[:, :, :, kh, kw])
-    return out[:, pad : pad + h, pad : pad + w_]
-
-
 def _weight_grad_im2col(x, dy, kernel, pad):
     """dW = im2col(x)^T dy: one product, for inputs with few channels (the first conv)."""
     n, h, w_, ci = x.shape
@@ -105,7 +92,7 @@ def _weight_grad_im2col(x, dy, kernel, pad):
     return grad.reshape(kernel, kernel, ci, dy.shape[-1])
 
 
-def _input_grad_col2im_shifted(w, dy, pad):
+def _input_grad_col2im(w, dy, pad):
     """dx = col2im(dy @ W^T) with the taps' columns summed as shifted slices (one loop)."""
     kernel, _, ci, co = w.shape
     n, h, w_, _ = dy.shape
@@ -129,7 +116,7 @@ def _cpu_grads(x, w, dy, pad):
         # Few input channels (the first conv on the log-mel: 1 -> 32 or 64): im2col and
         # col2im hold no more numbers than dy, and both gradients become one product each
         # (XLA's took 5x longer at MobileNetV1's features.0, 8 x 5 s).
-        dx = _input_grad_col2im_shifted(w, dy, pad)
+        dx = _input_grad_col2im(w, dy, pad)
         dw = _weight_grad_im2col(x, dy, kernel, pad)
         return dx.astype(x.dtype), dw.astype(w.dtype)
     dx, dw = None, None
