@@ -63,6 +63,7 @@ CASES = [
     ((2, 12, 8, 16), (2, 2), ((1, 1), (1, 1))),  # stride 2 (standard MobileNets)
     ((2, 11, 7, 8), (2, 2), ((1, 1), (1, 1))),  # stride 2, odd sizes: the last row unused
     ((3, 9, 2, 24), (2, 1), ((0, 1), (1, 1))),  # mixed strides, asymmetric padding
+    ((depthwise._MAX_UNROLLED_BATCH + 2, 4, 3, 2), (1, 1), ((1, 1), (1, 1))),  # big batch
 ]
 
 

@@ -94,7 +94,7 @@ def test_batchnorm_running_variance_is_unbiased_like_pytorch():
     )
 
 
-def _bn_gradient_errors(batch_normalize):
+def _bn_gradient_errors(batch_normalize, shape=(4, 6, 5, 3)):
     """max |ours - float64 autodiff| / round-off bound for dx, dscale, dbias (<= 1: within).
 
     The reference differentiates the plain formula (mean, biased variance, normalise) in
@@ -104,8 +104,7 @@ def _bn_gradient_errors(batch_normalize):
     that relative error on each of its three terms (2x margin).
     """
     rng = np.random.default_rng(0)
-    shape = (4, 6, 5, 3)
-    count = 4 * 6 * 5
+    count = int(np.prod(shape[:-1]))
     x = rng.normal(1.0, 2.0, shape).astype(np.float32)
     scale = rng.uniform(0.5, 1.5, 3).astype(np.float32)
     bias = rng.normal(size=3).astype(np.float32)
@@ -142,8 +141,10 @@ def _bn_gradient_errors(batch_normalize):
     return [float(np.max(np.abs(np.float64(g) - w) / b)) for g, w, b in zip(got, want, bounds)]
 
 
-def test_batchnorm_backward_matches_autodiff_within_round_off():
-    assert max(_bn_gradient_errors(layers.batch_normalize)) <= 1.0
+@pytest.mark.parametrize("shape", [(4, 6, 5, 3), (layers._MAX_UNROLLED_BATCH + 2, 3, 2, 3)])
+def test_batchnorm_backward_matches_autodiff_within_round_off(shape):
+    """Both ways of taking the channel sums: batch items added first, plain reductions."""
+    assert max(_bn_gradient_errors(layers.batch_normalize, shape)) <= 1.0
 
 
 def test_batchnorm_backward_negative_control():

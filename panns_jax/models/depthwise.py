@@ -161,18 +161,21 @@ def _input_grad(x_shape, w, dy, strides, padding):
     return _correlate(dyp, w[::-1, ::-1], (1, 1))
 
 
-# Products summed per output of the weight gradient's elementwise pass (see _weight_grad).
+# Products summed per output of the weight gradient's elementwise pass (see _weight_grad),
+# and the largest batch whose items it adds one by one (an unrolled sum in the graph).
 _TERMS_PER_PASS = 40
+_MAX_UNROLLED_BATCH = 64
 
 
 def _weight_grad(x, w, dy, strides, padding):
     """dw[kh, kw, 0, c] = sum over (n, i, j) of x_pad[n, s*i + kh, s*j + kw, c] dy[n, i, j, c].
 
-    In two passes: one elementwise fusion sums, for all taps at once, the products over
-    the batch and over ``split`` blocks of rows (up to ``_TERMS_PER_PASS`` terms, an
-    array 9 / terms the size of dy), then one reduction sums the rest. One reduction per
-    tap over whole products (XLA:CPU materialises each product before reducing it) read
-    x and dy nine times and took 4-6x longer.
+    In two passes: per tap, one elementwise pass sums the products over the batch and
+    over ``split`` blocks of rows (up to ``_TERMS_PER_PASS`` terms, an array 1 / terms
+    the size of dy), then one reduction sums what is left of all taps. A reduction per
+    tap over the whole product (XLA:CPU wrote each product out before reducing it) took
+    4-6x longer. Batches over ``_MAX_UNROLLED_BATCH`` take that reduction (the sum over
+    the batch is unrolled in the graph).
     """
     xp = _pad(x, padding)
     n, rows = dy.shape[:2]
@@ -182,6 +185,9 @@ def _weight_grad(x, w, dy, strides, padding):
     block = rows // split
     partials = {}
     for index, tap in _taps(xp, w.shape[:2], dy.shape[1:3], strides):
+        if n > _MAX_UNROLLED_BATCH:
+            partials[index] = jnp.sum(tap * dy, axis=0, dtype=jnp.float32)
+            continue
         acc = None
         for b in range(n):
             for r in range(0, rows, block):

@@ -86,15 +86,30 @@ def _batch_normalize_fwd(x, scale, bias, epsilon):
     return (y, mean, var), (x, mean, jax.lax.rsqrt(var + epsilon), scale)
 
 
+# Largest batch whose items _channel_sums adds one by one (an unrolled sum in the graph).
+_MAX_UNROLLED_BATCH = 64
+
+
 def _channel_sums(*arrays: jax.Array) -> jax.Array:
     """Each array summed over all axes but the last, stacked: ``(len(arrays), channels)``.
 
-    The batch items are first added elementwise (one loop fusion for all arrays, an
-    array the size of one example each), then one reduction sums the rest: a MobileNetV1
-    train step 8% faster than with one reduction per array over the whole batch.
+    On CPU the batch items are first added elementwise (one loop fusion for all arrays,
+    an array the size of one example each), then one reduction sums the rest: a
+    MobileNetV1 train step 8% faster than with one XLA:CPU reduction per array over the
+    whole batch. Other backends, and batches over ``_MAX_UNROLLED_BATCH``, take plain
+    reductions.
     """
-    firsts = [functools.reduce(operator.add, [a[i] for i in range(a.shape[0])]) for a in arrays]
-    return jnp.sum(jnp.stack(firsts), axis=tuple(range(1, firsts[0].ndim)))
+
+    def reduced(*arrays):
+        return jnp.stack([jnp.sum(a, axis=tuple(range(a.ndim - 1))) for a in arrays])
+
+    def unrolled(*arrays):
+        firsts = [functools.reduce(operator.add, [a[i] for i in range(a.shape[0])]) for a in arrays]
+        return jnp.sum(jnp.stack(firsts), axis=tuple(range(1, firsts[0].ndim)))
+
+    if arrays[0].ndim < 2 or arrays[0].shape[0] > _MAX_UNROLLED_BATCH:
+        return reduced(*arrays)
+    return jax.lax.platform_dependent(*arrays, cpu=unrolled, default=reduced)
 
 
 def _batch_normalize_bwd(epsilon, residuals, cotangents):
