@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from panns_jax.models import depthwise, mobilenet
+from panns_jax.models import depthwise, layers, mobilenet
 
 EPS = float(jnp.finfo(jnp.float32).eps)
 
@@ -63,7 +63,7 @@ CASES = [
     ((2, 12, 8, 16), (2, 2), ((1, 1), (1, 1))),  # stride 2 (standard MobileNets)
     ((2, 11, 7, 8), (2, 2), ((1, 1), (1, 1))),  # stride 2, odd sizes: the last row unused
     ((3, 9, 2, 24), (2, 1), ((0, 1), (1, 1))),  # mixed strides, asymmetric padding
-    ((depthwise._MAX_UNROLLED_BATCH + 2, 4, 3, 2), (1, 1), ((1, 1), (1, 1))),  # big batch
+    ((layers.MAX_UNROLLED_BATCH + 2, 4, 3, 2), (1, 1), ((1, 1), (1, 1))),  # big batch
 ]
 
 

@@ -141,7 +141,7 @@ def _bn_gradient_errors(batch_normalize, shape=(4, 6, 5, 3)):
     return [float(np.max(np.abs(np.float64(g) - w) / b)) for g, w, b in zip(got, want, bounds)]
 
 
-@pytest.mark.parametrize("shape", [(4, 6, 5, 3), (layers._MAX_UNROLLED_BATCH + 2, 3, 2, 3)])
+@pytest.mark.parametrize("shape", [(4, 6, 5, 3), (layers.MAX_UNROLLED_BATCH + 2, 3, 2, 3)])
 def test_batchnorm_backward_matches_autodiff_within_round_off(shape):
     """Both ways of taking the channel sums: batch items added first, plain reductions."""
     assert max(_bn_gradient_errors(layers.batch_normalize, shape)) <= 1.0

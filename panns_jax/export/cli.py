@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any, Dict, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
-from panns_jax import loader, models
+from panns_jax import checkpoints, loader, models
 from panns_jax.export.formats import FORMATS
 from panns_jax.export.pipeline import check_output, check_shape_options, export
 from panns_jax.export.serving import DEFAULT_SECONDS
@@ -30,12 +30,6 @@ def _load_validation_batch(path: str, sample_rate: int) -> np.ndarray:
     from panns_jax import audio
 
     return np.asarray(audio.load_audio(path, sample_rate), np.float32)[None]
-
-
-def _parse_overrides(text: str) -> Dict[str, Any]:
-    from panns_jax import checkpoints
-
-    return checkpoints.parse_overrides(text)
 
 
 def main_export(argv: Optional[Sequence[str]] = None) -> int:
@@ -58,7 +52,7 @@ def main_export(argv: Optional[Sequence[str]] = None) -> int:
     )
     parser.add_argument(
         "--overrides",
-        type=_parse_overrides,
+        type=checkpoints.parse_overrides,
         default=None,
         help="JSON object of architecture arguments for a .pth",
     )

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from panns_jax.models import same_conv
+from panns_jax.models import layers, same_conv
 
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 # Set while exporters trace (see :func:`plain_lax_convolutions`).
@@ -107,9 +107,9 @@ def avg_pool(x: jax.Array, size: int) -> jax.Array:
     copies out every shifted input and broadcast weight of that conv. The gradient
     repeats each output gradient / size^2 over its window by a broadcast (the strided
     slices' own gradient, one interior-padded copy per window position, made a
-    MobileNetV1 train step 3-6% slower).
+    MobileNetV1 train step 3-6% slower). Size 1 is the identity.
     """
-    return _avg_pool(x, size, tuple(x.shape))
+    return x if size == 1 else _avg_pool(x, size, tuple(x.shape))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
@@ -161,10 +161,8 @@ def _input_grad(x_shape, w, dy, strides, padding):
     return _correlate(dyp, w[::-1, ::-1], (1, 1))
 
 
-# Products summed per output of the weight gradient's elementwise pass (see _weight_grad),
-# and the largest batch whose items it adds one by one (an unrolled sum in the graph).
+# Products summed per output of the weight gradient's elementwise pass (see _weight_grad).
 _TERMS_PER_PASS = 40
-_MAX_UNROLLED_BATCH = 64
 
 
 def _weight_grad(x, w, dy, strides, padding):
@@ -174,20 +172,23 @@ def _weight_grad(x, w, dy, strides, padding):
     over ``split`` blocks of rows (up to ``_TERMS_PER_PASS`` terms, an array 1 / terms
     the size of dy), then one reduction sums what is left of all taps. A reduction per
     tap over the whole product (XLA:CPU wrote each product out before reducing it) took
-    4-6x longer. Batches over ``_MAX_UNROLLED_BATCH`` take that reduction (the sum over
-    the batch is unrolled in the graph).
+    4-6x longer. Batches over ``layers.MAX_UNROLLED_BATCH`` take that reduction (the sum
+    over the batch is unrolled in the graph).
     """
     xp = _pad(x, padding)
     n, rows = dy.shape[:2]
+    if n > layers.MAX_UNROLLED_BATCH:
+        partials = {
+            index: jnp.sum(tap * dy, axis=0, dtype=jnp.float32)
+            for index, tap in _taps(xp, w.shape[:2], dy.shape[1:3], strides)
+        }
+        return _sum_taps(partials, w.shape)
     split = max(
         d for d in range(1, rows + 1) if rows % d == 0 and (d == 1 or n * d <= _TERMS_PER_PASS)
     )
     block = rows // split
     partials = {}
     for index, tap in _taps(xp, w.shape[:2], dy.shape[1:3], strides):
-        if n > _MAX_UNROLLED_BATCH:
-            partials[index] = jnp.sum(tap * dy, axis=0, dtype=jnp.float32)
-            continue
         acc = None
         for b in range(n):
             for r in range(0, rows, block):
@@ -196,8 +197,13 @@ def _weight_grad(x, w, dy, strides, padding):
                 )
                 acc = term if acc is None else acc + term
         partials[index] = acc
-    ordered = [partials[(kh, kw)] for kh in range(w.shape[0]) for kw in range(w.shape[1])]
-    return jnp.sum(jnp.stack(ordered), axis=(1, 2)).reshape(w.shape)
+    return _sum_taps(partials, w.shape)
+
+
+def _sum_taps(partials, shape):
+    """Each tap's partial sums (same shape, channels last) summed: the kernel ``shape``."""
+    ordered = [partials[(kh, kw)] for kh in range(shape[0]) for kw in range(shape[1])]
+    return jnp.sum(jnp.stack(ordered), axis=tuple(range(1, ordered[0].ndim))).reshape(shape)
 
 
 def _cpu_grads(x, w, dy, strides, padding):

@@ -72,8 +72,7 @@ def batch_normalize(
     reductions, each its own pass over the activations: the BatchNorm backward of a
     MobileNetV1 train step (8 x 5 s, CPU) took 1.4x longer.
     """
-    mean, var = _batch_statistics(x)
-    return _normalized(x, mean, var, scale, bias, epsilon), mean, var
+    return _batch_normalize_fwd(x, scale, bias, epsilon)[0]
 
 
 def _normalized(x, mean, var, scale, bias, epsilon):
@@ -86,8 +85,9 @@ def _batch_normalize_fwd(x, scale, bias, epsilon):
     return (y, mean, var), (x, mean, jax.lax.rsqrt(var + epsilon), scale)
 
 
-# Largest batch whose items _channel_sums adds one by one (an unrolled sum in the graph).
-_MAX_UNROLLED_BATCH = 64
+# Largest batch whose items are added one by one on CPU (an unrolled sum in the graph) by
+# the BatchNorm backward here and the depthwise weight gradient (models/depthwise.py).
+MAX_UNROLLED_BATCH = 64
 
 
 def _channel_sums(*arrays: jax.Array) -> jax.Array:
@@ -96,7 +96,7 @@ def _channel_sums(*arrays: jax.Array) -> jax.Array:
     On CPU the batch items are first added elementwise (one loop fusion for all arrays,
     an array the size of one example each), then one reduction sums the rest: a
     MobileNetV1 train step 8% faster than with one XLA:CPU reduction per array over the
-    whole batch. Other backends, and batches over ``_MAX_UNROLLED_BATCH``, take plain
+    whole batch. Other backends, and batches over ``MAX_UNROLLED_BATCH``, take plain
     reductions.
     """
 
@@ -107,7 +107,7 @@ def _channel_sums(*arrays: jax.Array) -> jax.Array:
         firsts = [functools.reduce(operator.add, [a[i] for i in range(a.shape[0])]) for a in arrays]
         return jnp.sum(jnp.stack(firsts), axis=tuple(range(1, firsts[0].ndim)))
 
-    if arrays[0].ndim < 2 or arrays[0].shape[0] > _MAX_UNROLLED_BATCH:
+    if arrays[0].shape[0] > MAX_UNROLLED_BATCH:
         return reduced(*arrays)
     return jax.lax.platform_dependent(*arrays, cpu=unrolled, default=reduced)
 

@@ -77,7 +77,7 @@ def sequential(
         elif kind == "conv":
             x = conv2d(layer[1], layer[2], name, dtype)(x)
         elif kind == "pool":
-            x = depthwise.avg_pool(x, layer[1]) if layer[1] > 1 else x
+            x = depthwise.avg_pool(x, layer[1])
         elif kind == "bn":
             x = BatchNorm(dtype=dtype, name=name)(x, use_running_average=not train)
         elif kind == "relu":

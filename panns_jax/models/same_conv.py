@@ -111,7 +111,6 @@ def _input_grad_col2im(w, dy, pad):
 
 def _cpu_grads(x, w, dy, pad):
     kernel = w.shape[0]
-    positions = x.shape[1] * x.shape[2]
     if kernel * kernel * x.shape[-1] <= dy.shape[-1]:
         # Few input channels (the first conv on the log-mel: 1 -> 32 or 64): im2col and
         # col2im hold no more numbers than dy, and both gradients become one product each
@@ -120,7 +119,7 @@ def _cpu_grads(x, w, dy, pad):
         dw = _weight_grad_im2col(x, dy, kernel, pad)
         return dx.astype(x.dtype), dw.astype(w.dtype)
     dx, dw = None, None
-    if positions < _TINY_MAP:
+    if x.shape[1] * x.shape[2] < _TINY_MAP:
         dx = _input_grad_col2im(w, dy, pad)
     elif x.shape[-1] >= _MIN_UNFOLD_CHANNELS:
         dw = _weight_grad_unfolded(x, dy, kernel, pad)
