@@ -4,8 +4,12 @@ python -m panns_jax.main --config=configs/dainet19.py --workdir=DIR
 python -m panns_jax.main --config=configs/dainet19.py:runlocal --workdir=/tmp/dainet19   # smoke run
 """
 
+from typing import Optional
+
+import ml_collections
+
 from panns_jax import recipe
 
 
-def get_config(arg=None):
+def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
     return recipe.base_config("DaiNet19", arg, family_supports_logmel=False)

@@ -5,10 +5,14 @@ Minutes on a laptop CPU, no download: 10 synthetic sound classes, multi-label 2 
     python -m panns_jax.main --config=configs/demo.py --workdir=workdir/demo
 """
 
+from typing import Optional
+
+import ml_collections
+
 from panns_jax import recipe
 
 
-def get_config(arg=None):
+def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
     c = recipe.base_config("Cnn10", arg)
     # A narrow Cnn10 (1/16 of its operations) with a 128-d embedding.
     c.model_overrides.widths = (16, 32, 64, 128)

@@ -8,8 +8,12 @@
 CKPT: a panns_jax checkpoint directory or an original ``Cnn14_mAP=0.431.pth``.
 """
 
+from typing import Optional
+
+import ml_collections
+
 from panns_jax import recipe
 
 
-def get_config(arg=None):
+def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
     return recipe.transfer_config("esc50", num_folds=5, clip_seconds=5.0, arg=arg)

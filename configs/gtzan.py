@@ -5,8 +5,12 @@
         --config.transfer.checkpoint=CKPT --workdir=DIR
 """
 
+from typing import Optional
+
+import ml_collections
+
 from panns_jax import recipe
 
 
-def get_config(arg=None):
+def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
     return recipe.transfer_config("gtzan_genres", num_folds=10, clip_seconds=30.0, arg=arg)

@@ -5,8 +5,12 @@
         --config.transfer.checkpoint=CKPT --workdir=DIR
 """
 
+from typing import Optional
+
+import ml_collections
+
 from panns_jax import recipe
 
 
-def get_config(arg=None):
+def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
     return recipe.transfer_config("ravdess", num_folds=4, clip_seconds=5.0, arg=arg)

@@ -4,8 +4,12 @@ python -m panns_jax.main --config=configs/res1dnet51.py --workdir=DIR
 python -m panns_jax.main --config=configs/res1dnet51.py:runlocal --workdir=/tmp/res1dnet51
 """
 
+from typing import Optional
+
+import ml_collections
+
 from panns_jax import recipe
 
 
-def get_config(arg=None):
+def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
     return recipe.base_config("Res1dNet51", arg, family_supports_logmel=False)

@@ -4,8 +4,12 @@ python -m panns_jax.main --config=configs/resnet22.py --workdir=DIR
 python -m panns_jax.main --config=configs/resnet22.py:runlocal --workdir=/tmp/resnet22   # smoke run
 """
 
+from typing import Optional
+
+import ml_collections
+
 from panns_jax import recipe
 
 
-def get_config(arg=None):
+def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
     return recipe.base_config("ResNet22", arg)

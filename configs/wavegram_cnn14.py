@@ -4,8 +4,12 @@ python -m panns_jax.main --config=configs/wavegram_cnn14.py --workdir=DIR
 python -m panns_jax.main --config=configs/wavegram_cnn14.py:runlocal --workdir=/tmp/wavegram_cnn14
 """
 
+from typing import Optional
+
+import ml_collections
+
 from panns_jax import recipe
 
 
-def get_config(arg=None):
+def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
     return recipe.base_config("Wavegram_Cnn14", arg, family_supports_logmel=False)

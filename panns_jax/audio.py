@@ -14,7 +14,7 @@ import functools
 import importlib.resources
 import os
 import warnings
-from typing import Iterator, List, Optional, Tuple, Union
+from typing import Any, BinaryIO, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 
@@ -73,7 +73,7 @@ def check_rate(name: str, rate: int) -> None:
         )
 
 
-def as_waveform(array, name: str = "<waveform>") -> np.ndarray:
+def as_waveform(array: Any, name: str = "<waveform>") -> np.ndarray:
     """A float32 copy of an array of samples; integer PCM is scaled to [-1, 1).
 
     int16 / int32 are divided by 2**15 / 2**31 (as soundfile reads PCM files); other
@@ -180,7 +180,7 @@ def _librosa_load(path: str, sf_error: Exception) -> Tuple[np.ndarray, int]:
     return samples, int(rate)
 
 
-def truncation_warning(path: str, handle) -> Optional[str]:
+def truncation_warning(path: str, handle: BinaryIO) -> Optional[str]:
     """A warning when a WAV's header declares more sample data than the file holds.
 
     libsndfile silently shortens such a file to what is present; the RIFF ``data``

@@ -58,7 +58,7 @@ class ModelCheckpoint:
     labels: Optional[List[str]] = None  # Class names, when not AudioSet's 527.
     extra: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
-    def build_model(self):
+    def build_model(self) -> Any:  # A flax module (models imports this module).
         from panns_jax import models
 
         return models.get(self.model, **self.overrides)

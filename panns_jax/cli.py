@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable, Iterator, List, Optional, Sequence, 
 
 import numpy as np
 
-from panns_jax import audio, checkpoints, sed
+from panns_jax import audio, loader, sed
 from panns_jax.fileio import staged
 from panns_jax.tagger import (
     DEFAULT_WINDOW_S,
@@ -73,28 +73,16 @@ def _add_common(parser: argparse.ArgumentParser, window_help: str, hop_help: str
     parser.add_argument(
         "files", nargs="+", help="audio files, directories (searched recursively) or globs"
     )
-    parser.add_argument(
-        "--checkpoint",
-        default=None,
-        help="panns_jax checkpoint directory, original PANNs .pth, or a "
-        "pretrained model name (`panns-jax download --list`); default: "
-        "the pretrained --model, else Cnn14 (sed: Cnn14_DecisionLevelMax)",
+    loader.add_arguments(
+        parser,
+        checkpoint_default="the pretrained --model, else Cnn14 (sed: Cnn14_DecisionLevelMax)",
+        model_default="Cnn14",
     )
     parser.add_argument(
         "--random-weights",
         action="store_true",
         help="a randomly initialised --model instead of pretrained weights "
         "(its outputs are meaningless: to try the pipeline only)",
-    )
-    parser.add_argument(
-        "--model", default=None, help="architecture name (default: the checkpoint's, else Cnn14)"
-    )
-    parser.add_argument(
-        "--overrides",
-        type=checkpoints.parse_overrides,
-        default=None,
-        help="JSON object of architecture arguments for a .pth or a random "
-        "model, e.g. '{\"widths\": [16, 32, 64, 128]}'",
     )
     parser.add_argument("--window", type=float, default=None, help=window_help)
     parser.add_argument("--hop", type=float, default=None, help=hop_help)

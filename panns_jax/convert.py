@@ -501,11 +501,12 @@ def _quiet_orbax(function, *args, **kwargs):
         lg.setLevel(logging.CRITICAL)
     # tensorstore callbacks into a closed event loop print through these hooks.
     sys.excepthook = sys.unraisablehook = threading.excepthook = lambda *a: None
-    result = function(*args, **kwargs)  # On failure they stay quiet: the CLI is ending.
-    for lg, level in zip(loggers, levels):
-        lg.setLevel(level)
-    sys.excepthook, sys.unraisablehook, threading.excepthook = hooks
-    return result
+    try:
+        return function(*args, **kwargs)
+    finally:  # The caller's process gets its loggers and hooks back, on failure too.
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+        sys.excepthook, sys.unraisablehook, threading.excepthook = hooks
 
 
 if __name__ == "__main__":

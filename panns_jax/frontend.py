@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Tuple
+from typing import Any, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -113,7 +113,7 @@ def _frame_indices(num_padded: int, n_fft: int, hop: int) -> np.ndarray:
     return np.arange(num_frames)[:, None] * hop + np.arange(n_fft)[None, :]
 
 
-def validate_waveform(waveform, min_samples: int, name: str = "waveform") -> None:
+def validate_waveform(waveform: Any, min_samples: int, name: str = "waveform") -> None:
     """Raise a ``ValueError`` that names the problem with a waveform batch.
 
     Checks rank, dtype and length always; checks for NaN/Inf only when the

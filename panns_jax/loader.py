@@ -28,6 +28,7 @@ name, ``ValueError`` (e.g. :class:`~panns_jax.checkpoints.CheckpointError`) for 
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 from typing import Any, Dict, Iterator, Mapping, Optional, Tuple
@@ -42,6 +43,15 @@ DEFAULT_MODEL = "Cnn14"
 KINDS = ("checkpoint", "pth", "zoo", "random")
 TASKS = ("multilabel", "singlelabel")
 TASK_KEY = "task"  # A checkpoint's ``extra`` entry naming the task it was trained for.
+# The sources that record their own architecture, as errors name them: (what it is, what
+# it holds).
+_RECORDED = {
+    "checkpoint": (
+        "{source}: a panns_jax checkpoint directory records its own overrides",
+        "{source} holds",
+    ),
+    "zoo": ("{source} is a pretrained model with its own architecture", "{source} is a pretrained"),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,31 +170,21 @@ def load(
         )
         return _finish(checkpoint, "random", None, module)
     source = os.fspath(source)
-    if not os.path.exists(source):
-        if not zoo.is_zoo_name(source):
-            raise FileNotFoundError(
-                f"{source}: no such checkpoint directory or .pth file, nor a "
-                "pretrained model name (`panns-jax download --list`)"
-            )
+    if not os.path.exists(source) and not zoo.is_zoo_name(source):
+        raise FileNotFoundError(
+            f"{source}: no such checkpoint directory or .pth file, nor a "
+            "pretrained model name (`panns-jax download --list`)"
+        )
+    if not os.path.exists(source) or checkpoints.is_model_checkpoint(source):
+        # Both record their architecture: overrides are refused, ``model`` is a check.
+        kind = "checkpoint" if os.path.exists(source) else "zoo"
+        what, holds = (text.format(source=source) for text in _RECORDED[kind])
         if overrides:
-            raise ValueError(
-                f"{source} is a pretrained model with its own architecture; "
-                "--overrides applies to a .pth or a random model only"
-            )
-        checkpoint = zoo.load(source)
+            raise ValueError(f"{what}; --overrides applies to a .pth or a random model only")
+        checkpoint = checkpoints.load(source) if kind == "checkpoint" else zoo.load(source)
         if model and model != checkpoint.model:
-            raise ValueError(f"{source} is a pretrained {checkpoint.model}, not {model}")
-        return _finish(checkpoint, "zoo", source)
-    if checkpoints.is_model_checkpoint(source):
-        if overrides:
-            raise ValueError(
-                f"{source}: a panns_jax checkpoint directory records its own "
-                "overrides; --overrides applies to .pth files only"
-            )
-        checkpoint = checkpoints.load(source)
-        if model and model != checkpoint.model:
-            raise ValueError(f"{source} holds {checkpoint.model}, not {model}")
-        return _finish(checkpoint, "checkpoint", source)
+            raise ValueError(f"{holds} {checkpoint.model}, not {model}")
+        return _finish(checkpoint, kind, source)
     if os.path.isdir(source):
         raise ValueError(f"{source}: not a panns_jax checkpoint directory")
     if not model:
@@ -195,3 +195,29 @@ def load(
     state, step = convert.read_torch_checkpoint(source)
     checkpoint = convert.torch_to_checkpoint(state, model, step=step, overrides=overrides)
     return _finish(checkpoint, "pth", source)
+
+
+def add_arguments(
+    parser: argparse.ArgumentParser, *, checkpoint_default: str, model_default: str
+) -> None:
+    """``--checkpoint`` / ``--model`` / ``--overrides``: how every command line names the
+    model it hands to :func:`load` (the defaults differ by command, so they are said here)."""
+    parser.add_argument(
+        "--checkpoint",
+        default=None,
+        help="panns_jax checkpoint directory, original PANNs .pth, or a pretrained model "
+        "name such as Cnn14 (`panns-jax download --list`; downloaded and cached on first "
+        f"use); default: {checkpoint_default}",
+    )
+    parser.add_argument(
+        "--model",
+        default=None,
+        help=f"architecture name (default: the checkpoint's, else {model_default})",
+    )
+    parser.add_argument(
+        "--overrides",
+        type=checkpoints.parse_overrides,
+        default=None,
+        help="JSON object of architecture arguments for a .pth or a random model, "
+        "e.g. '{\"widths\": [16, 32, 64, 128]}'",
+    )

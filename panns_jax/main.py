@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Sequence
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -144,7 +145,7 @@ def _first_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {lines[0][:300] if lines else ''}"
 
 
-def main(argv) -> None:
+def main(argv: Sequence[str]) -> None:
     del argv
     import jax
 

@@ -104,14 +104,26 @@ class RegistryBuilder:
     def pretrained(self) -> Optional[Dict[str, Any]]:
         return None
 
-    def init(self, model, rng, clip_samples, pretrained=None):
+    def init(
+        self,
+        model: nn.Module,
+        rng: jax.Array,
+        clip_samples: int,
+        pretrained: Optional[Mapping[str, Any]] = None,
+    ) -> Dict[str, Any]:
         del pretrained
         return models.init(model, rng, clip_samples)
 
     def param_labels(self, params: Any) -> Optional[Any]:
         return None
 
-    def to_checkpoint(self, model, variables, step, labels):
+    def to_checkpoint(
+        self,
+        model: nn.Module,
+        variables: Mapping[str, Any],
+        step: int,
+        labels: Optional[Sequence[str]],
+    ) -> checkpoints.ModelCheckpoint:
         overrides = {
             k: v
             for k, v in registry_model(self.config, model.num_classes)[1].items()

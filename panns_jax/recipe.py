@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import re
 import sys
-from typing import List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import ml_collections
 
@@ -61,7 +61,7 @@ def parse_flags(argv: Sequence[str]) -> List[str]:
         sys.exit(2)
 
 
-def parse_arg(arg) -> dict:
+def parse_arg(arg: Optional[str]) -> Dict[str, Any]:
     """'mixup=wave,sr=16k,runlocal' -> {'mixup': 'wave', 'sr': '16k', 'runlocal': True}."""
     result = {}
     for part in (arg or "").split(","):
@@ -74,7 +74,7 @@ def parse_arg(arg) -> dict:
 
 
 def base_config(
-    model: str, arg=None, family_supports_logmel: bool = True
+    model: str, arg: Optional[str] = None, family_supports_logmel: bool = True
 ) -> ml_collections.ConfigDict:
     args = parse_arg(arg)
     known = {
@@ -185,7 +185,12 @@ def _int_arg(value, name: str) -> int:
 
 
 def transfer_config(
-    dataset: str, *, num_folds: int, clip_seconds: float, arg=None, model: str = "Cnn14"
+    dataset: str,
+    *,
+    num_folds: int,
+    clip_seconds: float,
+    arg: Optional[str] = None,
+    model: str = "Cnn14",
 ) -> ml_collections.ConfigDict:
     """A transfer run (Sec. V) on a single-label set with folds: ESC-50, GTZAN, RAVDESS.
 

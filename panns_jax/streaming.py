@@ -41,12 +41,22 @@ import math
 import os
 import sys
 import time
-from typing import Any, Callable, Iterable, Iterator, List, Mapping, Optional, Sequence
+from typing import (
+    Any,
+    Callable,
+    Iterable,
+    Iterator,
+    List,
+    Mapping,
+    Optional,
+    Sequence,
+    Tuple,
+)
 
 import jax
 import numpy as np
 
-from panns_jax import models
+from panns_jax import loader, models
 
 DEFAULT_WINDOW = 1.0  # Seconds of context per prediction (clip models).
 DEFAULT_SED_WINDOW = 3.2  # Decision-level models: 10 segments of 32 frames (Cnn14).
@@ -283,7 +293,9 @@ class StreamingTagger:
 
     # -- offline reference ----------------------------------------------------
 
-    def offline_frames(self, waveform: np.ndarray, batch_size: int = 8):
+    def offline_frames(
+        self, waveform: np.ndarray, batch_size: int = 8
+    ) -> Tuple[np.ndarray, np.ndarray]:
         """``(times, probabilities)`` of the same windows applied directly to a recording.
 
         What :meth:`push` emits for that recording, computed by slicing it into windows
@@ -305,7 +317,7 @@ class StreamingTagger:
         return np.concatenate(all_times), np.concatenate(all_probs)
 
 
-def collect(steps: Iterable[Step]):
+def collect(steps: Iterable[Step]) -> Tuple[np.ndarray, np.ndarray, List[Event]]:
     """Concatenate steps into ``(times, probabilities, events)``."""
     steps = list(steps)
     if not steps:
@@ -381,12 +393,6 @@ def _file_blocks(path: str, sample_rate: int, block: int, notes: List[str]) -> I
         yield pending
 
 
-def _parse_overrides(text: str) -> dict:
-    from panns_jax import checkpoints
-
-    return checkpoints.parse_overrides(text)
-
-
 def main_stream(argv: Optional[Sequence[str]] = None) -> int:
     """``panns-jax stream FILE | --mic``: print sound events as they are detected."""
     parser = argparse.ArgumentParser(
@@ -397,22 +403,10 @@ def main_stream(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("file", nargs="?", help="audio file streamed in blocks")
     parser.add_argument("--mic", action="store_true", help="read the microphone (sounddevice)")
     parser.add_argument("--device", default=None, help="--mic: input device name or index")
-    parser.add_argument(
-        "--checkpoint",
-        default=None,
-        help="panns_jax checkpoint directory, original PANNs .pth, or a "
-        "pretrained model name such as MobileNetV1 (`panns-jax download "
-        "--list`; downloaded and cached on first use); default: none, "
-        "a randomly initialised --model",
-    )
-    parser.add_argument(
-        "--model", default=None, help="architecture (default: the checkpoint's, else MobileNetV1)"
-    )
-    parser.add_argument(
-        "--overrides",
-        type=_parse_overrides,
-        default=None,
-        help="JSON object of architecture arguments for a .pth or random model",
+    loader.add_arguments(
+        parser,
+        checkpoint_default="none, a randomly initialised --model",
+        model_default="MobileNetV1",
     )
     parser.add_argument(
         "--window",
@@ -456,8 +450,6 @@ def main_stream(argv: Optional[Sequence[str]] = None) -> int:
             _import_sounddevice()  # Fail before loading a model.
         elif not os.path.isfile(args.file):
             raise FileNotFoundError(f"{args.file}: no such file")
-        from panns_jax import loader
-
         model, variables, meta = loader.load(
             args.checkpoint,
             model=args.model or (None if args.checkpoint else DEFAULT_RANDOM_MODEL),

@@ -27,7 +27,7 @@ import re
 import shutil
 import tempfile
 import time
-from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Sequence, Tuple
 
 import flax
 import jax
@@ -169,7 +169,7 @@ class MultiLabelTask(Task):
 
     name = "multilabel"
 
-    def loss(self, outputs, targets):
+    def loss(self, outputs: Dict[str, jax.Array], targets: jax.Array) -> jax.Array:
         return binary_cross_entropy(outputs["clipwise_output"], targets)
 
 
@@ -185,14 +185,14 @@ class SingleLabelTask(Task):
     best_metric = "accuracy"
     summary_keys = ("accuracy", "mAP", "mAUC", "d_prime")
 
-    def loss(self, outputs, targets):
+    def loss(self, outputs: Dict[str, jax.Array], targets: jax.Array) -> jax.Array:
         logits = outputs["logits"].astype(jnp.float32)
         return jnp.mean(optax.softmax_cross_entropy(logits, targets))
 
-    def scores(self, outputs):
+    def scores(self, outputs: Dict[str, jax.Array]) -> jax.Array:
         return jax.nn.softmax(outputs["logits"].astype(jnp.float32), axis=-1)
 
-    def evaluate(self, scores, targets):
+    def evaluate(self, scores: np.ndarray, targets: np.ndarray) -> Dict[str, Any]:
         result = metrics.evaluate(scores, targets)
         scores, targets = np.asarray(scores), np.asarray(targets)
         top = np.argmax(scores, axis=1)
@@ -326,7 +326,11 @@ def make_eval_step(
 
 
 def evaluate(
-    eval_fn, state: TrainState, eval_batches, mesh: Mesh, task: Optional[Task] = None
+    eval_fn: Callable[..., Any],
+    state: TrainState,
+    eval_batches: Iterable[Any],
+    mesh: Mesh,
+    task: Optional[Task] = None,
 ) -> Dict[str, Any]:
     """The task's metrics (mAP, mAUC, d'; accuracy) over the eval split, and
     ``num_examples``: each host's examples once, padded rows masked out.
@@ -354,7 +358,9 @@ def evaluate(
     return result
 
 
-def write_per_class_ap(workdir: str, step: int, result: Dict[str, Any], class_names) -> str:
+def write_per_class_ap(
+    workdir: str, step: int, result: Dict[str, Any], class_names: Optional[Sequence[str]]
+) -> str:
     path = os.path.join(workdir, "eval", f"per_class_step{step:08d}.csv")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:

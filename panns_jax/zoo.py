@@ -41,9 +41,12 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterator, Optional, Sequence, Tuple
 
 from panns_jax import fileio
+
+if TYPE_CHECKING:  # Imported where used: loading the zoo's table needs neither.
+    from panns_jax import checkpoints
 
 ZENODO_RECORD = "3987831"
 ZENODO_URL = "https://zenodo.org/record/3987831/files/{file}?download=1"
@@ -601,7 +604,7 @@ def _converted(entry: ZooEntry, record: Dict[str, Any]):
     return checkpoint
 
 
-def load(name: str, *, progress: bool = True):
+def load(name: str, *, progress: bool = True) -> checkpoints.ModelCheckpoint:
     """The :class:`~panns_jax.checkpoints.ModelCheckpoint` of zoo model ``name``.
 
     Downloads and converts on first use; later uses load the converted checkpoint.

@@ -109,22 +109,9 @@ class Audioset(common.PannsBuilder):
     BUILDER_CONFIGS = common.rate_configs(AudiosetConfig)
     MANUAL_DOWNLOAD_INSTRUCTIONS = _MANUAL
 
-    @property
-    def clip_samples(self) -> int:
-        return int(round(self.builder_config.clip_seconds * self.sample_rate))
-
     def _info_kwargs(self):
-        mids = [mid for mid, _ in audioset_classes()]
-        return dict(
-            description=__doc__,
-            features=tfds.features.FeaturesDict(
-                {
-                    "audio": common.audio_feature(self.sample_rate, self.clip_samples),
-                    "labels": tfds.features.Sequence(tfds.features.ClassLabel(names=mids)),
-                    "audio_id": tfds.features.Text(),
-                }
-            ),
-            supervised_keys=("audio", "labels"),
+        return self._tagging_info(
+            [mid for mid, _ in audioset_classes()],
             homepage="https://research.google.com/audioset/",
             citation="Gemmeke et al., Audio Set, ICASSP 2017; Kong et al., PANNs, "
             "IEEE/ACM TASLP 2020.",

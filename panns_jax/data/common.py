@@ -280,6 +280,28 @@ class PannsBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     def sample_rate(self) -> int:
         return self.builder_config.sample_rate
 
+    @property
+    def clip_samples(self) -> Optional[int]:
+        """Samples per clip of a fixed-length set (its config's ``clip_seconds``), else None."""
+        seconds = getattr(self.builder_config, "clip_seconds", None)
+        return None if seconds is None else int(round(seconds * self.sample_rate))
+
+    def _tagging_info(self, class_names: Sequence[str], **more: Any) -> Dict[str, Any]:
+        """``_info_kwargs`` of a multi-label tagging set of fixed-length clips: ``audio``,
+        ``labels`` (any number of ``class_names``), ``audio_id``."""
+        return dict(
+            description=type(self).__doc__,
+            features=tfds.features.FeaturesDict(
+                {
+                    "audio": audio_feature(self.sample_rate, self.clip_samples),
+                    "labels": tfds.features.Sequence(tfds.features.ClassLabel(names=class_names)),
+                    "audio_id": tfds.features.Text(),
+                }
+            ),
+            supervised_keys=("audio", "labels"),
+            **more,
+        )
+
     def example_index(self, split: str) -> Optional[ExampleIndex]:
         """The stored example index of a prepared split (None if absent)."""
         text = (self.info.metadata or {}).get(index_key(split))

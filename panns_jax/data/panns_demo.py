@@ -133,22 +133,8 @@ class PannsDemo(common.PannsBuilder):
         ),
     ]
 
-    @property
-    def clip_samples(self) -> int:
-        return int(round(self.builder_config.clip_seconds * self.sample_rate))
-
     def _info_kwargs(self):
-        return dict(
-            description=__doc__,
-            features=tfds.features.FeaturesDict(
-                {
-                    "audio": common.audio_feature(self.sample_rate, self.clip_samples),
-                    "labels": tfds.features.Sequence(tfds.features.ClassLabel(names=CLASS_NAMES)),
-                    "audio_id": tfds.features.Text(),
-                }
-            ),
-            supervised_keys=("audio", "labels"),
-        )
+        return self._tagging_info(CLASS_NAMES)
 
     def _split_generators(self, dl_manager):
         del dl_manager

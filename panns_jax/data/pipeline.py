@@ -32,6 +32,11 @@ The samplers (balanced: Kong et al. 2020, Sec. IV-A; uniform) and the record
 selection (folds, evaluation shards) are in sampling.py; evaluation is sharded by
 records: host h reads the h-th contiguous part of the selection, every example
 exactly once over all hosts.
+
+Process state: importing this module registers one ``atexit`` hook, which closes the
+iterators still open at exit (their tf.data threads call into Python and would hang
+interpreter shutdown otherwise); TensorFlow is imported through :mod:`panns_jax.tf_cpu`,
+which hides GPUs from it.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ they lie, without copying them; anything else falls back to TensorFlow's parser.
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, Tuple
+from typing import Any, Callable, Dict, Tuple
 
 import numpy as np
 
@@ -81,7 +81,7 @@ def _example_fields(raw: bytes) -> Dict[str, Tuple[str, Any]]:
     return out
 
 
-def parse_example(raw, label_key: str) -> Example:
+def parse_example(raw: bytes, label_key: str) -> Example:
     """(int16 audio, int32 label ids) of one serialized tf.train.Example.
 
     `raw` is bytes or any buffer (a memoryview of a reused read buffer is fine: the
@@ -202,7 +202,8 @@ class ArrayRecordFile:
     def __len__(self) -> int:
         return len(self._offsets)
 
-    def close(self, _close=os.close) -> None:  # (os may be gone when __del__ runs at exit)
+    # ``_close`` is bound now: the os module may be gone when __del__ runs at exit.
+    def close(self, _close: Callable[[int], None] = os.close) -> None:
         if self._fd >= 0:
             _close(self._fd)
             self._fd = -1

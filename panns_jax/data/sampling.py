@@ -55,7 +55,7 @@ def hash_ints(*parts) -> np.ndarray:
         return h
 
 
-def permute(i, n, key) -> np.ndarray:
+def permute(i: np.ndarray, n: int, key: int) -> np.ndarray:
     """pi_key(i), where pi_key is a key-chosen permutation of [0, n).
 
     A 4-round Feistel network on the smallest 2h-bit domain holding n, with
@@ -93,7 +93,7 @@ def crop_hashes(keys: Mapping[str, np.uint64], k: np.ndarray) -> np.ndarray:
     return hash_ints(keys["crop"], k)
 
 
-def crop_offsets(hashes, excess) -> np.ndarray:
+def crop_offsets(hashes: np.ndarray, excess: np.ndarray) -> np.ndarray:
     """Start of each draw's window in a clip `excess` samples longer than the crop: a
     uniform pick of the excess + 1 possible starts (0 where the clip is not longer)."""
     excess = np.maximum(np.asarray(excess, np.int64), 0)

@@ -109,7 +109,7 @@ class ArraySource(Source):
                 columns[c].append(int(ex[c]))
         return cls(audio, labels, num_classes, columns)
 
-    def read(self, records):
+    def read(self, records: np.ndarray) -> List[Example]:
         return [(self._audio[r], self._labels[r].astype(np.int32)) for r in records]
 
 
@@ -191,7 +191,7 @@ class TfdsSource(Source):
                     raw = reader.read([int(pos)])[0]
             yield records_lib.parse_example(raw, self._label_key)
 
-    def read(self, records):
+    def read(self, records: np.ndarray) -> List[Example]:
         return [(samples.copy(), ids) for samples, ids in self.examples(records)]
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import csv
 import os
 import re
-from typing import Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -115,7 +115,42 @@ def _features(sample_rate: int, names, extra=None) -> tfds.features.FeaturesDict
     )
 
 
-class Esc50(common.PannsBuilder):
+class _SingleLabelBuilder(common.PannsBuilder, skip_registration=True):
+    """A single-label set: ``label`` one of ``CLASSES``, a ``fold``, its files below the first
+    folder of the manual download that ``_is_root`` accepts (``MISSING`` names it)."""
+
+    CLASSES: Sequence[str] = ()
+    HOMEPAGE = ""
+    MISSING = ""
+
+    def _info_kwargs(self):
+        return dict(
+            description=self.__doc__,
+            features=_features(self.sample_rate, self.CLASSES, self._extra_features()),
+            supervised_keys=("audio", "label"),
+            homepage=self.HOMEPAGE,
+        )
+
+    def _extra_features(self) -> Dict[str, Any]:
+        return {}
+
+    def _is_root(self, folder: str) -> bool:
+        raise NotImplementedError
+
+    def _split_generators(self, dl_manager):
+        root = _find(os.fspath(dl_manager.manual_dir), self._is_root)
+        if root is None:
+            raise FileNotFoundError(
+                f"{self.MISSING} not found in {dl_manager.manual_dir}. "
+                + self.MANUAL_DOWNLOAD_INSTRUCTIONS
+            )
+        return {"train": self._generate_examples("train", self._candidates(root))}
+
+    def _candidates(self, root: str) -> Iterator[common.Candidate]:
+        raise NotImplementedError
+
+
+class Esc50(_SingleLabelBuilder):
     """ESC-50 (Piczak 2015): 2000 5 s clips, 50 classes, 5 official folds."""
 
     VERSION = tfds.core.Version("1.0.0")
@@ -127,25 +162,12 @@ class Esc50(common.PannsBuilder):
         "ESC-50-master/audio/*.wav)."
     )
 
-    def _info_kwargs(self):
-        return dict(
-            description=__doc__,
-            features=_features(self.sample_rate, ESC50_CLASSES),
-            supervised_keys=("audio", "label"),
-            homepage="https://github.com/karolpiczak/ESC-50",
-        )
+    CLASSES = ESC50_CLASSES
+    HOMEPAGE = "https://github.com/karolpiczak/ESC-50"
+    MISSING = "meta/esc50.csv"
 
-    def _split_generators(self, dl_manager):
-        root = _find(
-            os.fspath(dl_manager.manual_dir),
-            lambda d: os.path.isfile(os.path.join(d, "meta", "esc50.csv")),
-        )
-        if root is None:
-            raise FileNotFoundError(
-                f"meta/esc50.csv not found in "
-                f"{dl_manager.manual_dir}. " + self.MANUAL_DOWNLOAD_INSTRUCTIONS
-            )
-        return {"train": self._generate_examples("train", self._candidates(root))}
+    def _is_root(self, folder: str) -> bool:
+        return os.path.isfile(os.path.join(folder, "meta", "esc50.csv"))
 
     def _candidates(self, root: str) -> Iterator[common.Candidate]:
         sr = self.sample_rate
@@ -177,7 +199,7 @@ class Esc50(common.PannsBuilder):
             yield row.get("filename", "?"), make
 
 
-class GtzanGenres(common.PannsBuilder):
+class GtzanGenres(_SingleLabelBuilder):
     """GTZAN genre collection (Tzanetakis & Cook 2002): 1000 30 s clips.
 
     `fold` = track number mod 10 + 1: a fixed 10-fold split for cross-validation
@@ -194,25 +216,12 @@ class GtzanGenres(common.PannsBuilder):
         "(Kaggle copy)."
     )
 
-    def _info_kwargs(self):
-        return dict(
-            description=self.__doc__,
-            features=_features(self.sample_rate, GTZAN_GENRES),
-            supervised_keys=("audio", "label"),
-            homepage="http://marsyas.info/downloads/datasets.html",
-        )
+    CLASSES = GTZAN_GENRES
+    HOMEPAGE = "http://marsyas.info/downloads/datasets.html"
+    MISSING = "genres/ folder"
 
-    def _split_generators(self, dl_manager):
-        root = _find(
-            os.fspath(dl_manager.manual_dir),
-            lambda d: os.path.basename(d) in ("genres", "genres_original"),
-        )
-        if root is None:
-            raise FileNotFoundError(
-                f"No genres/ folder in {dl_manager.manual_dir}. "
-                + self.MANUAL_DOWNLOAD_INSTRUCTIONS
-            )
-        return {"train": self._generate_examples("train", self._candidates(root))}
+    def _is_root(self, folder: str) -> bool:
+        return os.path.basename(folder) in ("genres", "genres_original")
 
     def _candidates(self, root: str) -> Iterator[common.Candidate]:
         sr = self.sample_rate
@@ -238,7 +247,7 @@ class GtzanGenres(common.PannsBuilder):
                 yield f"{genre}/{fn}", make
 
 
-class Ravdess(common.PannsBuilder):
+class Ravdess(_SingleLabelBuilder):
     """RAVDESS speech and song audio (Livingstone & Russo 2018), 8 emotions.
 
     Files Actor_XX/MM-VV-EE-II-SS-RR-AA.wav (modality 03 = audio only, vocal
@@ -255,20 +264,14 @@ class Ravdess(common.PannsBuilder):
         "into manual_dir, giving Actor_01/ ... Actor_24/."
     )
 
-    def _info_kwargs(self):
-        return dict(
-            description=self.__doc__,
-            features=_features(
-                self.sample_rate,
-                RAVDESS_EMOTIONS,
-                {
-                    "actor": tfds.features.Scalar(dtype=np.int32),
-                    "vocal_channel": tfds.features.ClassLabel(names=["speech", "song"]),
-                },
-            ),
-            supervised_keys=("audio", "label"),
-            homepage="https://zenodo.org/record/1188976",
-        )
+    CLASSES = RAVDESS_EMOTIONS
+    HOMEPAGE = "https://zenodo.org/record/1188976"
+
+    def _extra_features(self) -> Dict[str, Any]:
+        return {
+            "actor": tfds.features.Scalar(dtype=np.int32),
+            "vocal_channel": tfds.features.ClassLabel(names=["speech", "song"]),
+        }
 
     def _split_generators(self, dl_manager):
         manual = os.fspath(dl_manager.manual_dir)

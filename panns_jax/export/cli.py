@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from panns_jax import checkpoints, loader, models
+from panns_jax import loader, models
 from panns_jax.export.formats import FORMATS
 from panns_jax.export.pipeline import check_output, check_shape_options, export
 from panns_jax.export.serving import DEFAULT_SECONDS
@@ -39,22 +39,8 @@ def main_export(argv: Optional[Sequence[str]] = None) -> int:
         description="Export a PANNs model to ONNX, a TensorFlow "
         "SavedModel or LiteRT (TFLite); the export is validated against the JAX model.",
     )
-    parser.add_argument(
-        "--checkpoint",
-        default=None,
-        help="panns_jax checkpoint directory, original PANNs .pth, or a "
-        "pretrained model name such as Cnn14 (`panns-jax download "
-        "--list`; downloaded and cached on first use); default: none, "
-        "a randomly initialised --model",
-    )
-    parser.add_argument(
-        "--model", default=None, help="architecture name (default: the checkpoint's, else Cnn14)"
-    )
-    parser.add_argument(
-        "--overrides",
-        type=checkpoints.parse_overrides,
-        default=None,
-        help="JSON object of architecture arguments for a .pth",
+    loader.add_arguments(
+        parser, checkpoint_default="none, a randomly initialised --model", model_default="Cnn14"
     )
     parser.add_argument("--format", choices=FORMATS, required=True)
     parser.add_argument(

@@ -116,7 +116,7 @@ def input_spec(
     return jax.ShapeDtypeStruct(shape, jnp.float32), length
 
 
-def static_shape(shape) -> Tuple[Optional[int], ...]:
+def static_shape(shape: Sequence[Any]) -> Tuple[Optional[int], ...]:
     """A (possibly symbolic) shape with ``None`` for every symbolic dimension."""
     return tuple(d if isinstance(d, int) else None for d in shape)
 

@@ -20,7 +20,7 @@ from panns_jax.models.layers import BatchNorm, ConvBlock, Dtype
 HEADS = ("clip", "decision_max", "decision_avg", "decision_att")
 
 
-class Cnn(nn.Module):
+class Cnn(layers.LogmelNetwork):
     """Log-mel CNN: stem -> ConvBlocks (avg 2x2 pools, dropout 0.2) -> head.
 
     Attributes:
@@ -38,14 +38,9 @@ class Cnn(nn.Module):
     widths: Sequence[int] = (64, 128, 256, 512, 1024, 2048)
     pool_sizes: Sequence[Tuple[int, int]] = ((2, 2),) * 5 + ((1, 1),)
     kernel_size: int = 3
-    embedding_size: int = 2048
-    num_classes: int = 527
-    frontend: fe.FrontendConfig = fe.FrontendConfig()
     head: str = "clip"
     mixup_domain: str = "logmel"
-    spec_augment: bool = True
     trunk_dropout: float = 0.2
-    dtype: Dtype = jnp.float32
 
     @property
     def declared_outputs(self) -> layers.Outputs:
@@ -59,15 +54,13 @@ class Cnn(nn.Module):
     ) -> dict:
         if self.head not in HEADS:
             raise ValueError(f"unknown head {self.head!r}; expected one of {HEADS}")
-        outputs: dict = {}
         if train and mixup_lambda is not None and self.mixup_domain == "waveform":
             waveform = fe.mixup(waveform, mixup_lambda)
-        x = layers.logmel_stem(
+        x, outputs = layers.logmel_stem(
             self,
             waveform,
             train=train,
             mixup_lambda=mixup_lambda,
-            outputs=outputs,
             apply_mixup=self.mixup_domain == "logmel",
         )
         num_frames = outputs["logmel"].shape[1]

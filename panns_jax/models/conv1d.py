@@ -18,6 +18,12 @@ from panns_jax.models import layers
 from panns_jax.models.layers import BatchNorm, Dtype, conv1d
 
 
+class WaveformNetwork(layers.Network):
+    """A network on the raw waveform: no STFT / mel buffers in the original state_dict."""
+
+    uses_logmel = False
+
+
 def _max_pool1d(x: jax.Array, size: int, padding: int = 0) -> jax.Array:
     """PyTorch ``max_pool1d(kernel=stride=size, padding)``: floors, pads with -inf."""
     return nn.max_pool(x, (size,), strides=(size,), padding=((padding, padding),))
@@ -73,7 +79,7 @@ class LeeNetConvBlock(nn.Module):
         return _max_pool1d(x, 3, padding=1) if self.pool else x
 
 
-class LeeNet(nn.Module):
+class LeeNet(WaveformNetwork):
     """LeeNet11 (1 conv per block) / LeeNet24 (2 convs per block, dropout 0.1), §6.
 
     Block 1 has stride 3 and no pool; the others stride 1 and max-pool 3 (pad 1),
@@ -85,12 +91,6 @@ class LeeNet(nn.Module):
     num_convs: int = 1
     trunk_dropout: float = 0.0
     embedding_size: int = 512
-    num_classes: int = 527
-    frontend: fe.FrontendConfig = fe.FrontendConfig()
-    dtype: Dtype = jnp.float32
-
-    uses_logmel = False  # No STFT / mel buffers in the original state_dict.
-    declared_outputs = layers.CLIP_OUTPUTS  # What apply returns (``models.outputs``).
 
     @nn.compact
     def __call__(
@@ -142,17 +142,11 @@ class DaiNetResBlock(nn.Module):
         return nn.relu(x + shortcut())
 
 
-class DaiNet(nn.Module):
+class DaiNet(WaveformNetwork):
     """DaiNet19: conv0 k80 s4 -> bn0 (no ReLU) -> 4 res blocks, max-pool 4 between them (§6)."""
 
     widths: Sequence[int] = (64, 128, 256, 512)
     embedding_size: int = 512
-    num_classes: int = 527
-    frontend: fe.FrontendConfig = fe.FrontendConfig()
-    dtype: Dtype = jnp.float32
-
-    uses_logmel = False
-    declared_outputs = layers.CLIP_OUTPUTS  # What apply returns (``models.outputs``).
 
     @nn.compact
     def __call__(
@@ -197,19 +191,12 @@ class BasicBlockWav1d(nn.Module):
         return nn.relu(out + x)
 
 
-class Res1dNet(nn.Module):
+class Res1dNet(WaveformNetwork):
     """Res1dNet31/51: conv0 k11 s5 p5 -> bn0 (no ReLU) -> 7 layers of BasicBlockWav1d (§6)."""
 
     blocks: Sequence[int] = (2, 2, 2, 2, 2, 2, 2)
     widths: Sequence[int] = (64, 128, 256, 512, 1024, 1024, 2048)
     strides: Sequence[int] = (1, 4, 4, 4, 4, 4, 4)
-    embedding_size: int = 2048
-    num_classes: int = 527
-    frontend: fe.FrontendConfig = fe.FrontendConfig()
-    dtype: Dtype = jnp.float32
-
-    uses_logmel = False
-    declared_outputs = layers.CLIP_OUTPUTS  # What apply returns (``models.outputs``).
 
     @nn.compact
     def __call__(

@@ -46,6 +46,34 @@ class Outputs:
 CLIP_OUTPUTS = Outputs(decision_level=False, embedding="embedding")
 DECISION_LEVEL_OUTPUTS = Outputs(decision_level=True, embedding="segmentwise_embedding")
 
+
+class Network(nn.Module):
+    """The attributes every PANNs network has, and that the shared parts read: the input's
+    front end (its sample rate, the log-mel settings), the clip head's ``embedding_size``
+    and ``num_classes`` (527 AudioSet classes, Kong et al. 2020 Sec. III), the compute
+    ``dtype`` (:func:`clip_head`, :func:`logmel_stem`, ``models.sample_rate``).
+
+    ``uses_logmel``: whether the original holds STFT / mel buffers (``panns_jax.convert``);
+    ``declared_outputs``: what apply returns (``models.outputs``). Families override both
+    where they differ, and ``embedding_size``'s default where theirs is not 2048.
+    """
+
+    embedding_size: int = 2048
+    num_classes: int = 527
+    frontend: fe.FrontendConfig = fe.FrontendConfig()
+    dtype: Dtype = jnp.float32
+
+    uses_logmel = True
+    declared_outputs = CLIP_OUTPUTS
+
+
+class LogmelNetwork(Network):
+    """A network on the log-mel front end (:func:`logmel_stem`), with SpecAugment in training
+    unless ``spec_augment`` is off (Cnn14_no_specaug, paper Sec. V)."""
+
+    spec_augment: bool = True
+
+
 # Every BatchNorm of the original uses eps 1e-5 and momentum 0.1
 # (running <- 0.9 * running + 0.1 * batch statistic).
 BN_EPSILON = 1e-5
@@ -254,22 +282,22 @@ def logmel_stem(
     *,
     train: bool,
     mixup_lambda: Optional[jax.Array],
-    outputs: dict,
     time_drop_width: int = 64,
     apply_mixup: bool = True,
-) -> jax.Array:
+) -> Tuple[jax.Array, dict]:
     """Front end shared by every log-mel model: log-mel -> bn0 -> SpecAugment -> mixup.
 
     Must be called inside ``module``'s ``@nn.compact`` method: it creates the module's
     ``bn0`` (one BatchNorm channel per mel bin, statistics over batch and time), and reads
     its ``frontend``, ``spec_augment`` and ``dtype`` attributes.
-    Records ``outputs['logmel']`` (before bn0, float32). Returns ``(B, T, mel, 1)``.
+    Returns ``(B, T, mel, 1)`` and the model's outputs dict, started with ``'logmel'``
+    (before bn0, float32).
     SpecAugment uses the ``'specaug'`` rng stream; its frequency stripes are at most
     ``mel_bins // 8`` wide (8 for 64 mels, 4 for 32, 16 for 128), as the original.
     """
     frontend = module.frontend
     x = fe.logmel(waveform, frontend)  # (B, T, F) float32, always.
-    outputs["logmel"] = x
+    outputs = {"logmel": x}
     x = BatchNorm(name="bn0")(x, use_running_average=not train)
     x = x[..., None]
     if train and module.spec_augment:
@@ -284,7 +312,7 @@ def logmel_stem(
         )
     if train and apply_mixup and mixup_lambda is not None:
         x = fe.mixup(x, mixup_lambda)
-    return x.astype(module.dtype)
+    return x.astype(module.dtype), outputs
 
 
 # The classifier layers, named as the original's (Kong et al. 2020): ``fc_audioset`` of every

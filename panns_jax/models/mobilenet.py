@@ -14,7 +14,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from panns_jax import frontend as fe
 from panns_jax.models import depthwise, layers
 from panns_jax.models.layers import BatchNorm, Dtype, conv2d
 
@@ -146,7 +145,7 @@ def mobilenet_v2_blocks() -> List[Block]:
 VERSIONS = {1: mobilenet_v1_blocks, 2: mobilenet_v2_blocks}
 
 
-class MobileNet(nn.Module):
+class MobileNet(layers.LogmelNetwork):
     """Log-mel MobileNetV1 / V2 (ARCHITECTURES.md §5): stem -> features -> clip head.
 
     V1's head has the usual dropout 0.5 before fc1; V2's has none (only the
@@ -155,12 +154,6 @@ class MobileNet(nn.Module):
 
     version: int = 1
     embedding_size: int = 1024
-    num_classes: int = 527
-    frontend: fe.FrontendConfig = fe.FrontendConfig()
-    spec_augment: bool = True
-    dtype: Dtype = jnp.float32
-
-    declared_outputs = layers.CLIP_OUTPUTS  # What apply returns (``models.outputs``).
 
     @nn.compact
     def __call__(
@@ -168,10 +161,7 @@ class MobileNet(nn.Module):
     ) -> dict:
         if self.version not in VERSIONS:
             raise ValueError(f"unknown MobileNet version {self.version!r}; expected 1 or 2")
-        outputs: dict = {}
-        x = layers.logmel_stem(
-            self, waveform, train=train, mixup_lambda=mixup_lambda, outputs=outputs
-        )
+        x, outputs = layers.logmel_stem(self, waveform, train=train, mixup_lambda=mixup_lambda)
         for prefix, seq, residual in VERSIONS[self.version]():
             y = sequential(x, prefix, seq, train, self.dtype)
             x = x + y if residual else y

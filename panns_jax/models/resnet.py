@@ -13,7 +13,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from panns_jax import frontend as fe
 from panns_jax.models import layers
 from panns_jax.models.layers import BatchNorm, ConvBlock, Dtype, conv2d, pool2d
 
@@ -89,7 +88,7 @@ class Bottleneck(nn.Module):
 BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
 
 
-class ResNet(nn.Module):
+class ResNet(layers.LogmelNetwork):
     """Log-mel ResNet (ARCHITECTURES.md §4).
 
     Attributes:
@@ -102,13 +101,6 @@ class ResNet(nn.Module):
     block: str = "basic"
     blocks_per_layer: Sequence[int] = (2, 2, 2, 2)
     widths: Sequence[int] = (64, 128, 256, 512)
-    embedding_size: int = 2048
-    num_classes: int = 527
-    frontend: fe.FrontendConfig = fe.FrontendConfig()
-    spec_augment: bool = True
-    dtype: Dtype = jnp.float32
-
-    declared_outputs = layers.CLIP_OUTPUTS  # What apply returns (``models.outputs``).
 
     @nn.compact
     def __call__(
@@ -117,10 +109,7 @@ class ResNet(nn.Module):
         if self.block not in BLOCKS:
             raise ValueError(f"unknown block {self.block!r}; expected one of {tuple(BLOCKS)}")
         block_cls = BLOCKS[self.block]
-        outputs: dict = {}
-        x = layers.logmel_stem(
-            self, waveform, train=train, mixup_lambda=mixup_lambda, outputs=outputs
-        )
+        x, outputs = layers.logmel_stem(self, waveform, train=train, mixup_lambda=mixup_lambda)
 
         def trunk_dropout(y: jax.Array) -> jax.Array:
             return nn.Dropout(TRUNK_DROPOUT)(y, deterministic=not train)

@@ -38,7 +38,7 @@ class ConvPreWavBlock(nn.Module):
         return nn.max_pool(x, (4,), strides=(4,), padding="VALID")
 
 
-class Wavegram(nn.Module):
+class Wavegram(layers.LogmelNetwork):
     """Wavegram encoder + Cnn14 trunk, with (``use_logmel``) or without the log-mel branch.
 
     Attributes:
@@ -51,14 +51,7 @@ class Wavegram(nn.Module):
     use_logmel: bool = True
     wavegram_bins: int = 32
     widths: Sequence[int] = (64, 128, 256, 512, 1024, 2048)  # conv_block1..6
-    embedding_size: int = 2048
-    num_classes: int = 527
-    frontend: fe.FrontendConfig = fe.FrontendConfig()
-    spec_augment: bool = True
     trunk_dropout: float = 0.2
-    dtype: Dtype = jnp.float32
-
-    declared_outputs = layers.CLIP_OUTPUTS  # What apply returns (``models.outputs``).
 
     @property
     def uses_logmel(self) -> bool:
@@ -118,8 +111,8 @@ class Wavegram(nn.Module):
         if mixup:
             x = fe.mixup(x, mixup_lambda)
         if self.use_logmel:
-            mel = layers.logmel_stem(
-                self, waveform, train=train, mixup_lambda=mixup_lambda, outputs=outputs
+            mel, outputs = layers.logmel_stem(
+                self, waveform, train=train, mixup_lambda=mixup_lambda
             )
             mel = ConvBlock(self.widths[0], dtype=self.dtype, name="conv_block1")(mel, train)
             x = jnp.concatenate([mel, x], axis=-1)  # Log-mel channels first.
