@@ -21,6 +21,9 @@ import ml_collections
 
 from panns_jax import checkpoints, models, transfer
 
+Variables = Mapping[str, Any]  # {'params': ..., 'batch_stats': ...}
+Labels = Optional[Sequence[str]]  # Class names, one per output, if the data has them.
+
 
 @runtime_checkable
 class ModelBuilder(Protocol):
@@ -43,11 +46,7 @@ class ModelBuilder(Protocol):
         """Host arrays that :meth:`init` merges in (a jit argument, not a constant), or None."""
 
     def init(
-        self,
-        model: nn.Module,
-        rng: jax.Array,
-        clip_samples: int,
-        pretrained: Optional[Mapping[str, Any]],
+        self, model: nn.Module, rng: jax.Array, clip_samples: int, pretrained: Optional[Variables]
     ) -> Dict[str, Any]:
         """Jittable: ``{'params', 'batch_stats'}`` of ``model``, ``pretrained`` merged in."""
 
@@ -56,11 +55,7 @@ class ModelBuilder(Protocol):
         None when every parameter trains."""
 
     def to_checkpoint(
-        self,
-        model: nn.Module,
-        variables: Mapping[str, Any],
-        step: int,
-        labels: Optional[Sequence[str]],
+        self, model: nn.Module, variables: Variables, step: int, labels: Labels
     ) -> checkpoints.ModelCheckpoint:
         """The inference checkpoint of trained host ``variables``."""
 
@@ -109,7 +104,7 @@ class RegistryBuilder:
         model: nn.Module,
         rng: jax.Array,
         clip_samples: int,
-        pretrained: Optional[Mapping[str, Any]] = None,
+        pretrained: Optional[Variables] = None,
     ) -> Dict[str, Any]:
         del pretrained
         return models.init(model, rng, clip_samples)
@@ -118,11 +113,7 @@ class RegistryBuilder:
         return None
 
     def to_checkpoint(
-        self,
-        model: nn.Module,
-        variables: Mapping[str, Any],
-        step: int,
-        labels: Optional[Sequence[str]],
+        self, model: nn.Module, variables: Variables, step: int, labels: Labels
     ) -> checkpoints.ModelCheckpoint:
         overrides = {
             k: v

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from panns_jax import checkpoints, convert, models
+from panns_jax import checkpoints, convert, convert_cli, models
 
 try:
     import torch
@@ -185,7 +185,7 @@ def test_cli_pth_round_trip_is_bit_exact_and_reproduces_golden(tmp_path, name):
     )
 
     assert (
-        convert.main(
+        convert_cli.main(
             [
                 "from-torch",
                 str(tmp_path / "in.pth"),
@@ -209,9 +209,8 @@ def test_cli_pth_round_trip_is_bit_exact_and_reproduces_golden(tmp_path, name):
         == ""
     )
 
-    assert (
-        convert.main(["to-torch", str(tmp_path / "jax"), "--out", str(tmp_path / "out.pth")]) == 0
-    )
+    argv = ["to-torch", str(tmp_path / "jax"), "--out", str(tmp_path / "out.pth")]
+    assert convert_cli.main(argv) == 0
     exported = torch.load(tmp_path / "out.pth", weights_only=True)
     assert exported["iteration"] == 600000
     entries = _manifest_entries(name)
@@ -229,7 +228,7 @@ def test_bare_state_dict_and_failures_write_nothing(tmp_path):
     state = {k: torch.from_numpy(v) for k, v in G.load_state("Cnn10").items()}
     torch.save(state, tmp_path / "bare.pth")
     assert (
-        convert.main(
+        convert_cli.main(
             [
                 "from-torch",
                 str(tmp_path / "bare.pth"),
@@ -244,7 +243,7 @@ def test_bare_state_dict_and_failures_write_nothing(tmp_path):
     assert checkpoints.load(str(tmp_path / "ok")).model == "Cnn10"
     # Wrong architecture: an error, and no output directory (nor staging leftovers).
     assert (
-        convert.main(
+        convert_cli.main(
             [
                 "from-torch",
                 str(tmp_path / "bare.pth"),

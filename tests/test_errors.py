@@ -1,6 +1,6 @@
 """Hostile and mistaken inputs through the real command lines (issue 16).
 
-Every case runs an entry point (``cli.main``, ``convert.main``, the stream and
+Every case runs an entry point (``cli.main``, ``convert_cli.main``, the stream and
 export parsers, or a subprocess) and asserts the exit status, the one clear line on
 stderr, and that nothing on disk changed but what the command was asked to write.
 A tiny Cnn10 (widths 8..64, 5 named classes) keeps every compile short.
@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from panns_jax import audio, checkpoints, cli, convert, hear, models, streaming
+from panns_jax import audio, checkpoints, cli, convert_cli, hear, models, streaming
 from panns_jax.tagger import AudioTagger, load_tagger
 
 SR = 32000
@@ -393,14 +393,14 @@ def test_decoded_blocks_are_bounded_in_output_samples(tmp_path):
 
 def test_convert_overwrite_refuses_a_directory_that_is_not_a_checkpoint(env, tmp_path, capsys):
     pth = tmp_path / "model.pth"
-    assert convert.main(["to-torch", env["ckpt"], "--out", str(pth)]) == 0
+    assert convert_cli.main(["to-torch", env["ckpt"], "--out", str(pth)]) == 0
     precious = tmp_path / "precious"
     precious.mkdir()
     (precious / "thesis.tex").write_text("years of work")
     capsys.readouterr()
     before = snapshot(tmp_path)
     code, _, err = run_main(
-        convert.main,
+        convert_cli.main,
         [
             "from-torch",
             pth,
@@ -421,7 +421,7 @@ def test_convert_overwrite_refuses_a_directory_that_is_not_a_checkpoint(env, tmp
     target = tmp_path / "ours"
     shutil.copytree(env["ckpt"], target)
     code, _, err = run_main(
-        convert.main,
+        convert_cli.main,
         [
             "from-torch",
             pth,
@@ -446,9 +446,9 @@ def test_created_files_keep_the_umask(env, tmp_path, capsys):
         pth = tmp_path / "model.pth"
         pth.write_bytes(b"old")
         os.chmod(pth, 0o644)
-        assert convert.main(["to-torch", env["ckpt"], "--out", str(pth)]) == 0
+        assert convert_cli.main(["to-torch", env["ckpt"], "--out", str(pth)]) == 0
         assert (
-            convert.main(
+            convert_cli.main(
                 [
                     "from-torch",
                     str(pth),
@@ -552,7 +552,7 @@ def test_full_disk_is_one_line_and_leaves_nothing(env, tmp_path):
     """A file-size limit makes every write past 64 KB fail as a full disk would; orbax's
     background threads once printed hundreds of lines before the real message."""
     pth = tmp_path / "model.pth"
-    assert convert.main(["to-torch", env["ckpt"], "--out", str(pth)]) == 0
+    assert convert_cli.main(["to-torch", env["ckpt"], "--out", str(pth)]) == 0
     out = tmp_path / "out"
 
     script = textwrap.dedent(f"""
@@ -561,7 +561,7 @@ def test_full_disk_is_one_line_and_leaves_nothing(env, tmp_path):
         resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, 64 << 10))
         sys.argv = ["panns-jax-convert", "from-torch", {str(pth)!r}, "--model", "Cnn10",
                     "--overrides", {OVERRIDES_JSON!r}, "--out", {str(out)!r}]
-        runpy.run_module("panns_jax.convert", run_name="__main__")
+        runpy.run_module("panns_jax.convert_cli", run_name="__main__")
     """)
     done = subprocess.run(
         [sys.executable, "-c", script],
@@ -683,11 +683,11 @@ def test_stream_prints_checkpoint_labels_and_refuses_short_files(env, capsys):
 
 def test_narrow_model_round_trips_through_pth_with_overrides(env, tmp_path, capsys):
     pth = tmp_path / "narrow.pth"
-    assert convert.main(["to-torch", env["ckpt"], "--out", str(pth)]) == 0
+    assert convert_cli.main(["to-torch", env["ckpt"], "--out", str(pth)]) == 0
     capsys.readouterr()
     # Without the overrides: one clear diagnosis, no misleading class-count hint.
     code, _, err = run_main(
-        convert.main, ["from-torch", pth, "--model", "Cnn10", "--out", tmp_path / "x"], capsys
+        convert_cli.main, ["from-torch", pth, "--model", "Cnn10", "--out", tmp_path / "x"], capsys
     )
     assert code == 2 and "every layer of Cnn10 is there with other sizes" in err
     assert "pass num_classes" not in err and not (tmp_path / "x").exists()

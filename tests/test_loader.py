@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from panns_jax import audio, checkpoints, convert, loader, models, tolerance, transfer
+from panns_jax import audio, checkpoints, convert, convert_cli, loader, models, tolerance, transfer
 from panns_jax.models import transfer_head
 
 ARCH = "Cnn6"
@@ -135,7 +135,7 @@ def kinds(tmp_path_factory) -> Dict[str, Kind]:
     )
     converted = str(root / "converted")
     argv = ["from-torch", pth, "--model", ARCH, "--overrides", json.dumps(TINY)]
-    assert convert.main([*argv, "--out", converted]) == 0
+    assert convert_cli.main([*argv, "--out", converted]) == 0
     result["converted_pth"] = Kind(
         converted, base, pth_variables, audioset, "multilabel", "checkpoint", 1234
     )

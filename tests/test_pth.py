@@ -12,7 +12,7 @@ import golden_utils as G
 import numpy as np
 import pytest
 
-from panns_jax import convert, models, pth
+from panns_jax import convert, convert_cli, models, pth
 
 torch = pytest.importorskip(
     "torch",
@@ -368,13 +368,13 @@ def test_bf16_and_numpy_valued_state_dicts_convert(tmp_path):
     assert step == 4 and all(np.array_equal(state[k], recipe[k]) for k in recipe)
     out = tmp_path / "out"
     assert (
-        convert.main(
+        convert_cli.main(
             ["from-torch", str(tmp_path / "numpy.pth"), "--model", "Cnn6", "--out", str(out)]
         )
         == 0
     )
     assert (
-        convert.main(
+        convert_cli.main(
             [
                 "from-torch",
                 str(tmp_path / "bf16.pth"),
@@ -394,7 +394,7 @@ def test_bf16_and_numpy_valued_state_dicts_convert(tmp_path):
 
 def test_cli_reports_damaged_pth_in_one_line_and_writes_nothing(tmp_path, capsys):
     (tmp_path / "empty.pth").write_bytes(b"")
-    code = convert.main(
+    code = convert_cli.main(
         [
             "from-torch",
             str(tmp_path / "empty.pth"),

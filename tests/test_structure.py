@@ -159,6 +159,37 @@ def calls_of(package_dir: str, function: str) -> Set[str]:
     return callers
 
 
+def readers_of_checkpoints(package_dir: str) -> Set[str]:
+    """Modules of the package that call ``checkpoints.load`` (read a checkpoint directory)."""
+    readers = set()
+    for folder, _, names in os.walk(package_dir):
+        for name in (n for n in names if n.endswith(".py")):
+            with open(os.path.join(folder, name)) as f:
+                tree = ast.parse(f.read())
+            for node in ast.walk(tree):
+                target = node.func if isinstance(node, ast.Call) else None
+                if (
+                    isinstance(target, ast.Attribute)
+                    and target.attr == "load"
+                    and isinstance(target.value, ast.Name)
+                    and target.value.id == "checkpoints"
+                ):
+                    readers.add(os.path.relpath(os.path.join(folder, name), ROOT))
+    return readers
+
+
+def test_checkpoint_directories_are_read_through_the_loader_only(tmp_path):
+    """One door (#15): every command reaches a checkpoint through ``loader.load``; below it
+    only the zoo reads its own cache of converted downloads."""
+    package = os.path.join(ROOT, "panns_jax")
+    assert readers_of_checkpoints(package) == {"panns_jax/loader.py", "panns_jax/zoo.py"}
+    # Negative control: a side entrance (convert's to-torch used to be one) is found.
+    side = tmp_path / "pkg"
+    side.mkdir()
+    (side / "convert.py").write_text("def main(p):\n    return checkpoints.load(p)\n")
+    assert readers_of_checkpoints(str(side)) == {os.path.relpath(side / "convert.py", ROOT)}
+
+
 def test_only_the_training_binary_changes_malloc(tmp_path):
     """tune_malloc is process-wide: the library never calls it, only the main binary (#15)."""
     assert calls_of(os.path.join(ROOT, "panns_jax"), "tune_malloc") == {"panns_jax/main.py"}

@@ -299,33 +299,24 @@ def pointwise_conv(x: jax.Array, w: jax.Array) -> jax.Array:
     return y.reshape(*x.shape[:-1], w.shape[-1])
 
 
-def conv_general_dilated(
-    lhs: jax.Array,
-    rhs: jax.Array,
-    window_strides: Sequence[int],
-    padding: Any,
-    lhs_dilation=None,
-    rhs_dilation=None,
-    dimension_numbers=None,
-    feature_group_count: int = 1,
-    **kwargs,
-) -> jax.Array:
+def conv_general_dilated(*args: Any, **kwargs: Any) -> jax.Array:
     """Drop-in for ``lax.conv_general_dilated`` (flax's ``Conv.conv_general_dilated``) that
     routes depthwise NHWC convs with explicit padding through :func:`depthwise_conv` and
     unpadded 1x1 convs through :func:`pointwise_conv`; every other conv goes to
     :func:`same_conv.conv_general_dilated`."""
-    args = (lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers)
-    args += (feature_group_count,)
-    fast = not _PLAIN_LAX[0] and same_conv.is_plain(args, kwargs)
-    if fast and is_depthwise(lhs.shape, rhs.shape, feature_group_count):
+    call = same_conv.conv_arguments(*args, **kwargs)
+    lhs, rhs, strides, padding = (call[k] for k in ("lhs", "rhs", "window_strides", "padding"))
+    groups = call["feature_group_count"]
+    fast = not _PLAIN_LAX[0] and same_conv.is_plain(call)
+    if fast and is_depthwise(lhs.shape, rhs.shape, groups):
         pads = tuple((int(lo), int(hi)) for lo, hi in padding)
-        return depthwise_conv(lhs, rhs, tuple(int(s) for s in window_strides), pads)
+        return depthwise_conv(lhs, rhs, tuple(int(s) for s in strides), pads)
     if (
         fast
         and tuple(rhs.shape[:2]) == (1, 1)
-        and feature_group_count == 1
-        and tuple(window_strides) == (1, 1)
+        and groups == 1
+        and tuple(strides) == (1, 1)
         and all(int(lo) == 0 and int(hi) == 0 for lo, hi in padding)
     ):
         return pointwise_conv(lhs, rhs)
-    return same_conv.conv_general_dilated(*args, **kwargs)
+    return same_conv.conv_general_dilated(**call)

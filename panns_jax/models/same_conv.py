@@ -28,7 +28,8 @@ so inference and exports are unchanged.
 from __future__ import annotations
 
 import functools
-from typing import Any, Mapping, Sequence
+import inspect
+from typing import Any, Dict, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -154,64 +155,62 @@ def _same_conv_bwd(pad, residuals, dy):
 same_conv.defvjp(_same_conv_fwd, _same_conv_bwd)
 
 
-def is_plain(args: Sequence[Any], kwargs: Mapping[str, Any]) -> bool:
-    """Whether a ``lax.conv_general_dilated(*args, **kwargs)`` call (all eight positional
-    arguments) has what the fast convolutions here and in :mod:`panns_jax.models.depthwise`
-    compute: NHWC x HWIO, explicit padding, no dilation, default precision and output type
-    (any strides and groups)."""
-    lhs, rhs, _, padding, lhs_dilation, rhs_dilation, dimension_numbers, _ = args
+_LAX_SIGNATURE = inspect.signature(lax.conv_general_dilated)
+
+
+def conv_arguments(*args: Any, **kwargs: Any) -> Dict[str, Any]:
+    """The arguments of a ``lax.conv_general_dilated(*args, **kwargs)`` call by name, with
+    its defaults: the drop-ins here and in :mod:`panns_jax.models.depthwise` take lax's own
+    signature instead of restating it."""
+    bound = _LAX_SIGNATURE.bind(*args, **kwargs)
+    bound.apply_defaults()
+    return dict(bound.arguments)
+
+
+def is_plain(call: Mapping[str, Any]) -> bool:
+    """Whether a convolution (:func:`conv_arguments`) has what the fast convolutions here and
+    in :mod:`panns_jax.models.depthwise` compute: NHWC x HWIO, explicit padding, no
+    dilation, no batch groups, default precision and output type (any strides and groups)."""
+    lhs, rhs = call["lhs"], call["rhs"]
     return (
         lhs.ndim == 4
         and rhs.ndim == 4
-        and not isinstance(padding, str)
-        and not kwargs.get("precision")
-        and kwargs.get("preferred_element_type") is None
-        and (lhs_dilation is None or tuple(lhs_dilation) == (1, 1))
-        and (rhs_dilation is None or tuple(rhs_dilation) == (1, 1))
-        and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+        and not isinstance(call["padding"], str)
+        and not call["precision"]
+        and call["preferred_element_type"] is None
+        and call["batch_group_count"] == 1
+        and (call["lhs_dilation"] is None or tuple(call["lhs_dilation"]) == (1, 1))
+        and (call["rhs_dilation"] is None or tuple(call["rhs_dilation"]) == (1, 1))
+        and lax.conv_dimension_numbers(lhs.shape, rhs.shape, call["dimension_numbers"])
         == lax.conv_dimension_numbers(lhs.shape, rhs.shape, _DIMENSION_NUMBERS)
     )
 
 
-def conv_general_dilated(
-    lhs: jax.Array,
-    rhs: jax.Array,
-    window_strides: Sequence[int],
-    padding: Any,
-    lhs_dilation=None,
-    rhs_dilation=None,
-    dimension_numbers=None,
-    feature_group_count: int = 1,
-    **kwargs,
-) -> jax.Array:
+def conv_general_dilated(*args: Any, **kwargs: Any) -> jax.Array:
     """Drop-in for ``lax.conv_general_dilated`` (flax's ``Conv.conv_general_dilated``) that
     pads stride-1 inputs shorter than 6 time rows, and routes plain same-padded stride-1
     convs through :func:`same_conv`."""
-    args = (lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers)
-    args += (feature_group_count,)
+    call = conv_arguments(*args, **kwargs)
+    lhs, rhs, padding = call["lhs"], call["rhs"], call["padding"]
+    stride_1 = tuple(call["window_strides"]) == (1, 1)
     rows = lhs.shape[1]
     # Symbolic lengths (shape-polymorphic export) keep the plain conv: comparing them
     # would add a length constraint to the exported graph.
-    if (
-        isinstance(rows, int)
-        and rows < _MIN_FAST_ROWS
-        and lhs.ndim == 4
-        and tuple(window_strides) == (1, 1)
-    ):
+    if isinstance(rows, int) and rows < _MIN_FAST_ROWS and lhs.ndim == 4 and stride_1:
         padded = jnp.pad(lhs, ((0, 0), (0, _MIN_FAST_ROWS - rows), (0, 0), (0, 0)))
         # The barrier keeps XLA from folding the pad back into the conv's own padding.
-        out = conv_general_dilated(lax.optimization_barrier(padded), *args[1:], **kwargs)
+        out = conv_general_dilated(**{**call, "lhs": lax.optimization_barrier(padded)})
         return out[:, :rows]
     kernel = rhs.shape[0]
     plain = (
-        tuple(window_strides) == (1, 1)
-        and feature_group_count == 1
-        and is_plain(args, kwargs)
+        stride_1
+        and call["feature_group_count"] == 1
+        and is_plain(call)
         and kernel == rhs.shape[1]
         and kernel % 2 == 1
         and kernel > 1
         and tuple(map(tuple, padding)) == ((kernel // 2,) * 2,) * 2
     )
     if not plain:
-        return lax.conv_general_dilated(*args, **kwargs)
+        return lax.conv_general_dilated(**call)
     return same_conv(lhs, rhs, kernel // 2)

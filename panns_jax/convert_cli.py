@@ -1,0 +1,148 @@
+"""``panns-jax-convert``: original PANNs ``.pth`` files <-> panns_jax checkpoint directories.
+
+    panns-jax-convert from-torch Cnn14_mAP=0.431.pth --model Cnn14 --out ckpt/cnn14
+    panns-jax-convert to-torch ckpt/cnn14 --out cnn14.pth
+
+The mapping itself is :mod:`panns_jax.convert`; ``to-torch`` reads its input through the one
+loader (:func:`panns_jax.loader.load`), so it takes what every other command takes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import threading
+from typing import Any, Callable, Iterable, Optional
+
+from panns_jax import checkpoints, convert, loader
+
+
+def main(argv: Optional[Iterable[str]] = None) -> int:
+    """``panns-jax-convert from-torch | to-torch``; returns the exit status (2: an error,
+    said in one line)."""
+    parser = argparse.ArgumentParser(
+        prog="panns-jax-convert",
+        description="Convert PANNs checkpoints between PyTorch and panns_jax.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    a = sub.add_parser("from-torch", help="original .pth -> panns_jax checkpoint directory")
+    a.add_argument("checkpoint", help="a .pth: {'model': state_dict, ...} or a bare state_dict")
+    a.add_argument("--model", required=True, help="architecture, e.g. Cnn14")
+    a.add_argument("--out", required=True, help="output checkpoint directory")
+    a.add_argument(
+        "--num-classes",
+        type=int,
+        default=None,
+        help="classes of the model (default: those of the checkpoint's architecture, 527)",
+    )
+    a.add_argument(
+        "--new-head",
+        action="store_true",
+        help="transfer: keep everything but the classifier, which is re-initialised "
+        "for --num-classes classes",
+    )
+    a.add_argument(
+        "--overrides",
+        type=checkpoints.parse_overrides,
+        default=None,
+        help="JSON object of further architecture arguments, e.g. the widths of a "
+        "narrow model exported with to-torch: '{\"widths\": [16, 32, 64, 128]}'",
+    )
+    a.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace --out if it is a panns_jax checkpoint (never another directory)",
+    )
+    b = sub.add_parser("to-torch", help="panns_jax checkpoint directory -> original .pth")
+    b.add_argument(
+        "checkpoint",
+        help="panns_jax checkpoint directory (or anything panns_jax loads: a pretrained "
+        "model name, a .pth with --model)",
+    )
+    b.add_argument("--model", default=None, help="architecture (default: the checkpoint's own)")
+    b.add_argument("--out", required=True, help="output .pth path")
+    args = parser.parse_args(None if argv is None else list(argv))
+
+    try:
+        _check_output(args)  # Before reading or converting anything.
+        if args.command == "from-torch":
+            state, iteration = convert.read_torch_checkpoint(args.checkpoint)
+            checkpoint = convert.torch_to_checkpoint(
+                state,
+                args.model,
+                num_classes=args.num_classes,
+                new_head=args.new_head,
+                step=iteration,
+                overrides=args.overrides,
+            )
+            path = _quiet_orbax(checkpoints.save, args.out, checkpoint, overwrite=args.overwrite)
+            print(f"wrote {path} ({args.model}, iteration {iteration})")
+        else:
+            model, variables, meta = loader.load(args.checkpoint, model=args.model)
+            state = convert.to_state_dict(variables, model)
+            convert.write_torch_checkpoint(args.out, state, meta.step)
+            print(f"wrote {args.out} ({meta.name}, {len(state)} entries)")
+    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # A full disk, a read-only or vanished directory.
+        print(
+            f"error: cannot write {args.out}: {err.strerror or err}"
+            f"{f' ({err.filename})' if err.filename else ''}; nothing was written",
+            file=sys.stderr,
+        )
+        return 2
+    return 0
+
+
+def _check_output(args: argparse.Namespace) -> None:
+    """``--out`` must be writable and not the input; ``--overwrite`` replaces only one of
+    our checkpoints (from-torch) or a file (to-torch), never an arbitrary directory."""
+    out, source = os.path.abspath(args.out), os.path.abspath(args.checkpoint)
+    if os.path.exists(out) and os.path.exists(source) and os.path.samefile(out, source):
+        raise ValueError(f"--out {args.out} is the input checkpoint; choose another path")
+    if args.command == "from-torch" and os.path.lexists(out):
+        if not args.overwrite:
+            raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+        if not checkpoints.is_model_checkpoint(out):
+            raise FileExistsError(
+                f"{out} exists and is not a panns_jax checkpoint (no "
+                f"{checkpoints.METADATA_FILE}); refusing to replace it: choose "
+                "another --out or remove it yourself"
+            )
+    if args.command == "to-torch" and os.path.isdir(out):
+        raise ValueError(f"--out {args.out} is a directory; give a .pth file name")
+    parent = os.path.dirname(out)
+    while parent and not os.path.exists(parent):  # Created on save: check what exists.
+        parent = os.path.dirname(parent) if os.path.dirname(parent) != parent else ""
+    if parent and (not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK)):
+        raise ValueError(f"--out {args.out}: cannot write in {parent} (not a writable directory)")
+
+
+def _quiet_orbax(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Run ``function`` with the asyncio / orbax loggers and exception hooks held back.
+
+    When a save fails (e.g. a full disk), orbax's background threads log every
+    pending write ("Event loop is closed", hundreds of lines) before the real
+    error surfaces; the error itself is reported by the caller in one line.
+    """
+    names = ("asyncio", "absl", "orbax", "concurrent.futures")
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    hooks = sys.excepthook, sys.unraisablehook, threading.excepthook
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    # tensorstore callbacks into a closed event loop print through these hooks.
+    sys.excepthook = sys.unraisablehook = threading.excepthook = lambda *a: None
+    try:
+        return function(*args, **kwargs)
+    finally:  # The caller's process gets its loggers and hooks back, on failure too.
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+        sys.excepthook, sys.unraisablehook, threading.excepthook = hooks
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
