@@ -373,3 +373,9 @@ def torch_to_checkpoint(
     return checkpoints.ModelCheckpoint(
         model=model_name, variables=variables, overrides=overrides, step=step
     )
+
+
+if __name__ == "__main__":  # The former CLI: `python -m panns_jax.convert from-torch ...`.
+    import runpy  # Not an import of convert_cli: it imports the loader, which imports this.
+
+    runpy.run_module("panns_jax.convert_cli", run_name="__main__", alter_sys=True)

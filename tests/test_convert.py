@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import golden_utils as G
 import jax
@@ -307,3 +309,15 @@ def test_the_loader_names_what_is_wrong(tmp_path):
     pth.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="name the architecture"):
         loader.load(str(pth))
+
+
+def test_python_m_panns_jax_convert_still_runs_the_command():
+    """The command moved to convert_cli; ``python -m panns_jax.convert`` (older docs) runs it."""
+    done = subprocess.run(
+        [sys.executable, "-m", "panns_jax.convert", "to-torch", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("usage: panns-jax-convert to-torch")

@@ -71,7 +71,9 @@ def _check(name: str, jit: bool, strict: bool) -> None:
     )
 
 
+@pytest.mark.slow  # 70 s op by op on 2 cores; .ci/run runs it in its `-m slow` step.
 def test_cnn14_step_matches_original_without_jit():
+    """Op by op (no jit): the path a user debugging with ``jax.disable_jit`` takes."""
     _check("Cnn14", jit=False, strict=True)
 
 
@@ -81,7 +83,8 @@ def test_cnn14_jitted_step_matches_original():
 
 
 # The three slowest to compile (30 s each on 2 cores) are marked slow to keep the README's
-# suite near 20 minutes; .ci/run runs them anyway (`-m slow` on this file).
+# suite under 20 minutes; .ci/run runs them anyway (`-m slow` on this file), as it does the
+# unjitted Cnn14 step above.
 SLOW_TO_COMPILE = ("MobileNetV2", "ResNet22", "Res1dNet31")
 
 
