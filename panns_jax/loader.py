@@ -170,14 +170,15 @@ def load(
         )
         return _finish(checkpoint, "random", None, module)
     source = os.fspath(source)
-    if not os.path.exists(source) and not zoo.is_zoo_name(source):
+    exists = os.path.exists(source)
+    if not exists and not zoo.is_zoo_name(source):
         raise FileNotFoundError(
             f"{source}: no such checkpoint directory or .pth file, nor a "
             "pretrained model name (`panns-jax download --list`)"
         )
-    if not os.path.exists(source) or checkpoints.is_model_checkpoint(source):
+    if not exists or checkpoints.is_model_checkpoint(source):
         # Both record their architecture: overrides are refused, ``model`` is a check.
-        kind = "checkpoint" if os.path.exists(source) else "zoo"
+        kind = "checkpoint" if exists else "zoo"
         what, holds = (text.format(source=source) for text in _RECORDED[kind])
         if overrides:
             raise ValueError(f"{what}; --overrides applies to a .pth or a random model only")

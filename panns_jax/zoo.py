@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any, Dict, Iterator, Optional, Sequence, Tuple
 
 from panns_jax import fileio
 
-if TYPE_CHECKING:  # Imported where used: loading the zoo's table needs neither.
+if TYPE_CHECKING:  # Imported where used: reading the zoo's table does not need it.
     from panns_jax import checkpoints
 
 ZENODO_RECORD = "3987831"

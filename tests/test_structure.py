@@ -7,7 +7,7 @@ import ast
 import os
 import subprocess
 import sys
-from typing import Dict, List, Sequence, Set
+from typing import Dict, List, Optional, Sequence, Set
 
 import pytest
 
@@ -137,8 +137,9 @@ def test_builders_and_tasks_carry_what_the_loop_used_to_branch_on():
         single.summary({"mAP": 0.5})
 
 
-def calls_of(package_dir: str, function: str) -> Set[str]:
-    """Modules of the package that call ``function`` (by attribute or bare name)."""
+def calls_of(package_dir: str, function: str, receiver: Optional[str] = None) -> Set[str]:
+    """Modules of the package that call ``function`` (by attribute or bare name; with
+    ``receiver``, only as ``receiver.function``)."""
     callers = set()
     for folder, _, names in os.walk(package_dir):
         for name in names:
@@ -149,45 +150,33 @@ def calls_of(package_dir: str, function: str) -> Set[str]:
             for node in ast.walk(tree):
                 if isinstance(node, ast.Call):
                     target = node.func
-                    called = (
-                        target.attr
-                        if isinstance(target, ast.Attribute)
-                        else (target.id if isinstance(target, ast.Name) else None)
-                    )
+                    if isinstance(target, ast.Attribute):
+                        owner = target.value.id if isinstance(target.value, ast.Name) else None
+                        called = target.attr if receiver in (None, owner) else None
+                    else:
+                        called = (
+                            target.id if isinstance(target, ast.Name) and not receiver else None
+                        )
                     if called == function:
                         callers.add(os.path.relpath(os.path.join(folder, name), ROOT))
     return callers
-
-
-def readers_of_checkpoints(package_dir: str) -> Set[str]:
-    """Modules of the package that call ``checkpoints.load`` (read a checkpoint directory)."""
-    readers = set()
-    for folder, _, names in os.walk(package_dir):
-        for name in (n for n in names if n.endswith(".py")):
-            with open(os.path.join(folder, name)) as f:
-                tree = ast.parse(f.read())
-            for node in ast.walk(tree):
-                target = node.func if isinstance(node, ast.Call) else None
-                if (
-                    isinstance(target, ast.Attribute)
-                    and target.attr == "load"
-                    and isinstance(target.value, ast.Name)
-                    and target.value.id == "checkpoints"
-                ):
-                    readers.add(os.path.relpath(os.path.join(folder, name), ROOT))
-    return readers
 
 
 def test_checkpoint_directories_are_read_through_the_loader_only(tmp_path):
     """One door (#15): every command reaches a checkpoint through ``loader.load``; below it
     only the zoo reads its own cache of converted downloads."""
     package = os.path.join(ROOT, "panns_jax")
-    assert readers_of_checkpoints(package) == {"panns_jax/loader.py", "panns_jax/zoo.py"}
+    assert calls_of(package, "load", receiver="checkpoints") == {
+        "panns_jax/loader.py",
+        "panns_jax/zoo.py",
+    }
     # Negative control: a side entrance (convert's to-torch used to be one) is found.
     side = tmp_path / "pkg"
     side.mkdir()
     (side / "convert.py").write_text("def main(p):\n    return checkpoints.load(p)\n")
-    assert readers_of_checkpoints(str(side)) == {os.path.relpath(side / "convert.py", ROOT)}
+    assert calls_of(str(side), "load", receiver="checkpoints") == {
+        os.path.relpath(side / "convert.py", ROOT)
+    }
 
 
 def test_only_the_training_binary_changes_malloc(tmp_path):

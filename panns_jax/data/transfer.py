@@ -117,7 +117,9 @@ def _features(sample_rate: int, names, extra=None) -> tfds.features.FeaturesDict
 
 class _SingleLabelBuilder(common.PannsBuilder, skip_registration=True):
     """A single-label set: ``label`` one of ``CLASSES``, a ``fold``, its files below the first
-    folder of the manual download that ``_is_root`` accepts (``MISSING`` names it)."""
+    folder of the manual download that ``_is_root`` accepts (``MISSING`` names it), which
+    ``_candidates(root)`` lists. RAVDESS, whose files lie in many Actor_XX folders, gathers
+    them in its own ``_split_generators``."""
 
     CLASSES: Sequence[str] = ()
     HOMEPAGE = ""
@@ -145,9 +147,6 @@ class _SingleLabelBuilder(common.PannsBuilder, skip_registration=True):
                 + self.MANUAL_DOWNLOAD_INSTRUCTIONS
             )
         return {"train": self._generate_examples("train", self._candidates(root))}
-
-    def _candidates(self, root: str) -> Iterator[common.Candidate]:
-        raise NotImplementedError
 
 
 class Esc50(_SingleLabelBuilder):
