@@ -36,13 +36,11 @@ from typing import Any, Dict, Iterator, Mapping, Optional, Tuple
 import flax.linen as nn
 import jax
 
-from panns_jax import checkpoints, convert, models, zoo
+from panns_jax import checkpoints, convert, models, tasks, zoo
 from panns_jax.models import transfer_head
 
 DEFAULT_MODEL = "Cnn14"
 KINDS = ("checkpoint", "pth", "zoo", "random")
-TASKS = ("multilabel", "singlelabel")
-TASK_KEY = "task"  # A checkpoint's ``extra`` entry naming the task it was trained for.
 # The sources that record their own architecture, as errors name them: (what it is, what
 # it holds).
 _RECORDED = {
@@ -116,9 +114,9 @@ def task_of(module: nn.Module, extra: Optional[Mapping[str, Any]] = None) -> str
     checkpoint whose ``extra`` records a single-label task (a folded Freeze_L1 / fine-tuned
     model of ESC-50, ...), else ``multilabel``."""
     if isinstance(module, transfer_head.Transfer):
-        return "singlelabel" if module.output == "softmax" else "multilabel"
-    recorded = (extra or {}).get(TASK_KEY)
-    return recorded if recorded in TASKS else "multilabel"
+        return tasks.for_output(module.output)
+    recorded = (extra or {}).get(tasks.CHECKPOINT_KEY)
+    return recorded if recorded in tasks.TASKS else tasks.MULTILABEL
 
 
 def _finish(

@@ -50,6 +50,7 @@ from panns_jax import (
     models,
     optim,
     recipe,
+    tasks,
 )
 
 Batch = Dict[str, np.ndarray]
@@ -753,7 +754,7 @@ def train_and_evaluate(
         checkpoint = builder.to_checkpoint(model, host, step_now, labels)
         # The task, so that the loader reports how to read the outputs (a head folded
         # into a registry model no longer says it was trained with a softmax).
-        extra = {**checkpoint.extra, loader.TASK_KEY: task.name}
+        extra = {**checkpoint.extra, tasks.CHECKPOINT_KEY: task.name}
         checkpoint = dataclasses.replace(checkpoint, extra=extra)
         if score is None:
             checkpoints.save(os.path.join(workdir, name), checkpoint, overwrite=True)

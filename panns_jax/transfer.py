@@ -52,7 +52,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from panns_jax import checkpoints, loader, models
+from panns_jax import checkpoints, loader, models, tasks
 from panns_jax.models.transfer_head import HEAD_KEY as _HEAD_KEY
 from panns_jax.models.transfer_head import Transfer, head_spec
 from panns_jax.recipe import STRATEGIES, ConfigError
@@ -238,7 +238,7 @@ def to_checkpoint(
     Both record the task in ``extra`` (``task``: ``singlelabel`` for a softmax head), which
     :func:`panns_jax.loader.load` reports, since a folded head no longer says it.
     """
-    task = {loader.TASK_KEY: "singlelabel" if model.output == "softmax" else "multilabel"}
+    task = {tasks.CHECKPOINT_KEY: tasks.for_output(model.output)}
     params = dict(variables["params"])
     batch_stats = dict(variables.get("batch_stats", {}))
     overrides = {k: v for k, v in base.overrides.items() if k != "dtype"}
