@@ -24,7 +24,7 @@ import time
 import jax
 import numpy as np
 
-from panns_jax import export, models, streaming
+from panns_jax import export, loader, models, streaming
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from timing import best_time  # noqa: E402
@@ -90,9 +90,8 @@ def throughput(name: str, args, workdir: str) -> None:
 
 
 def stream(name: str, args, workdir: str) -> None:
-    model = models.get(name)
-    rate = models.sample_rate(model)
-    variables = models.init(model, jax.random.key(0), rate)
+    model, variables, meta = loader.load(model=name)  # Random weights, seed 0.
+    rate = meta.sample_rate
     t = np.arange(int(args.stream_seconds * rate)) / rate
     audio = (
         0.3 * np.sin(2 * np.pi * 440 * t * (1 + t / 10))
@@ -108,7 +107,7 @@ def stream(name: str, args, workdir: str) -> None:
     )
     for label, predict in backends.items():
         tagger = streaming.StreamingTagger(
-            model, variables, window=args.window, hop=args.hop, predict=predict
+            model, variables, meta, window=args.window, hop=args.hop, predict=predict
         )
         tagger.warm_up()
         computes = []

@@ -7,7 +7,7 @@ Both sides run eval-mode forwards of ``--seconds`` clips with the same weights (
 converted with ``panns_jax.convert.to_state_dict``): panns_jax through
 ``jax.jit(model.apply)`` with only ``clipwise_output`` and ``embedding`` returned,
 PyTorch under ``torch.inference_mode()`` (benchmarks/torch_baselines.py, checked against
-the golden outputs by tests/test_inference_torch.py). Reported: clips/s of the best of
+the golden outputs by tests/test_torch_baselines.py). Reported: clips/s of the best of
 ``--repeats`` timed runs after a warm-up (and compilation), the two sides interleaved run
 by run so that load from other processes hits both alike; the achieved GFLOP/s (the
 paper-style operation count of ``panns_jax.models.profile``: 2 per multiply-accumulate,

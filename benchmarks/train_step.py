@@ -50,7 +50,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import peak  # noqa: E402
 from timing import DEFAULT_MODELS, interleaved_best_times, load_line  # noqa: E402
 
-from panns_jax import malloc, models, optim, train  # noqa: E402
+from panns_jax import malloc, model_builder, models, optim, tasks, train  # noqa: E402
 from panns_jax.models import profile  # noqa: E402
 
 
@@ -65,7 +65,7 @@ def jax_step(name: str, batch: int, samples: int, dtype: str):
             "mixup_alpha": 1.0,
         }
     )
-    model, _ = train.build_model(config, num_classes=527)
+    model, _ = model_builder.registry_model(config, num_classes=527)
     tx = optim.paper_optimizer()
     variables = models.init(model, jax.random.key(0), samples)
     state = train.TrainState.create(variables, tx, jax.random.key(1))
@@ -74,7 +74,7 @@ def jax_step(name: str, batch: int, samples: int, dtype: str):
         "audio": jnp.asarray(rng.uniform(-0.5, 0.5, (batch, samples)), jnp.float32),
         "labels": jnp.asarray(rng.random((batch, 527)) < 0.02, jnp.float32),
     }
-    step = jax.jit(train.make_train_step(model, tx, config), donate_argnums=0)
+    step = jax.jit(train.make_train_step(model, tx, tasks.get(None), None), donate_argnums=0)
     holder = {"state": state}
 
     def run():

@@ -1,4 +1,4 @@
-"""Cnn10 with the paper's AudioSet recipe (Kong et al. 2020); see panns_jax/recipe.py.
+"""Cnn10 with the paper's AudioSet recipe (Kong et al. 2020, panns_jax/recipe.py).
 
 python -m panns_jax.main --config=configs/cnn10.py --workdir=DIR
 python -m panns_jax.main --config=configs/cnn10.py:runlocal --workdir=/tmp/cnn10   # smoke run

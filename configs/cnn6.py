@@ -1,4 +1,4 @@
-"""Cnn6 with the paper's AudioSet recipe (Kong et al. 2020); see panns_jax/recipe.py.
+"""Cnn6 with the paper's AudioSet recipe (Kong et al. 2020, panns_jax/recipe.py).
 
 python -m panns_jax.main --config=configs/cnn6.py --workdir=DIR
 python -m panns_jax.main --config=configs/cnn6.py:runlocal --workdir=/tmp/cnn6   # smoke run

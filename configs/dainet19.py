@@ -1,4 +1,4 @@
-"""DaiNet19 with the paper's AudioSet recipe (Kong et al. 2020); see panns_jax/recipe.py.
+"""DaiNet19 with the paper's AudioSet recipe (Kong et al. 2020, panns_jax/recipe.py).
 
 python -m panns_jax.main --config=configs/dainet19.py --workdir=DIR
 python -m panns_jax.main --config=configs/dainet19.py:runlocal --workdir=/tmp/dainet19   # smoke run

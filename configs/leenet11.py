@@ -1,4 +1,4 @@
-"""LeeNet11 with the paper's AudioSet recipe (Kong et al. 2020); see panns_jax/recipe.py.
+"""LeeNet11 with the paper's AudioSet recipe (Kong et al. 2020, panns_jax/recipe.py).
 
 python -m panns_jax.main --config=configs/leenet11.py --workdir=DIR
 python -m panns_jax.main --config=configs/leenet11.py:runlocal --workdir=/tmp/leenet11   # smoke run

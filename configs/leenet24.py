@@ -1,4 +1,4 @@
-"""LeeNet24 with the paper's AudioSet recipe (Kong et al. 2020); see panns_jax/recipe.py.
+"""LeeNet24 with the paper's AudioSet recipe (Kong et al. 2020, panns_jax/recipe.py).
 
 python -m panns_jax.main --config=configs/leenet24.py --workdir=DIR
 python -m panns_jax.main --config=configs/leenet24.py:runlocal --workdir=/tmp/leenet24   # smoke run

@@ -1,4 +1,4 @@
-"""MobileNetV2 with the paper's AudioSet recipe (Kong et al. 2020); see panns_jax/recipe.py.
+"""MobileNetV2 with the paper's AudioSet recipe (Kong et al. 2020, panns_jax/recipe.py).
 
 python -m panns_jax.main --config=configs/mobilenetv2.py --workdir=DIR
 python -m panns_jax.main --config=configs/mobilenetv2.py:runlocal --workdir=/tmp/mobilenetv2

@@ -1,4 +1,4 @@
-"""Res1dNet31 with the paper's AudioSet recipe (Kong et al. 2020); see panns_jax/recipe.py.
+"""Res1dNet31 with the paper's AudioSet recipe (Kong et al. 2020, panns_jax/recipe.py).
 
 python -m panns_jax.main --config=configs/res1dnet31.py --workdir=DIR
 python -m panns_jax.main --config=configs/res1dnet31.py:runlocal --workdir=/tmp/res1dnet31

@@ -1,4 +1,4 @@
-"""ResNet22 with the paper's AudioSet recipe (Kong et al. 2020); see panns_jax/recipe.py.
+"""ResNet22 with the paper's AudioSet recipe (Kong et al. 2020, panns_jax/recipe.py).
 
 python -m panns_jax.main --config=configs/resnet22.py --workdir=DIR
 python -m panns_jax.main --config=configs/resnet22.py:runlocal --workdir=/tmp/resnet22   # smoke run

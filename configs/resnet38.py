@@ -1,4 +1,4 @@
-"""ResNet38 with the paper's AudioSet recipe (Kong et al. 2020); see panns_jax/recipe.py.
+"""ResNet38 with the paper's AudioSet recipe (Kong et al. 2020, panns_jax/recipe.py).
 
 python -m panns_jax.main --config=configs/resnet38.py --workdir=DIR
 python -m panns_jax.main --config=configs/resnet38.py:runlocal --workdir=/tmp/resnet38   # smoke run

@@ -1,4 +1,4 @@
-"""ResNet54 with the paper's AudioSet recipe (Kong et al. 2020); see panns_jax/recipe.py.
+"""ResNet54 with the paper's AudioSet recipe (Kong et al. 2020, panns_jax/recipe.py).
 
 python -m panns_jax.main --config=configs/resnet54.py --workdir=DIR
 python -m panns_jax.main --config=configs/resnet54.py:runlocal --workdir=/tmp/resnet54   # smoke run

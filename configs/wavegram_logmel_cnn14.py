@@ -1,5 +1,5 @@
-"""Wavegram_Logmel_Cnn14 with the paper's AudioSet recipe (Kong et al. 2020);
-see panns_jax/recipe.py.
+"""Wavegram_Logmel_Cnn14 with the paper's AudioSet recipe (Kong et al. 2020,
+panns_jax/recipe.py).
 
 python -m panns_jax.main --config=configs/wavegram_logmel_cnn14.py --workdir=DIR
 python -m panns_jax.main --config=configs/wavegram_logmel_cnn14.py:runlocal --workdir=/tmp/wlc14

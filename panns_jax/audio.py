@@ -43,7 +43,7 @@ AUDIO_EXTENSIONS = (
 
 # Samples decoded at a time when streaming, counted at the OUTPUT rate: a file that
 # declares a low rate is read in proportionally fewer frames, so resampling up never
-# makes a block larger than this (issue 16, item 4).
+# makes a block larger than this.
 BLOCK_FRAMES = 1 << 20
 # Sample rates a recording may declare. Below 1 kHz nothing audible to these models is
 # left (and a 40 KB file at 1 Hz would be 11 hours at 32 kHz): such a header is damaged
@@ -56,11 +56,11 @@ LOUD_PEAK = 2.0  # Float samples far beyond full scale (1.0): wrong scaling upst
 
 
 class AudioError(ValueError):
-    """An audio file that cannot be used; the message names the file and the reason."""
+    """An audio file that cannot be used. The message names the file and the reason."""
 
 
 class AudioWarning(UserWarning):
-    """Audio that was used but may give misleading results (truncated, silent, too loud)."""
+    """Audio that is used but may give misleading results (truncated, silent, too loud)."""
 
 
 def check_rate(name: str, rate: int) -> None:
@@ -74,9 +74,9 @@ def check_rate(name: str, rate: int) -> None:
 
 
 def as_waveform(array: Any, name: str = "<waveform>") -> np.ndarray:
-    """A float32 copy of an array of samples; integer PCM is scaled to [-1, 1).
+    """A float32 copy of an array of samples, with integer PCM scaled to [-1, 1).
 
-    int16 / int32 are divided by 2**15 / 2**31 (as soundfile reads PCM files); other
+    int16 / int32 are divided by 2**15 / 2**31, as soundfile reads PCM files. Other
     integer, boolean and complex arrays are refused rather than silently misread.
     """
     array = np.asarray(array)
@@ -98,7 +98,7 @@ def as_waveform(array: Any, name: str = "<waveform>") -> np.ndarray:
 
 
 def level_warning(name: str, peak: float) -> Optional[str]:
-    """A warning for silent or far-too-loud audio, whose tags mean little; else None."""
+    """A warning for silent or far-too-loud audio, whose tags mean little, or None."""
     if peak < SILENCE_PEAK:
         return f"{name}: digital silence (peak {peak:.2g}); its tags describe no sound"
     if peak > LOUD_PEAK:
@@ -119,8 +119,11 @@ def _check_path(path: str) -> None:
 
 
 def resample(samples: np.ndarray, orig_rate: int, target_rate: int) -> np.ndarray:
-    """Float32 ``samples`` (last axis = time) at ``target_rate``, with librosa's default
-    soxr HQ resampler, as the original inference; the identity when the rates agree."""
+    """Float32 ``samples`` (last axis = time) at ``target_rate``.
+
+    It uses librosa's default soxr HQ resampler, as the original inference does, and is
+    the identity when the rates agree.
+    """
     samples = np.asarray(samples, np.float32)
     if orig_rate == target_rate:
         return samples
@@ -139,10 +142,10 @@ def _check_samples(name: str, samples: np.ndarray) -> None:
 def load_audio(path: str, sample_rate: int) -> np.ndarray:
     """Mono float32 samples of ``path`` at ``sample_rate`` Hz, all in memory.
 
-    Reads anything soundfile reads (wav, flac, ogg, mp3 with libsndfile >= 1.1),
-    falling back to librosa's audioread backends; averages channels; resamples
-    with librosa's default (soxr) resampler, as the original inference does.
-    A truncated file is read as far as it goes, with an :class:`AudioWarning`.
+    It reads anything soundfile reads (wav, flac, ogg, mp3 with libsndfile >= 1.1), and
+    falls back to librosa's audioread backends. It averages the channels and resamples
+    with librosa's default (soxr) resampler, as the original inference does. A truncated
+    file is read as far as it goes, with an :class:`AudioWarning`.
     """
     import soundfile as sf
 
@@ -183,7 +186,7 @@ def _librosa_load(path: str, sf_error: Exception) -> Tuple[np.ndarray, int]:
 def truncation_warning(path: str, handle: BinaryIO) -> Optional[str]:
     """A warning when a WAV's header declares more sample data than the file holds.
 
-    libsndfile silently shortens such a file to what is present; the RIFF ``data``
+    libsndfile silently shortens such a file to what is present. The RIFF ``data``
     chunk's declared size tells how much is missing.
     """
     if handle.format not in ("WAV", "WAVEX"):
@@ -294,7 +297,7 @@ def chunk_starts(num_samples: int, window: int, hop: int, align: int = 1) -> Lis
 
 @dataclasses.dataclass
 class Chunk:
-    """``samples[start:start + len(samples)]`` of a recording; ``last`` ends the recording."""
+    """``samples[start:start + len(samples)]`` of a recording. ``last`` ends the recording."""
 
     start: int
     samples: np.ndarray
@@ -302,6 +305,24 @@ class Chunk:
     total: Optional[int] = None  # Length of the recording, known on the last chunk.
     peak: float = 0.0  # Last chunk: max |sample| of the whole recording.
     warnings: List[str] = dataclasses.field(default_factory=list)  # Last chunk: decoder notes.
+
+
+def _source_blocks(
+    source: Union[str, np.ndarray], sample_rate: int, block_frames: int, notes: List[str]
+) -> Tuple[str, Iterator[np.ndarray]]:
+    """The name of a chunking source and its mono blocks (see :func:`iter_chunks`).
+
+    A path is decoded in blocks, with decoder warnings appended to ``notes``. An array is
+    one block, checked to be a finite mono waveform.
+    """
+    if isinstance(source, str):
+        return source, decoded_blocks(source, sample_rate, block_frames, notes)
+    name = "<waveform>"
+    array = as_waveform(source, name)
+    if array.ndim != 1:
+        raise AudioError(f"{name}: expected a mono waveform (samples,), got shape {array.shape}")
+    _check_samples(name, array)
+    return name, iter([array])
 
 
 def iter_chunks(
@@ -315,12 +336,12 @@ def iter_chunks(
 ) -> Iterator[Chunk]:
     """Windows of ``window`` samples every ``hop`` samples of a mono recording.
 
-    A recording no longer than ``window`` is one chunk, whole and unpadded (as the
-    original inference). Otherwise chunks start at ``0, hop, 2 hop, ...`` and, if
-    these miss the end, one more chunk ends at the last sample (its start rounded
-    down to a multiple of ``align``, e.g. the model's STFT hop, so that its frames
-    stay on the recording's frame grid; at most ``align - 1`` samples are then left
-    out). Every chunk has ``window`` samples, so chunks batch together.
+    A recording of at most ``window`` samples is one chunk, whole and unpadded, as in the
+    original inference. Otherwise chunks start at ``0, hop, 2 hop, ...``. If these miss
+    the end, one more chunk ends at the last sample. Its start is rounded down to a
+    multiple of ``align`` (e.g. the model's STFT hop), so that its frames stay on the
+    recording's frame grid, which leaves out at most ``align - 1`` samples. Every chunk
+    has ``window`` samples, so chunks batch together.
 
     ``source`` is a path (streamed in blocks of ``block_frames``) or a mono array at
     ``sample_rate``. Raises :class:`AudioError` naming the file for unusable audio.
@@ -328,18 +349,7 @@ def iter_chunks(
     if window <= 0 or hop <= 0:
         raise ValueError(f"window ({window}) and hop ({hop}) must be positive")
     notes: List[str] = []
-    if isinstance(source, str):
-        name, blocks = source, decoded_blocks(source, sample_rate, block_frames, notes)
-    else:
-        name = "<waveform>"
-        array = as_waveform(source, name)
-        if array.ndim != 1:
-            raise AudioError(
-                f"{name}: expected a mono waveform (samples,), got shape {array.shape}"
-            )
-        _check_samples(name, array)
-        blocks = iter([array])
-
+    name, blocks = _source_blocks(source, sample_rate, block_frames, notes)
     buffer = np.zeros(0, np.float32)
     buffer_start = 0  # Recording offset of buffer[0].
     next_start = 0
@@ -387,9 +397,9 @@ def iter_chunks(
 def audioset_classes() -> Tuple[Tuple[str, str], ...]:
     """``(mid, display_name)`` of the 527 AudioSet classes, in model output order.
 
-    Read from the packaged copy of the release's class_labels_indices.csv; the one reader
-    of it (the dataset builders map the segment CSVs' mids through it, the taggers name
-    outputs with :func:`audioset_labels`).
+    They are read from the packaged copy of the release's class_labels_indices.csv, and
+    this is its one reader. The dataset builders map the segment CSVs' mids through it,
+    and the taggers name outputs with :func:`audioset_labels`.
     """
     text = importlib.resources.files("panns_jax").joinpath("assets/class_labels_indices.csv")
     with text.open("r", encoding="utf-8") as f:

@@ -94,8 +94,8 @@ def _decode_overrides(overrides: Dict[str, Any]) -> Dict[str, Any]:
 def parse_overrides(text: str) -> Dict[str, Any]:
     """A command line's ``--overrides '{"widths": [16, 32, 64, 128]}'`` -> registry overrides.
 
-    Lists become tuples, as :func:`load` decodes them; raises
-    ``argparse.ArgumentTypeError`` (argparse prints it as one usage line).
+    Lists become tuples, as :func:`load` decodes them. Bad text raises
+    ``argparse.ArgumentTypeError``, which argparse prints as one usage line.
     """
     import argparse
 
@@ -142,9 +142,12 @@ def _make_dir(parent: str, prefix: str) -> str:
 
 
 def _this_process_checkpointer():
-    """An orbax checkpointer that involves this process only. Model checkpoints hold host
-    numpy arrays and one process writes them; orbax's default waits at a barrier for every
-    process of a multi-host job, which deadlocks when process 0 alone exports ``best``."""
+    """An orbax checkpointer that involves this process only.
+
+    Model checkpoints hold host numpy arrays, and one process writes them. Orbax's default
+    checkpointer waits at a barrier for every process of a multi-host job, which would
+    deadlock when process 0 alone exports ``best``.
+    """
     import jax
     import orbax.checkpoint as ocp
 
@@ -159,8 +162,8 @@ def _this_process_checkpointer():
 def save(path: str, checkpoint: ModelCheckpoint, *, overwrite: bool = False) -> str:
     """Write ``checkpoint`` to directory ``path`` atomically; returns the absolute path.
 
-    ``overwrite`` replaces an existing panns_jax checkpoint only: any other existing
-    path is refused, so a typo cannot delete a directory of other files.
+    ``overwrite`` replaces an existing panns_jax checkpoint only. Any other existing path
+    is refused, so a typo cannot delete a directory of other files.
     """
     path = os.path.abspath(path)
     if os.path.lexists(path):
@@ -304,8 +307,8 @@ def _check_shapes(path: str, name: str, model: Any, variables: Mapping[str, Any]
 def load(path: str, *, verify: bool = True) -> ModelCheckpoint:
     """Read a checkpoint written by :func:`save` (variables as numpy arrays).
 
-    Raises :class:`CheckpointError` (a ``ValueError``) with one line for damaged
-    metadata, weights that fail their digest, or overrides that do not fit them;
+    Damaged metadata, weights that fail their digest, and overrides that do not fit the
+    weights each raise one :class:`CheckpointError` line (a ``ValueError``).
     ``verify=False`` skips the digest and shape checks.
     """
     path = os.path.abspath(path)
@@ -317,13 +320,7 @@ def load(path: str, *, verify: bool = True) -> ModelCheckpoint:
         )
     metadata = read_metadata(path)
     name = metadata["model"]
-    try:
-        overrides = _decode_overrides(metadata.get("overrides", {}))
-    except (TypeError, ValueError) as err:
-        raise CheckpointError(
-            f"{os.path.join(path, METADATA_FILE)}: bad overrides ({err}); "
-            "fix them or re-create the checkpoint"
-        ) from None
+    overrides = _metadata_overrides(path, metadata)
     model = _build(path, name, overrides)
     labels = metadata.get("labels")
     classes = getattr(model, "num_classes", None)
@@ -332,21 +329,7 @@ def load(path: str, *, verify: bool = True) -> ModelCheckpoint:
             f"{os.path.join(path, METADATA_FILE)}: {len(labels)} labels for "
             f"a {classes}-class model; fix 'labels' or re-create the checkpoint"
         )
-    variables_dir = os.path.join(path, VARIABLES_DIR)
-    if not os.path.isdir(variables_dir):
-        raise CheckpointError(
-            f"{path}: no {VARIABLES_DIR}/ directory (the weights are missing); "
-            "restore the checkpoint from a copy"
-        )
-    try:
-        variables = _this_process_checkpointer().restore(variables_dir)
-    except Exception as err:  # orbax/tensorstore errors on damaged files.
-        message = str(err).splitlines()[0] if str(err) else ""
-        raise CheckpointError(
-            f"{path}: the weights cannot be read ({type(err).__name__}: "
-            f"{message[:200]}); restore the checkpoint from a copy"
-        ) from None
-    variables = {k: v for k, v in variables.items()}
+    variables = _restore_variables(path)
     if verify:
         expected = metadata.get("digest")
         if expected is not None and weights_digest(variables) != expected:
@@ -364,3 +347,33 @@ def load(path: str, *, verify: bool = True) -> ModelCheckpoint:
         labels=labels,
         extra=metadata.get("extra", {}),
     )
+
+
+def _metadata_overrides(path: str, metadata: Mapping[str, Any]) -> Dict[str, Any]:
+    """The registry overrides that ``panns_jax.json`` records, decoded."""
+    try:
+        return _decode_overrides(metadata.get("overrides", {}))
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(
+            f"{os.path.join(path, METADATA_FILE)}: bad overrides ({err}); "
+            "fix them or re-create the checkpoint"
+        ) from None
+
+
+def _restore_variables(path: str) -> Dict[str, Any]:
+    """The weights under ``variables/``, read by orbax; damage is one CheckpointError."""
+    variables_dir = os.path.join(path, VARIABLES_DIR)
+    if not os.path.isdir(variables_dir):
+        raise CheckpointError(
+            f"{path}: no {VARIABLES_DIR}/ directory (the weights are missing); "
+            "restore the checkpoint from a copy"
+        )
+    try:
+        variables = _this_process_checkpointer().restore(variables_dir)
+    except Exception as err:  # orbax/tensorstore errors on damaged files.
+        message = str(err).splitlines()[0] if str(err) else ""
+        raise CheckpointError(
+            f"{path}: the weights cannot be read ({type(err).__name__}: "
+            f"{message[:200]}); restore the checkpoint from a copy"
+        ) from None
+    return {k: v for k, v in variables.items()}

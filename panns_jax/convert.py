@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import TYPE_CHECKING, Any, Dict, Iterable, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import flax
 import jax
@@ -72,8 +72,11 @@ def _torch_key(collection: str, path: Tuple[str, ...]) -> str:
 
 
 def _is_classifier(key: str) -> bool:
-    """Whether a state_dict key belongs to the classifier (:data:`models.CLASSIFIER_PARAMS`,
-    ``<name>.*`` by the naming rule above)."""
+    """Whether a state_dict key belongs to the classifier.
+
+    The classifier's modules are :data:`models.CLASSIFIER_PARAMS`; by the naming rule above
+    their keys start with those names.
+    """
     return key.split(".", 1)[0] in models.CLASSIFIER_PARAMS
 
 
@@ -206,60 +209,83 @@ def from_state_dict(
 ) -> Dict[str, Any]:
     """An original-PANNs state_dict -> our ``{'params', 'batch_stats'}`` for ``model``.
 
-    Strict: missing, unexpected or mis-shaped entries raise one
-    :class:`CheckpointMismatchError` listing every difference. Front-end buffers
-    and ``num_batches_tracked`` are accepted and ignored (ours are constants).
-    With ``skip_head`` the classifier (:data:`models.CLASSIFIER_PARAMS`) keeps the
-    model's fresh initialisation, for transfer to another class count.
+    Missing, unexpected or mis-shaped entries raise one :class:`CheckpointMismatchError`
+    that lists every difference. Front-end buffers and ``num_batches_tracked`` are
+    accepted and ignored, since ours are constants. With ``skip_head`` the classifier
+    (:data:`models.CLASSIFIER_PARAMS`) keeps the model's fresh initialisation, for
+    transfer to another class count.
     """
-    shapes = jax.eval_shape(lambda: models.init(model, jax.random.key(0)))
-    template = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), shapes)
-    wanted: Dict[str, Tuple[str, Tuple[str, ...], tuple]] = {}
-    for collection in ("params", "batch_stats"):
-        for path, value in flax.traverse_util.flatten_dict(template.get(collection, {})).items():
-            wanted[_torch_key(collection, path)] = (collection, path, value.shape)
-
-    def is_head(key: str) -> bool:
-        return skip_head and _is_classifier(key)
-
-    ignorable = set(FRONTEND_KEYS) if uses_logmel(model) else set()
-    given = {k for k in state_dict if not k.endswith("num_batches_tracked") and k not in ignorable}
-    missing = [k for k in wanted if k not in given and not is_head(k)]
-    unexpected = [k for k in given if k not in wanted]
-    if not uses_logmel(model):
-        unexpected += [k for k in state_dict if k in FRONTEND_KEYS]
-    wrong_shape = {}
-    for key in given & set(wanted):
-        collection, path, shape = wanted[key]
-        got = tuple(np.shape(state_dict[key]))
-        torch_shape = _kernel_to_torch(np.zeros(shape)).shape if path[-1] == "kernel" else shape
-        if got != tuple(torch_shape) and not is_head(key):
-            wrong_shape[key] = (got, tuple(torch_shape))
+    wanted = _wanted_entries(model)
+    missing, unexpected, wrong_shape = _differences(state_dict, model, wanted, skip_head)
     if missing or unexpected or wrong_shape:
         raise CheckpointMismatchError(
             _describe_mismatch(name, missing, unexpected, wrong_shape, state_dict)
         )
-
     flat: Dict[str, Dict[Tuple[str, ...], np.ndarray]] = {"params": {}, "batch_stats": {}}
     for key, (collection, path, _shape) in wanted.items():
-        if is_head(key):
+        if skip_head and _is_classifier(key):
             continue
         value = np.asarray(state_dict[key], dtype=np.float32)
         if path[-1] == "kernel":
             value = _kernel_from_torch(value)
         flat[collection][path] = value
     result = {c: flax.traverse_util.unflatten_dict(v) for c, v in flat.items() if v}
-    if skip_head:
-        fresh = models.init(model, jax.random.key(0))
-        for collection in result:
-            merged = flax.traverse_util.flatten_dict(jax.device_get(fresh[collection]))
-            merged.update(flax.traverse_util.flatten_dict(result[collection]))
-            result[collection] = flax.traverse_util.unflatten_dict(merged)
+    return _with_fresh_head(result, model) if skip_head else result
+
+
+def _wanted_entries(model: Any) -> Dict[str, Tuple[str, Tuple[str, ...], tuple]]:
+    """Each state_dict key ``model`` needs, with its collection, flax path and flax shape."""
+    shapes = jax.eval_shape(lambda: models.init(model, jax.random.key(0)))
+    wanted: Dict[str, Tuple[str, Tuple[str, ...], tuple]] = {}
+    for collection in ("params", "batch_stats"):
+        flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(shapes.get(collection, {})))
+        for path, value in flat.items():
+            wanted[_torch_key(collection, path)] = (collection, path, tuple(value.shape))
+    return wanted
+
+
+def _differences(
+    state_dict: Mapping[str, Any],
+    model: Any,
+    wanted: Mapping[str, Tuple[str, Tuple[str, ...], tuple]],
+    skip_head: bool,
+) -> Tuple[List[str], List[str], Dict[str, Tuple[tuple, tuple]]]:
+    """The keys ``state_dict`` lacks, the keys it has beyond ``wanted``, and the keys whose
+    shape differs, each as (given, expected) in torch's layout.
+
+    The classifier's keys are neither missing nor mis-shaped when ``skip_head`` drops it.
+    """
+    ignorable = set(FRONTEND_KEYS) if uses_logmel(model) else set()
+    given = {k for k in state_dict if not k.endswith("num_batches_tracked") and k not in ignorable}
+    skipped = {k for k in wanted if skip_head and _is_classifier(k)}
+    missing = [k for k in wanted if k not in given and k not in skipped]
+    unexpected = [k for k in given if k not in wanted]
+    if not uses_logmel(model):
+        unexpected += [k for k in state_dict if k in FRONTEND_KEYS]
+    wrong_shape = {}
+    for key in (given & set(wanted)) - skipped:
+        _collection, path, shape = wanted[key]
+        got = tuple(np.shape(state_dict[key]))
+        torch_shape = _kernel_to_torch(np.zeros(shape)).shape if path[-1] == "kernel" else shape
+        if got != tuple(torch_shape):
+            wrong_shape[key] = (got, tuple(torch_shape))
+    return missing, unexpected, wrong_shape
+
+
+def _with_fresh_head(variables: Dict[str, Any], model: Any) -> Dict[str, Any]:
+    """``variables`` completed with ``model``'s seed-0 initialisation where they lack a leaf
+    (the classifier that ``skip_head`` left out)."""
+    fresh = models.init(model, jax.random.key(0))
+    result = {}
+    for collection, tree in variables.items():
+        merged = flax.traverse_util.flatten_dict(jax.device_get(fresh[collection]))
+        merged.update(flax.traverse_util.flatten_dict(tree))
+        result[collection] = flax.traverse_util.unflatten_dict(merged)
     return result
 
 
 # ----------------------------------------------------------------------------
-# .pth files (read and written by panns_jax.pth: no torch needed) and the command line.
+# .pth files, read and written by panns_jax.pth without torch.
 # ----------------------------------------------------------------------------
 
 
@@ -331,8 +357,11 @@ def write_torch_checkpoint(
 
 
 def head_classes(state_dict: Mapping[str, Any]) -> Optional[int]:
-    """Class count of an original state_dict's classifier (527 for the released models):
-    the output size (first torch dimension) of any of its weights."""
+    """The class count of an original state_dict's classifier, None without one.
+
+    It is the output size (the first torch dimension) of the classifier's weights: 527 for
+    the released models.
+    """
     for key in sorted(state_dict):
         if _is_classifier(key) and key.endswith(".weight"):
             return int(np.shape(state_dict[key])[0])
@@ -375,7 +404,7 @@ def torch_to_checkpoint(
     )
 
 
-if __name__ == "__main__":  # The former CLI: `python -m panns_jax.convert from-torch ...`.
-    import runpy  # Not an import of convert_cli: it imports the loader, which imports this.
+if __name__ == "__main__":  # `python -m panns_jax.convert from-torch ...` runs the command.
+    import runpy  # Not an import of panns_jax.cli.convert, whose loader imports this module.
 
-    runpy.run_module("panns_jax.convert_cli", run_name="__main__", alter_sys=True)
+    runpy.run_module("panns_jax.cli.convert", run_name="__main__", alter_sys=True)

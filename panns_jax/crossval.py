@@ -19,7 +19,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from panns_jax import recipe, train, transfer
+from panns_jax import config_checks, recipe, train, transfer
 from panns_jax.recipe import ConfigError
 
 
@@ -50,7 +50,7 @@ def cross_validate(
     """
     folds = list(folds or range(1, int(config.transfer.num_folds) + 1))
     fold_configs = {fold: fold_config(config, fold) for fold in folds}  # All refused early.
-    train.validate_config(fold_configs[folds[0]], workdir)
+    config_checks.validate_config(fold_configs[folds[0]], workdir)
     per_fold: Dict[str, Dict[str, float]] = {}
     for fold in folds:
         fold_dir = os.path.join(workdir, f"fold{fold}")

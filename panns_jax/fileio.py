@@ -20,14 +20,15 @@ __all__ = ["replace_dir", "staged"]
 def staged(path: str) -> Iterator[str]:
     """Yield a temporary sibling of ``path`` to write; rename it onto ``path`` on success.
 
-    The sibling is ``.<basename>.<random>.part`` in the same directory (so the rename is
-    atomic: same file system) and the caller creates it with ``open`` as usual, so it gets
-    the umask's mode (``tempfile.mkstemp`` would make it 0o600). On normal exit it is flushed
-    to disk and replaces ``path`` (``os.replace``); on an exception it is removed and the
-    exception propagates, leaving ``path`` as it was. Writers that add their own suffix to a
-    path (``numpy.savez``, ``savefig`` without ``format=``) should be given an open file. A
-    directory may be staged too: removed whole on an exception, and on success swapped
-    with an existing one by :func:`replace_dir`.
+    The sibling is ``.<basename>.<random>.part`` in the same directory, so the rename stays
+    on one file system and is atomic. The caller creates it with ``open`` as usual, so it
+    gets the umask's mode (``tempfile.mkstemp`` would make it 0o600). When the block ends
+    normally the sibling is flushed to disk and replaces ``path`` (``os.replace``). When it
+    raises, the sibling is removed, ``path`` is left alone, and the exception propagates.
+    Writers that add their own suffix to a path (``numpy.savez``, ``savefig`` without
+    ``format=``) should be given an open file. A directory may be staged too. It is removed
+    whole on an exception, and on success it replaces an existing one by
+    :func:`replace_dir`.
     """
     directory, base = os.path.split(os.path.abspath(path))
     staging = os.path.join(directory, f".{base}.{uuid.uuid4().hex[:12]}.part")
@@ -48,8 +49,8 @@ def staged(path: str) -> Iterator[str]:
 
 
 def _fsync(path: str) -> None:
-    """Flush ``path``'s data to disk so the rename never exposes an empty file after a crash
-    (for a directory, its entries)."""
+    """Flush ``path``'s data (a directory's entries) to disk, so that after a crash the
+    rename never exposes an empty file."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -72,9 +73,9 @@ def _exchange(a: str, b: str) -> bool:
 def replace_dir(staging: str, path: str) -> None:
     """Move the complete directory ``staging`` to ``path``, replacing what is there.
 
-    With an existing ``path`` the two are exchanged atomically where the kernel allows
-    (then the old one is removed); elsewhere the old one is moved aside first, so at
-    worst a crash leaves it beside ``path`` as ``.NAME.old-*``, never half written.
+    Where the kernel allows, an existing ``path`` is exchanged with ``staging`` in one
+    atomic step and then removed. Elsewhere the existing directory is moved aside first, so
+    a crash at worst leaves it beside ``path`` as ``.NAME.old-*``, never half written.
     """
     if not os.path.lexists(path):
         os.replace(staging, path)

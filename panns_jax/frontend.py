@@ -8,11 +8,11 @@ Kong et al. 2020, Sec. III-A and ``golden/README.md``:
 * power spectrogram ``|rfft|^2`` -> Slaney mel filterbank (64 bins, 50-14000 Hz);
 * log-mel ``10 * log10(max(mel, 1e-10))`` with no top_db clipping.
 
-The STFT has two implementations, chosen by :attr:`FrontendConfig.stft`: ``"fft"``
-(``jnp.fft.rfft`` of gathered frames, the fast default) and ``"dft"`` (one strided
-convolution with the windowed DFT basis, as torchlibrosa computes it), which exporters
-lower to plain convolutions (ONNX and TFLite builtins have no rfft; see
-:mod:`panns_jax.export`). They agree to float32 round-off.
+:attr:`FrontendConfig.stft` chooses one of two STFT implementations, which agree to
+float32 round-off. ``"fft"``, the fast default, is ``jnp.fft.rfft`` of gathered frames.
+``"dft"`` is one strided convolution with the windowed DFT basis, as torchlibrosa
+computes it. Exporters lower it to plain convolutions, since ONNX and TFLite builtins
+have no rfft (see :mod:`panns_jax.export`).
 
 Shapes are batch first: waveforms ``(B, L)``, log-mels ``(B, T, mel_bins)``.
 The power spectrum and the log are always computed in float32, whatever the
@@ -51,6 +51,7 @@ class FrontendConfig:
 
     @property
     def n_freq(self) -> int:
+        """Frequency bins of the STFT: ``window_size // 2 + 1``."""
         return self.window_size // 2 + 1
 
     def num_frames(self, num_samples: int) -> int:
@@ -58,6 +59,7 @@ class FrontendConfig:
         return 1 + num_samples // self.hop_size
 
     def validate(self) -> None:
+        """Raise a ValueError naming the first setting that no front end can have."""
         if self.stft not in STFT_METHODS:
             raise ValueError(f"stft must be one of {STFT_METHODS}, got {self.stft!r}")
         if self.window_size <= 0 or self.hop_size <= 0 or self.mel_bins <= 0:
@@ -98,8 +100,11 @@ def hann_window(n: int) -> np.ndarray:
 
 
 def windowed_dft_basis(n_fft: int) -> Tuple[np.ndarray, np.ndarray]:
-    """float64 ``(n_freq, n_fft)`` ``hann[n] cos(2 pi k n / N)`` and ``-hann[n] sin(...)``:
-    the original's (torchlibrosa's) DFT-as-convolution STFT weights, before rounding."""
+    """float64 ``(n_freq, n_fft)`` ``hann[n] cos(2 pi k n / N)`` and ``-hann[n] sin(...)``.
+
+    These are the original's (torchlibrosa's) DFT-as-convolution STFT weights, before
+    rounding.
+    """
     n = np.arange(n_fft, dtype=np.float64)
     k = np.arange(n_fft // 2 + 1, dtype=np.float64)[:, None]
     window = hann_window(n_fft).astype(np.float64)
@@ -116,8 +121,8 @@ def _frame_indices(num_padded: int, n_fft: int, hop: int) -> np.ndarray:
 def validate_waveform(waveform: Any, min_samples: int, name: str = "waveform") -> None:
     """Raise a ``ValueError`` that names the problem with a waveform batch.
 
-    Checks rank, dtype and length always; checks for NaN/Inf only when the
-    array is concrete (outside of ``jit``), since tracers carry no values.
+    Rank, dtype and length are always checked. NaN/Inf are checked only when the array
+    is concrete (outside of ``jit``), since tracers carry no values.
     """
     shape = getattr(waveform, "shape", None)
     dtype = getattr(waveform, "dtype", None)
@@ -161,12 +166,13 @@ def power_spectrogram(
 ) -> jax.Array:
     """``|STFT|^2`` of ``(B, L)`` float audio -> ``(B, T, n_fft // 2 + 1)`` float32.
 
-    Centred frames: ``n_fft // 2`` samples of reflect padding on both sides
-    (numpy ``'reflect'``, edge not repeated), periodic Hann window, no scaling.
-    ``method`` is :attr:`FrontendConfig.stft`: ``"fft"`` (an rfft of gathered frames)
-    or ``"dft"`` (one strided conv with :func:`dft_kernel`: no FFT and no gather, so it
-    lowers to plain convolutions in ONNX/TFLite/StableHLO and for symbolic lengths; it
-    costs ``n_fft`` MACs per output bin instead of ``O(log n_fft)``).
+    Frames are centred, with ``n_fft // 2`` samples of reflect padding on both sides
+    (numpy ``'reflect'``, edge not repeated), a periodic Hann window and no scaling.
+
+    ``method`` is :attr:`FrontendConfig.stft`. ``"fft"`` takes an rfft of gathered frames.
+    ``"dft"`` is one strided conv with :func:`dft_kernel`, with no FFT and no gather, so
+    it lowers to plain convolutions in ONNX, TFLite and StableHLO and for symbolic
+    lengths. It costs ``n_fft`` MACs per output bin instead of ``O(log n_fft)``.
     """
     if method not in STFT_METHODS:
         raise ValueError(f"STFT method must be one of {STFT_METHODS}, got {method!r}")
@@ -198,8 +204,8 @@ def power_to_db(power: jax.Array, amin: float = LOG_FLOOR) -> jax.Array:
 def logmel(waveform: jax.Array, config: FrontendConfig = FrontendConfig()) -> jax.Array:
     """Log-mel spectrogram ``(B, T, mel_bins)`` in float32 of ``(B, L)`` or ``(L,)`` audio.
 
-    Jittable; shape, dtype and length are checked at trace time, NaN/Inf only
-    when called eagerly on concrete arrays (see :func:`validate_waveform`).
+    Jittable. Shape, dtype and length are checked at trace time, NaN/Inf only when
+    called eagerly on concrete arrays (see :func:`validate_waveform`).
     """
     validate_waveform(waveform, min_samples=config.window_size)
     x = jnp.asarray(waveform)
@@ -247,8 +253,8 @@ def spec_augment(
 ) -> jax.Array:
     """Zero random time and frequency stripes of ``(B, T, F, ...)`` features per example.
 
-    Stripes are drawn independently per example from ``rng``; dropped values
-    are set to exactly 0 (the original applies this after ``bn0``).
+    Stripes are drawn independently per example from ``rng``. Dropped values are set to
+    exactly 0 (the original applies this after ``bn0``).
     """
     if features.ndim < 3:
         raise ValueError(
@@ -278,7 +284,7 @@ def mixup(x: jax.Array, lam: jax.Array) -> jax.Array:
     """Mix pairs ``out[i] = lam[i] * x[2i] + (1 - lam[i]) * x[2i + 1]``.
 
     ``x`` has an even leading dimension 2B (waveforms, log-mels, feature maps or
-    targets); the result has B rows. The same ``lam`` mixes inputs and targets.
+    targets), and the result has B rows. The same ``lam`` mixes inputs and targets.
     """
     if x.shape[0] % 2:
         raise ValueError(f"mixup needs an even batch (pairs 2i, 2i+1), got {x.shape[0]} examples")

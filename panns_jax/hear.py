@@ -31,9 +31,9 @@ from typing import Any, Mapping, Optional, Tuple
 
 import numpy as np
 
-from panns_jax import loader, models, tf_cpu
+from panns_jax import checks, tf_cpu
 from panns_jax.audio import MAX_SAMPLE_RATE, resample  # (``audio`` is the HEAR API's argument)
-from panns_jax.tagger import AudioTagger, chunk_embeddings, positive_seconds
+from panns_jax.tagger import AudioTagger, chunk_embeddings
 
 tf = tf_cpu.import_tensorflow()
 
@@ -46,6 +46,20 @@ MIN_TIMESTAMP_HOP_S = 0.001
 def default_input_rate(model_rate: int) -> int:
     """The model's own rate where HEAR allows it, else 48 kHz (32 kHz = 48 kHz x 2/3)."""
     return model_rate if model_rate in HEAR_SAMPLE_RATES else 48000
+
+
+def _check_input_rate(rate: Any) -> None:
+    """ValueError unless ``rate`` is an integer rate the resampler and the models take."""
+    if (
+        isinstance(rate, bool)
+        or not isinstance(rate, (int, np.integer))
+        or not MIN_INPUT_RATE <= rate <= MAX_SAMPLE_RATE
+    ):
+        raise ValueError(
+            f"input_sample_rate must be a positive integer rate in "
+            f"{MIN_INPUT_RATE}..{MAX_SAMPLE_RATE} Hz (HEAR uses "
+            f"{', '.join(map(str, HEAR_SAMPLE_RATES))}), got {rate!r}"
+        )
 
 
 class PannsHearModel(tf.Module):
@@ -70,26 +84,11 @@ class PannsHearModel(tf.Module):
             if input_sample_rate is None
             else input_sample_rate
         )
-        if (
-            isinstance(rate, bool)
-            or not isinstance(rate, (int, np.integer))
-            or not MIN_INPUT_RATE <= rate <= MAX_SAMPLE_RATE
-        ):
-            raise ValueError(
-                f"input_sample_rate must be a positive integer rate in "
-                f"{MIN_INPUT_RATE}..{MAX_SAMPLE_RATE} Hz (HEAR uses "
-                f"{', '.join(map(str, HEAR_SAMPLE_RATES))}), got {rate!r}"
-            )
+        _check_input_rate(rate)
         self.sample_rate = int(rate)
         self.timestamp_window = tagger.window_samples(timestamp_window_s, "timestamp_window_s")
-        hop_s = positive_seconds(timestamp_hop_s, "timestamp_hop_s")
+        hop_s = checks.hop_seconds(timestamp_hop_s, "timestamp_hop_s", MIN_TIMESTAMP_HOP_S)
         self.timestamp_hop = int(round(hop_s * self.model_sample_rate))
-        if hop_s < MIN_TIMESTAMP_HOP_S:
-            raise ValueError(
-                f"timestamp_hop_s {timestamp_hop_s:g} is below "
-                f"{MIN_TIMESTAMP_HOP_S:g} s; HEAR asks for hops of at most 50 ms, "
-                "finer ones multiply the work"
-            )
         tagger.check_length(self.timestamp_window, f"timestamp window ({timestamp_window_s} s)")
         self.scene_embedding_size = int(
             self._embed(np.zeros((1, self.timestamp_window), np.float32)).shape[-1]
@@ -102,7 +101,7 @@ class PannsHearModel(tf.Module):
 
     def _embed(self, waveforms: np.ndarray) -> np.ndarray:
         """``(B, L)`` -> ``(B, E)`` in batches of the tagger's batch size."""
-        key = models.outputs(self.tagger.model).embedding
+        key = self.tagger.embedding_key
         parts = [
             chunk_embeddings(
                 self.tagger.predict_batch(waveforms[i : i + self.tagger.batch_size], [key])[key]
@@ -136,8 +135,9 @@ def load_model(
 
     An empty path gives a randomly initialised ``model_name`` (default Cnn14), for tests.
     """
-    loaded = loader.load(model_file_path or None, model=model_name, overrides=overrides)
-    tagger = AudioTagger.from_loaded(loaded, batch_size=batch_size)
+    tagger = AudioTagger.load(
+        model_file_path or None, model=model_name, overrides=overrides, batch_size=batch_size
+    )
     return PannsHearModel(tagger, timestamp_window_s, timestamp_hop_s, input_sample_rate)
 
 

@@ -8,22 +8,26 @@
     probabilities = module.apply(variables, waveform)["clipwise_output"]
 
 Every entry point (tag, sed, embed, export, stream, HEAR, transfer learning, the
-notebooks) loads through :func:`load`, so each kind of checkpoint works everywhere:
+notebooks) loads through :func:`load`, so each kind of checkpoint works everywhere. The
+kinds are these:
 
-* a panns_jax checkpoint directory (:mod:`panns_jax.checkpoints`) of any run: plain
-  training, a transfer run's folded Freeze_L1 / fine-tuned model (a registry model with
-  the task's class count), or a Freeze_L3 model (a ``transfer_head`` override that
-  :func:`panns_jax.models.get` turns into a :class:`~panns_jax.models.transfer_head.Transfer`);
-  it records its own architecture, so ``overrides`` are refused;
-* an original PANNs ``.pth`` (``model`` names its architecture, ``overrides`` its further
-  arguments; the class count is read from its head), converted in memory without torch;
-* the name of a released model (:mod:`panns_jax.zoo`): downloaded, verified and
-  converted on first use. An existing path wins over a zoo name;
-* nothing: ``model`` (default :data:`DEFAULT_MODEL`) randomly initialised from ``seed``
-  (``metadata.kind == 'random'``; its outputs are meaningless, callers say so).
+* A panns_jax checkpoint directory (:mod:`panns_jax.checkpoints`) of any run. That covers
+  plain training, a transfer run's folded Freeze_L1 or fine-tuned model (a registry model
+  with the task's class count), and a Freeze_L3 model, whose ``transfer_head`` override
+  :func:`panns_jax.models.get` turns into a
+  :class:`~panns_jax.models.transfer_head.Transfer`. The directory records its own
+  architecture, so ``overrides`` are refused.
+* An original PANNs ``.pth``, converted in memory without torch. ``model`` names its
+  architecture and ``overrides`` its further arguments. The class count is read from its
+  head.
+* The name of a released model (:mod:`panns_jax.zoo`), downloaded, verified and converted
+  on first use. An existing path of the same name wins.
+* Nothing: ``model`` (default :data:`DEFAULT_MODEL`) initialised at random from ``seed``.
+  Its ``metadata.kind`` is ``random``; its outputs mean nothing, and callers say so.
 
-Errors are one line: ``FileNotFoundError`` for a source that is neither a path nor a zoo
-name, ``ValueError`` (e.g. :class:`~panns_jax.checkpoints.CheckpointError`) for the rest.
+Errors are one line. A source that is neither a path nor a zoo name raises
+``FileNotFoundError``; everything else raises a ``ValueError`` such as
+:class:`~panns_jax.checkpoints.CheckpointError`.
 """
 
 from __future__ import annotations
@@ -41,8 +45,8 @@ from panns_jax.models import transfer_head
 
 DEFAULT_MODEL = "Cnn14"
 KINDS = ("checkpoint", "pth", "zoo", "random")
-# The sources that record their own architecture, as errors name them: (what it is, what
-# it holds).
+# How errors name the sources that record their own architecture. The first text says
+# why overrides are refused; the second begins the sentence that names the architecture.
 _RECORDED = {
     "checkpoint": (
         "{source}: a panns_jax checkpoint directory records its own overrides",
@@ -85,8 +89,10 @@ class Metadata:
 
 @dataclasses.dataclass(frozen=True)
 class Loaded:
-    """A module, its ``{'params', 'batch_stats'}`` and its :class:`Metadata`; unpacks as
-    ``module, variables, metadata = load(...)``."""
+    """A module, its ``{'params', 'batch_stats'}`` and its :class:`Metadata`.
+
+    It unpacks as ``module, variables, metadata = load(...)``.
+    """
 
     module: nn.Module
     variables: Dict[str, Any]
@@ -110,9 +116,12 @@ def labels_for(module: nn.Module, given: Optional[Any]) -> Tuple[str, ...]:
 
 
 def task_of(module: nn.Module, extra: Optional[Mapping[str, Any]] = None) -> str:
-    """``singlelabel`` for a softmax head (a transfer head with ``output='softmax'``) or a
-    checkpoint whose ``extra`` records a single-label task (a folded Freeze_L1 / fine-tuned
-    model of ESC-50, ...), else ``multilabel``."""
+    """The task whose outputs ``module`` gives, as :mod:`panns_jax.tasks` names it.
+
+    A transfer head's activation decides it (:func:`panns_jax.tasks.for_output`). Any
+    other module gives the task its checkpoint's ``extra`` records, as a folded Freeze_L1
+    or fine-tuned model of ESC-50 does, and multi-label tagging when none is recorded.
+    """
     if isinstance(module, transfer_head.Transfer):
         return tasks.for_output(module.output)
     recorded = (extra or {}).get(tasks.CHECKPOINT_KEY)
@@ -152,21 +161,15 @@ def load(
 
     Args:
       source: a checkpoint directory, an original ``.pth``, a zoo name, or None (random).
-      model: the architecture: required for a ``.pth``, the random model's (default
-        :data:`DEFAULT_MODEL`), and otherwise a check (the source must hold it).
-      overrides: further architecture arguments of a ``.pth`` or random model; a
+      model: the architecture. A ``.pth`` needs it, random weights default to
+        :data:`DEFAULT_MODEL`, and any other source must hold the architecture it names.
+      overrides: further architecture arguments of a ``.pth`` or random model. A
         checkpoint directory or zoo model records its own, so they are refused there.
       seed: the random initialisation's seed (random weights only).
     """
     overrides = dict(overrides or {})
     if source is None:
-        name = model or DEFAULT_MODEL
-        module = models.get(name, **overrides)
-        variables = models.init(module, jax.random.key(seed), models.sample_rate(module))
-        checkpoint = checkpoints.ModelCheckpoint(
-            model=name, variables=variables, overrides=overrides
-        )
-        return _finish(checkpoint, "random", None, module)
+        return _random(model or DEFAULT_MODEL, overrides, seed)
     source = os.fspath(source)
     exists = os.path.exists(source)
     if not exists and not zoo.is_zoo_name(source):
@@ -175,15 +178,33 @@ def load(
             "pretrained model name (`panns-jax download --list`)"
         )
     if not exists or checkpoints.is_model_checkpoint(source):
-        # Both record their architecture: overrides are refused, ``model`` is a check.
-        kind = "checkpoint" if exists else "zoo"
-        what, holds = (text.format(source=source) for text in _RECORDED[kind])
-        if overrides:
-            raise ValueError(f"{what}; --overrides applies to a .pth or a random model only")
-        checkpoint = checkpoints.load(source) if kind == "checkpoint" else zoo.load(source)
-        if model and model != checkpoint.model:
-            raise ValueError(f"{holds} {checkpoint.model}, not {model}")
-        return _finish(checkpoint, kind, source)
+        return _recorded(source, "checkpoint" if exists else "zoo", model, overrides)
+    return _pth(source, model, overrides)
+
+
+def _random(name: str, overrides: Dict[str, Any], seed: int) -> Loaded:
+    module = models.get(name, **overrides)
+    variables = models.init(module, jax.random.key(seed), models.sample_rate(module))
+    checkpoint = checkpoints.ModelCheckpoint(model=name, variables=variables, overrides=overrides)
+    return _finish(checkpoint, "random", None, module)
+
+
+def _recorded(source: str, kind: str, model: Optional[str], overrides: Dict[str, Any]) -> Loaded:
+    """A checkpoint directory or a zoo model, which record their own architecture.
+
+    Overrides are refused for them, and ``model`` only checks what they hold.
+    """
+    what, holds = (text.format(source=source) for text in _RECORDED[kind])
+    if overrides:
+        raise ValueError(f"{what}; --overrides applies to a .pth or a random model only")
+    checkpoint = checkpoints.load(source) if kind == "checkpoint" else zoo.load(source)
+    if model and model != checkpoint.model:
+        raise ValueError(f"{holds} {checkpoint.model}, not {model}")
+    return _finish(checkpoint, kind, source)
+
+
+def _pth(source: str, model: Optional[str], overrides: Dict[str, Any]) -> Loaded:
+    """An original ``.pth`` of architecture ``model``, converted in memory."""
     if os.path.isdir(source):
         raise ValueError(f"{source}: not a panns_jax checkpoint directory")
     if not model:
@@ -199,8 +220,11 @@ def load(
 def add_arguments(
     parser: argparse.ArgumentParser, *, checkpoint_default: str, model_default: str
 ) -> None:
-    """``--checkpoint`` / ``--model`` / ``--overrides``: how every command line names the
-    model it hands to :func:`load` (the defaults differ by command, so they are said here)."""
+    """Add ``--checkpoint``, ``--model`` and ``--overrides``, the options every command line
+    uses to name the model it hands to :func:`load`.
+
+    The defaults differ by command, so each command states its own in the help text.
+    """
     parser.add_argument(
         "--checkpoint",
         default=None,

@@ -20,7 +20,7 @@ from typing import Sequence
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from panns_jax import recipe
+from panns_jax import recipe, tasks
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Training configuration file.", lock_config=True
@@ -183,7 +183,7 @@ def main(argv: Sequence[str]) -> None:
     )
     try:
         result = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    except train.ConfigError as err:  # A refused config: one line, not a traceback.
+    except recipe.ConfigError as err:  # A refused config: one line, not a traceback.
         print(f"error: {err}", file=sys.stderr)
         if count > 1:
             _exit_now(2)
@@ -203,7 +203,7 @@ def main(argv: Sequence[str]) -> None:
         )
         _exit_now(1)
     if result and index == 0:  # The task's own summary (accuracy first for single-label).
-        summary = train.get_task(_CONFIG.value).summary(result)
+        summary = tasks.get(_CONFIG.value.get("task")).summary(result)
         logging.info("final eval: %s", summary)
         print(f"final eval {summary}")
 

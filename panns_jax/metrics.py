@@ -1,16 +1,17 @@
 """Evaluation metrics of the paper: mAP, mean AUC and d-prime (Kong et al. 2020, Sec. IV-D).
 
-Per class (``average=None`` in scikit-learn's terms), as the original evaluation:
-AP is the step-wise (non-interpolated) average precision over distinct score
-thresholds, AUC the trapezoidal ROC area with ties counted half. mAP and mAUC are
-the means over classes; d' = sqrt(2) * Phi^-1(mAUC) is computed from the *mean* AUC.
-Classes without any positive (or negative) example have no AP/AUC: they are NaN
+Metrics are per class (``average=None`` in scikit-learn's terms), as in the original
+evaluation. AP is the step-wise (non-interpolated) average precision over distinct
+score thresholds, and AUC the trapezoidal ROC area with ties counted half. mAP and mAUC
+are the means over classes. d' = sqrt(2) * Phi^-1(mAUC) is computed from the *mean*
+AUC. Classes without any positive (or negative) example have no AP/AUC. They are NaN
 and left out of the means.
 """
 
 from __future__ import annotations
 
-from typing import Dict
+import os
+from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
 from scipy import stats
@@ -70,3 +71,16 @@ def evaluate(scores: np.ndarray, targets: np.ndarray) -> Dict[str, np.ndarray]:
         "average_precision": ap,
         "auc": auc,
     }
+
+
+def write_per_class(
+    path: str, result: Dict[str, Any], class_names: Optional[Sequence[str]] = None
+) -> str:
+    """Write each class's average precision and AUC of an evaluation to the CSV ``path``."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        f.write("index,label,average_precision,auc\n")
+        for i, (ap, auc) in enumerate(zip(result["average_precision"], result["auc"])):
+            name = class_names[i] if class_names and i < len(class_names) else str(i)
+            f.write(f'{i},"{name}",{ap:.6f},{auc:.6f}\n')
+    return path

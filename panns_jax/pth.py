@@ -2,7 +2,7 @@
 
 The reader takes both layouts of ``torch.save``: the zip archive of torch >= 1.6
 (``<root>/data.pkl`` plus one raw record per storage under ``<root>/data/``) and the
-legacy stream of earlier versions (magic-number, protocol and system-info
+legacy stream of torch < 1.6 (magic-number, protocol and system-info
 pickles, the object pickle, the list of storage keys, then every storage as an int64
 element count followed by its bytes). Tensors become numpy arrays directly (bfloat16 via
 ``ml_dtypes``, which JAX already depends on), with the same bits ``torch.load`` gives.
@@ -67,10 +67,10 @@ def _np_dtype(name: str) -> np.dtype:
 
 
 class _StorageType:
-    """What ``torch.FloatStorage`` etc. unpickle to: only its element type matters.
+    """What ``torch.FloatStorage`` and its kind unpickle to. Only the element type matters.
 
-    A fresh one per lookup, with slots and no ``__setstate__``: a pickle's BUILD cannot
-    alter it, nor what later files read.
+    Each lookup makes a fresh one, with slots and a ``__setstate__`` that refuses, so a
+    pickle's BUILD can alter neither it nor what later files read.
     """
 
     __slots__ = ("name", "dtype")
@@ -290,8 +290,8 @@ def _resolve(value: Any) -> Any:
 
 
 def _read_exact(file: BinaryIO, count: int, what: str) -> bytearray:
-    # A bytearray rather than np.empty: numpy's huge-page requests made the kernel compact
-    # memory on a loaded machine (2-4x the system time, measured); the zero fill is cheap.
+    # A bytearray rather than np.empty: numpy asks for huge pages, for which the kernel of a
+    # loaded machine compacts memory (2-4x the system time, measured). The zero fill is cheap.
     buffer = bytearray(count)
     view = memoryview(buffer)
     got = 0
@@ -367,10 +367,13 @@ def _load_zip(file: BinaryIO, size: int) -> Any:
 def _read_record(
     archive: zipfile.ZipFile, file: BinaryIO, info: zipfile.ZipInfo, size: int
 ) -> bytearray:
-    """A record's bytes. torch stores records uncompressed: those are read straight from
-    the file into one buffer (zipfile's reader would copy them twice), with the CRC-32
-    checked as zipfile does, except that a CRC of 0 is taken as "not computed" since
-    ``torch.serialization.set_crc32_options(False)`` writes files that torch.load reads."""
+    """A record's bytes, with its CRC-32 checked.
+
+    torch stores records uncompressed, and those are read straight from the file into one
+    buffer (zipfile's reader would copy them twice). The CRC-32 is checked as zipfile checks
+    it, except that a CRC of 0 means "not computed": torch.load reads the files that
+    ``torch.serialization.set_crc32_options(False)`` writes.
+    """
     name = info.filename
     stored = info.compress_type == zipfile.ZIP_STORED
     if info.compress_size > size or stored and info.file_size != info.compress_size:
@@ -405,10 +408,12 @@ def _from_bytes(data: bytearray, dtype: np.dtype, byteorder: str) -> np.ndarray:
     return array
 
 
-def _load_legacy(file: BinaryIO, size: int) -> Any:
-    def plain(pid):
-        raise PthError("unexpected persistent id in a legacy header")
+def _no_persistent_ids(pid: Any) -> Any:
+    raise PthError("unexpected persistent id in a legacy header")
 
+
+def _load_legacy(file: BinaryIO, size: int) -> Any:
+    plain = _no_persistent_ids
     if _unpickler(file, plain).load() != LEGACY_MAGIC:
         raise PthError("a pickle, but not one written by torch.save (no magic number)")
     protocol = _unpickler(file, plain).load()

@@ -32,7 +32,7 @@ STRATEGIES = ("scratch", "finetune", "freeze_l1", "freeze_l3")
 
 
 class ConfigError(ValueError):
-    """A config value that cannot be trained with; the message names it and what to do.
+    """A config value that cannot be trained with. The message names it and what to do.
 
     The binaries (``panns_jax.main``, ``panns_jax.crossval``) print it as one line and
     exit with status 2 instead of a traceback.
@@ -44,7 +44,7 @@ def parse_flags(argv: Sequence[str]) -> List[str]:
     refuses its arguments (``esc50.py:fold=99``) is one ``error:`` line and exit 2.
 
     ml_collections wraps an exception of ``get_config`` in a flags error holding the
-    whole traceback; only its last line (the exception itself) is worth printing.
+    whole traceback. Only its last line, the exception itself, is worth printing.
     """
     from absl import flags
 
@@ -76,6 +76,15 @@ def parse_arg(arg: Optional[str]) -> Dict[str, Any]:
 def base_config(
     model: str, arg: Optional[str] = None, family_supports_logmel: bool = True
 ) -> ml_collections.ConfigDict:
+    """The paper's AudioSet recipe for ``model``, changed by the config arguments ``arg``.
+
+    ``family_supports_logmel`` is False for the raw-waveform families, which take no
+    front-end arguments. Raises :class:`ConfigError` for an unknown or bad argument.
+
+    The function is long because it is the one flat list of every config field and its
+    default, followed by the arguments' overrides, as ml_collections configs are written:
+    the whole recipe reads top to bottom in one place.
+    """
     args = parse_arg(arg)
     known = {
         "mixup",
@@ -194,16 +203,16 @@ def transfer_config(
 ) -> ml_collections.ConfigDict:
     """A transfer run (Sec. V) on a single-label set with folds: ESC-50, GTZAN, RAVDESS.
 
-    The pretrained model is ``config.transfer.checkpoint`` (a placeholder: pass
-    ``--config.transfer.checkpoint=DIR_OR_PTH``); see ``panns_jax/transfer.py``.
-    Config arguments (besides those of :func:`base_config`, e.g. ``mixup=none``):
+    The pretrained model is ``config.transfer.checkpoint``, a placeholder to fill with
+    ``--config.transfer.checkpoint=DIR_OR_PTH`` (see ``panns_jax/transfer.py``).
+    Config arguments, besides those of :func:`base_config` (e.g. ``mixup=none``):
       strategy=scratch|finetune|freeze_l1|freeze_l3   the paper's four systems
-      fold=K                   held-out fold (train on the others); `transfer cv` runs all
+      fold=K                   held-out fold (train on the others); `crossval cv` runs all
       steps=N                  training steps (default 10,000)
 
-    Recipe of the authors' transfer code (panns_transfer_to_gtzan): Adam (AMSGrad here,
-    as the pretraining) at lr 1e-4, batch 32, mixup on the log-mel, uniform sampling,
-    softmax cross-entropy on one label per clip.
+    The recipe is that of the authors' transfer code (panns_transfer_to_gtzan). It trains
+    with Adam at lr 1e-4 (AMSGrad here, as in the pretraining), batch 32, mixup on the
+    log-mel, uniform sampling and softmax cross-entropy on one label per clip.
     """
     args = parse_arg(arg)
     strategy = args.pop("strategy", "finetune")
@@ -236,3 +245,18 @@ def transfer_config(
     c.transfer.num_folds = num_folds
     c.transfer.fold = fold
     return c
+
+
+def mixup_alpha(config: ml_collections.ConfigDict) -> Optional[float]:
+    """The Beta(alpha, alpha) parameter of mixup, or None when the config mixes nothing."""
+    return None if config.mixup == "none" else float(config.mixup_alpha)
+
+
+def examples_per_step(config: ml_collections.ConfigDict) -> int:
+    """Clips the loader delivers per step: two per mixed pair under mixup, else one per row."""
+    return config.batch_size * (1 if config.mixup == "none" else 2)
+
+
+def clip_samples(config: ml_collections.ConfigDict, sample_rate: int) -> int:
+    """Samples in one training or evaluation clip of ``config.clip_seconds`` at ``sample_rate``."""
+    return int(round(config.clip_seconds * sample_rate))

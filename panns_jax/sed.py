@@ -25,6 +25,8 @@ from panns_jax import frontend as fe
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
+    from panns_jax import models
+
 
 @dataclasses.dataclass
 class SedResult:
@@ -43,10 +45,10 @@ class SedResult:
     events: List[Dict[str, Any]]
 
 
-def check_threshold(threshold: float) -> None:
-    """ValueError unless ``threshold`` is a probability."""
-    if not (isinstance(threshold, (int, float, np.floating)) and 0.0 <= threshold <= 1.0):
-        raise ValueError(f"threshold must be a probability in [0, 1], got {threshold!r}")
+def output_key(outputs: models.Outputs) -> str:
+    """The output SED reads: ``framewise_output`` of a decision-level model, else each
+    window's ``clipwise_output``."""
+    return "framewise_output" if outputs.decision_level else "clipwise_output"
 
 
 def from_chunks(

@@ -1,6 +1,6 @@
 """Audio tagging and embeddings from Python: a model with its variables, fed by files or arrays.
 
-    tagger = AudioTagger.from_pretrained("Cnn14")  # or .from_checkpoint("ckpt/cnn14")
+    tagger = AudioTagger.load("Cnn14")  # a zoo name, a checkpoint directory, a .pth + model=
     tagger.tag("rec.wav", top_k=5); tagger.detect("rec.wav"); tagger.embed("rec.wav")
 
 A recording no longer than the chunk window (default 10 s) is processed whole,
@@ -10,18 +10,17 @@ without padding or cropping, as the original inference does (golden/TRAINING.md
 ending at the recording's end; each window is exactly the model applied to that
 sample range. Tags of a long recording aggregate the chunks' ``clipwise_output``
 with ``max`` (default: a sound present in any chunk is present in the recording)
-or ``mean``. Chunks of equal length are batched, across files too (:meth:`AudioTagger.run`).
+or ``mean``. Chunks of equal length are batched, across files too
+(:meth:`AudioTagger.run`, through :class:`panns_jax.scheduler.ChunkScheduler`).
 
-Sound event detection (:meth:`AudioTagger.detect`) runs the same chunk batcher; the
-stitching, event finding and plots are :mod:`panns_jax.sed`. The ``panns-jax`` command
-is :mod:`panns_jax.cli`.
+Sound event detection (:meth:`AudioTagger.detect`) runs the same chunks; the stitching,
+event finding and plots are :mod:`panns_jax.sed`. The ``panns-jax`` command is
+:mod:`panns_jax.cli`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import math
 import sys
 import warnings
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -30,125 +29,68 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from panns_jax import audio, loader, models, sed, zoo
+from panns_jax import audio, checks, loader, models, sed
+from panns_jax.scheduler import ChunkedOutput, ChunkScheduler
 
 Source = Union[str, np.ndarray]
 
 DEFAULT_WINDOW_S = 10.0
 DEFAULT_SED_WINDOW_S = 1.0
 DEFAULT_SED_HOP_S = 0.1
-MAX_BATCH_SIZE = 1024  # Chunks held before a flush: 1024 x 10 s at 32 kHz is 1.3 GB.
-MIN_HOP_S = 0.01  # One 10 ms frame: finer hops multiply the work with no new information.
-
-
-@dataclasses.dataclass
-class ChunkedOutput:
-    """Model outputs for the chunks of one recording.
-
-    Attributes:
-      source: the file path, or ``'<waveform>'``.
-      starts: start sample of each chunk, ``(n,)``.
-      window: samples per chunk (the whole recording when it fits one window).
-      num_samples: length of the recording at the model's sample rate.
-      outputs: output name -> array ``(n, ...)``, row i for chunk i.
-      error: why the recording failed (outputs are then empty).
-      warnings: why its results may mislead (truncated, silent or far too loud).
-    """
-
-    source: str
-    starts: np.ndarray
-    window: int
-    num_samples: int
-    outputs: Dict[str, np.ndarray]
-    error: Optional[str] = None
-    warnings: List[str] = dataclasses.field(default_factory=list)
+WHOLE = 1 << 62  # The window of ``window_s=None``: every recording in one chunk.
 
 
 class AudioTagger:
     """A PANNs model with its variables, ready for files and waveforms.
 
-    Without ``variables`` the model is randomly initialised (useful only to try
-    the pipeline: its labels are meaningless).
+    Built from what :func:`panns_jax.loader.load` returns, ``AudioTagger(module, variables,
+    metadata)``, or in one step by :meth:`load`. Random weights (``metadata.kind ==
+    'random'``) only try the pipeline: their labels are meaningless.
 
     Attributes:
+      model, variables: the Flax module and its ``{'params', 'batch_stats'}``.
+      metadata: the loader's :class:`panns_jax.loader.Metadata` (name, labels, rate, kind).
+      labels: one class name per output class (``metadata.labels``).
       batch_size: chunks of equal length run together up to this many; smaller
         batches are padded with silent rows to a power of two to bound recompiles.
-      metadata: the loader's :class:`panns_jax.loader.Metadata` when built by
-        :func:`load_tagger` / :meth:`from_loaded`, else None.
     """
 
     def __init__(
         self,
-        model_name: str = "Cnn14",
-        variables: Optional[Dict[str, Any]] = None,
-        seed: int = 0,
-        *,
-        overrides: Optional[Dict[str, Any]] = None,
-        batch_size: int = 8,
-        labels: Optional[Sequence[str]] = None,
-    ):
-        check_batch_size(batch_size)
-        if variables is None:  # The loader's random weights: one fallback for every tool.
-            loaded = loader.load(model=model_name, overrides=overrides, seed=seed)
-            module, variables, metadata = loaded
-            labels = metadata.labels if labels is None else labels
-            self._setup(model_name, module, variables, False, labels, batch_size, metadata)
-            return
-        model = models.get(model_name, **(overrides or {}))
-        self._setup(model_name, model, variables, True, labels, batch_size)
-
-    def _setup(
-        self,
-        model_name: str,
-        model: Any,
+        module: Any,
         variables: Dict[str, Any],
-        pretrained: bool,
-        labels: Optional[Sequence[str]],
-        batch_size: int,
-        metadata: Any = None,
-    ) -> None:
-        check_batch_size(batch_size)
-        self.model_name = model_name
-        self.model = model
-        self.sample_rate = models.sample_rate(model)
-        self.frame_hop_samples = model.frontend.hop_size
-        self.pretrained = pretrained
+        metadata: loader.Metadata,
+        *,
+        batch_size: int = 8,
+    ):
+        self.batch_size = checks.batch_size(batch_size)
+        self.model = module
         self.variables = variables
-        self.batch_size = batch_size
         self.metadata = metadata
-        num_classes = getattr(model, "num_classes", 527)
-        if labels is not None and len(labels) != num_classes:
-            raise ValueError(f"{len(labels)} labels for a {num_classes}-class model")
-        self.labels = list(loader.labels_for(model, labels))
+        self.model_name = metadata.name
+        self.pretrained = metadata.kind != "random"
+        self.sample_rate = models.sample_rate(module)
+        self.frame_hop_samples = module.frontend.hop_size
+        checks.labels_fit(metadata.labels, getattr(module, "num_classes", 527))
+        self.labels = list(metadata.labels)
         self._forward = jax.jit(self._apply, static_argnames="keys")
-        self._forward_all = jax.jit(model.apply)
+        self._forward_all = jax.jit(module.apply)
         self._fit_cache: Dict[int, bool] = {}
 
     @classmethod
-    def from_loaded(cls, loaded: Any, *, batch_size: int = 8) -> "AudioTagger":
-        """A tagger of what :func:`panns_jax.loader.load` returned (module, variables, metadata)."""
-        module, variables, metadata = loaded
-        tagger = cls.__new__(cls)
-        labels = list(metadata.labels)
-        pretrained = metadata.kind != "random"
-        tagger._setup(metadata.name, module, variables, pretrained, labels, batch_size, metadata)
-        return tagger
-
-    @classmethod
-    def from_checkpoint(
-        cls, checkpoint: str, model_name: Optional[str] = None, **kwargs: Any
+    def load(
+        cls, source: Optional[str] = None, *, batch_size: int = 8, **load_args: Any
     ) -> "AudioTagger":
-        """A tagger from a panns_jax checkpoint directory of any kind, an original ``.pth``
-        (needs ``model_name``) or a zoo name (:func:`panns_jax.loader.load`)."""
-        return load_tagger(checkpoint, model_name, **kwargs)
+        """A tagger of whatever :func:`panns_jax.loader.load` takes: a panns_jax checkpoint
+        directory of any kind, an original ``.pth``, a zoo name such as ``"Cnn14"``
+        (downloaded, verified and converted on first use), or None for random weights.
 
-    @classmethod
-    def from_pretrained(cls, name: str = "Cnn14", **kwargs: Any) -> "AudioTagger":
-        """A tagger with released AudioSet weights (:mod:`panns_jax.zoo`): ``Cnn14``,
-        ``Cnn14_DecisionLevelMax``, ``MobileNetV1``, ... Downloaded, verified and
-        converted on first use, then loaded from the cache."""
-        zoo.get(name)  # An unknown name: the zoo's error, with the names it has.
-        return load_tagger(name, None, **kwargs)
+        ``load_args`` are the loader's keywords: ``model`` (the architecture: required for
+        a ``.pth``, the random model's), ``overrides`` (architecture arguments of a ``.pth``
+        or a random model, e.g. the widths of a narrow Cnn10) and ``seed``.
+        """
+        checks.batch_size(batch_size)  # Before loading: a bad value costs no model.
+        return cls(*loader.load(source, **load_args), batch_size=batch_size)
 
     # ------------------------------------------------------------------ model
     def _apply(
@@ -160,12 +102,12 @@ class AudioTagger:
     @property
     def is_decision_level(self) -> bool:
         """Whether the model has a native ``framewise_output`` (Cnn14_DecisionLevel*)."""
-        return models.outputs(self.model).decision_level
+        return self.metadata.outputs.decision_level
 
     @property
     def embedding_key(self) -> str:
         """``embedding`` (clip models) or ``segmentwise_embedding`` (decision-level)."""
-        return models.outputs(self.model).embedding
+        return self.metadata.outputs.embedding
 
     def _fits(self, num_samples: int) -> bool:
         """Whether the model takes ``num_samples`` (shape-checked by tracing, cached)."""
@@ -239,75 +181,37 @@ class AudioTagger:
         (unreadable, too short, NaN samples) yields a result with ``error`` set and
         never stops the others. ``window_s=None`` processes every source whole.
         """
-        sr = self.sample_rate
-        window = (1 << 62) if window_s is None else self.window_samples(window_s)
+        window = WHOLE if window_s is None else self.window_samples(window_s)
         hop = window if hop_s is None else self.hop_samples(hop_s)
-        keys = tuple(keys)
-        states: Dict[int, _SourceState] = {}
-        groups: Dict[int, List[Tuple[int, int, np.ndarray]]] = {}
-        next_index = 0
-
-        def flush(length: int) -> None:
-            items = groups.pop(length, [])
-            for begin in range(0, len(items), self.batch_size):
-                batch = items[begin : begin + self.batch_size]
-                try:
-                    out = self.predict_batch(np.stack([x for _, _, x in batch]), keys)
-                except ValueError as err:  # The model rejects this length.
-                    for i, _, _ in batch:
-                        states[i].fail(f"{states[i].name}: {err}")
-                    continue
-                for row, (i, c, _) in enumerate(batch):
-                    values = {k: v[row] for k, v in out.items()}
-                    bad = [k for k, v in values.items() if not np.all(np.isfinite(v))]
-                    if bad:  # Damaged weights or extreme input: never a NaN result.
-                        states[i].fail(
-                            f"{states[i].name}: the model produced non-finite "
-                            f"{', '.join(bad)} (NaN/Inf); check the checkpoint "
-                            "and the input's scale"
-                        )
-                    states[i].outputs[c] = values
-
-        def finished() -> Iterator[ChunkedOutput]:
-            nonlocal next_index
-            while next_index in states and states[next_index].complete:
-                yield states.pop(next_index).result(window, keys)
-                next_index += 1
-
+        scheduler = ChunkScheduler(self.predict_batch, keys, self.batch_size, window)
         bar = _progress(len(sources), progress)
-        for index, source in enumerate(sources):
-            name = source if isinstance(source, str) else "<waveform>"
-            state = states[index] = _SourceState(name)
-            try:
-                for chunk in audio.iter_chunks(source, sr, window, hop, align=align):
-                    self.check_length(len(chunk.samples), name)
-                    state.starts.append(chunk.start)
-                    if chunk.last:
-                        state.num_samples = chunk.total
-                        state.warnings = list(chunk.warnings)
-                        level = audio.level_warning(name, chunk.peak)
-                        if level:
-                            state.warnings.append(level)
-                    group = groups.setdefault(len(chunk.samples), [])
-                    group.append((index, len(state.starts) - 1, chunk.samples))
-                    if len(group) >= self.batch_size:
-                        flush(len(chunk.samples))
-                    elif sum(map(len, groups.values())) > 4 * self.batch_size:
-                        for length in list(groups):  # Bound memory: many distinct lengths.
-                            flush(length)
-                state.done = True
-            except audio.AudioError as err:
-                state.fail(str(err))
-                for length in list(groups):
-                    groups[length] = [item for item in groups[length] if item[0] != index]
+        for source in sources:
+            self._schedule(scheduler, source, window, hop, align)
             if bar is not None:
                 bar.update(1)
-            yield from finished()
-        for length in list(groups):
-            flush(length)
+            yield from scheduler.ready()
         if bar is not None:
             bar.close()
-        yield from finished()
+        yield from scheduler.drain()
+
+    def _schedule(
+        self, scheduler: ChunkScheduler, source: Source, window: int, hop: int, align: int
+    ) -> None:
+        """Read ``source`` chunk by chunk into ``scheduler``; a reading error fails it."""
+        name = source if isinstance(source, str) else "<waveform>"
+        index = scheduler.open(name)
+        try:
+            for chunk in audio.iter_chunks(source, self.sample_rate, window, hop, align=align):
+                self.check_length(len(chunk.samples), name)
+                scheduler.add(index, chunk.start, chunk.samples)
+                if chunk.last:
+                    level = audio.level_warning(name, chunk.peak)
+                    notes = list(chunk.warnings) + ([level] if level else [])
+                    scheduler.close(index, chunk.total, notes)
+                if scheduler.failed(index):  # Its model outputs failed: stop reading it.
+                    return
+        except audio.AudioError as err:
+            scheduler.fail(index, str(err))
 
     def run_one(self, source: Source, keys: Sequence[str], **kwargs: Any) -> ChunkedOutput:
         """:meth:`run` for one source; raises :class:`audio.AudioError` when it fails."""
@@ -322,7 +226,7 @@ class AudioTagger:
     def window_samples(self, window_s: float, what: str = "window") -> int:
         """Samples of a chunk window of ``window_s`` seconds; ValueError unless the model
         can take that length."""
-        seconds = positive_seconds(window_s, what)
+        seconds = checks.positive_seconds(window_s, what)
         samples = int(round(seconds * self.sample_rate))
         if samples < 1 or not self._fits(samples):
             need = self.min_samples
@@ -335,13 +239,7 @@ class AudioTagger:
 
     def hop_samples(self, hop_s: float, what: str = "hop") -> int:
         """Samples between chunk starts; at least one 10 ms frame (no one-sample hops)."""
-        seconds = positive_seconds(hop_s, what)
-        if seconds < MIN_HOP_S:
-            raise ValueError(
-                f"{what} {hop_s:g} s is below {MIN_HOP_S:g} s (one frame); finer "
-                "hops multiply the work without new information"
-            )
-        return int(round(seconds * self.sample_rate))
+        return int(round(checks.hop_seconds(hop_s, what) * self.sample_rate))
 
     # ------------------------------------------------------------------ tasks
     def clipwise(
@@ -372,7 +270,7 @@ class AudioTagger:
 
     def top_labels(self, probabilities: np.ndarray, top_k: int) -> List[Dict[str, Any]]:
         """The ``top_k`` classes of ``probabilities`` ``(C,)``, most probable first."""
-        check_top_k(top_k)
+        checks.top_k(top_k)
         order = np.argsort(-probabilities, kind="stable")[:top_k]
         return [
             {"index": int(i), "label": self.labels[i], "probability": float(probabilities[i])}
@@ -400,7 +298,7 @@ class AudioTagger:
     @property
     def sed_key(self) -> str:
         """The output SED reads: ``framewise_output``, else ``clipwise_output``."""
-        return "framewise_output" if self.is_decision_level else "clipwise_output"
+        return sed.output_key(self.metadata.outputs)
 
     def sed_settings(
         self, window_s: Optional[float] = None, hop_s: Optional[float] = None
@@ -429,7 +327,7 @@ class AudioTagger:
         hop_s: Optional[float] = None,
     ) -> sed.SedResult:
         """Framewise probabilities and thresholded events of a recording."""
-        sed.check_threshold(threshold)
+        checks.probability(threshold, "threshold")
         settings = self.sed_settings(window_s, hop_s)
         return self.sed_result(self.run_one(source, [self.sed_key], **settings), threshold)
 
@@ -448,69 +346,9 @@ class AudioTagger:
         )
 
 
-@dataclasses.dataclass
-class _SourceState:
-    name: str
-    starts: List[int] = dataclasses.field(default_factory=list)
-    outputs: Dict[int, Dict[str, np.ndarray]] = dataclasses.field(default_factory=dict)
-    num_samples: int = 0
-    done: bool = False
-    error: Optional[str] = None
-    warnings: List[str] = dataclasses.field(default_factory=list)
-
-    def fail(self, message: str) -> None:
-        self.error = self.error or message
-
-    @property
-    def complete(self) -> bool:
-        return self.error is not None or (self.done and len(self.outputs) == len(self.starts))
-
-    def result(self, window: int, keys: Sequence[str]) -> ChunkedOutput:
-        if self.error:
-            return ChunkedOutput(self.name, np.zeros(0, np.int64), window, 0, {}, self.error)
-        outputs = {k: np.stack([self.outputs[c][k] for c in range(len(self.starts))]) for k in keys}
-        return ChunkedOutput(
-            self.name,
-            np.asarray(self.starts, np.int64),
-            min(window, self.num_samples),
-            self.num_samples,
-            outputs,
-            warnings=self.warnings,
-        )
-
-
 # ---------------------------------------------------------------------------
-# Checks of user values, and pure helpers.
+# Pure helpers.
 # ---------------------------------------------------------------------------
-
-
-def positive_seconds(value: float, what: str) -> float:
-    """``value`` as seconds; ValueError naming ``what`` unless positive and finite."""
-    try:
-        seconds = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{what} must be a number of seconds, got {value!r}") from None
-    if not math.isfinite(seconds) or seconds <= 0:
-        raise ValueError(f"{what} must be a positive, finite number of seconds, got {value!r}")
-    return seconds
-
-
-def check_batch_size(batch_size: int) -> None:
-    """ValueError unless ``batch_size`` is an integer in 1..MAX_BATCH_SIZE."""
-    if (
-        isinstance(batch_size, bool)
-        or not isinstance(batch_size, (int, np.integer))
-        or not 1 <= batch_size <= MAX_BATCH_SIZE
-    ):
-        raise ValueError(
-            f"batch size must be an integer in 1..{MAX_BATCH_SIZE}, got {batch_size!r}"
-        )
-
-
-def check_top_k(top_k: int) -> None:
-    """ValueError unless ``top_k`` is a positive integer."""
-    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
-        raise ValueError(f"top-k must be a positive integer, got {top_k!r}")
 
 
 def _progress(total: int, enabled: bool) -> Any:
@@ -533,28 +371,3 @@ def aggregate_chunks(clipwise: np.ndarray, how: str = "max") -> np.ndarray:
 def chunk_embeddings(embeddings: np.ndarray) -> np.ndarray:
     """``(n, E)``; segment-wise ``(n, t, E)`` embeddings are averaged over time."""
     return embeddings.mean(axis=1) if embeddings.ndim == 3 else embeddings
-
-
-# ---------------------------------------------------------------------------
-# Loading.
-# ---------------------------------------------------------------------------
-
-
-def load_tagger(
-    checkpoint: Optional[str],
-    model_name: Optional[str],
-    *,
-    model_overrides: Optional[Dict[str, Any]] = None,
-    batch_size: int = 8,
-    seed: int = 0,
-) -> AudioTagger:
-    """A tagger of :func:`panns_jax.loader.load`: a panns_jax checkpoint directory of any
-    kind, an original ``.pth``, a zoo name, or None (a random ``model_name``, default Cnn14).
-
-    ``model_overrides`` are architecture arguments for a ``.pth`` or a random model (a
-    checkpoint directory records its own), e.g. the widths of a narrow Cnn10 that was
-    exported with ``panns-jax-convert to-torch``.
-    """
-    check_batch_size(batch_size)  # Before loading: a bad value costs no model.
-    loaded = loader.load(checkpoint, model=model_name, overrides=model_overrides, seed=seed)
-    return AudioTagger.from_loaded(loaded, batch_size=batch_size)

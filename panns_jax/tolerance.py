@@ -2,7 +2,7 @@
 
 One rule for every comparison of model outputs (the golden parity tests, the export
 validation, the PyTorch baselines' check), from the golden oracle's README ("Tolerances",
-``shared/golden/README.md``). It was set from a measured float32 study there: the same
+``shared/golden/README.md``). It comes from a measured float32 study there: the same
 networks in float64 and with an independent FFT front end stay within a tenth of these
 bounds on every model, while a symmetric Hann window, BN eps 1e-4, zero padding or a soft
 log floor break them. It assumes true float32 matmuls and convolutions.
@@ -53,7 +53,7 @@ def bound(key: str, reference: np.ndarray) -> float:
 
 
 def max_abs_error(got: np.ndarray, reference: np.ndarray) -> float:
-    """``max|got - reference|`` in float64 (0 for empty arrays; NaN when either has one)."""
+    """``max|got - reference|`` in float64 (0 for empty arrays, NaN when either has a NaN)."""
     got = np.asarray(got, np.float64)
     reference = np.asarray(reference, np.float64)
     return float(np.max(np.abs(got - reference))) if reference.size else 0.0
@@ -62,8 +62,11 @@ def max_abs_error(got: np.ndarray, reference: np.ndarray) -> float:
 def check(
     key: str, got: np.ndarray, reference: np.ndarray, reference_name: str = "golden"
 ) -> Tuple[str, float, float]:
-    """``(problem, error, bound)``: ``problem`` is empty when ``got`` passes, else one line
-    saying why not (a shape mismatch, or the error over its bound; NaN never passes)."""
+    """``(problem, error, bound)`` of ``got`` against ``reference``.
+
+    ``problem`` is empty when ``got`` passes, else one line saying why not: a shape
+    mismatch, or the error over its bound. NaN never passes.
+    """
     got, reference = np.asarray(got), np.asarray(reference)
     if got.shape != reference.shape:
         return f"{key}: shape {got.shape} != {reference_name} {reference.shape}", np.nan, np.nan

@@ -13,9 +13,9 @@ freeze_l1   pretrained                 no (Freeze_L1)    ``fc_transfer`` (linear
 freeze_l3   pretrained                 no (Freeze_L3)    ``fc_hidden1/2`` + ``fc_transfer``
 ==========  =========================  ================  ==============================
 
-Freezing is an optimiser mask (:func:`param_labels` -> ``optax.multi_transform`` with
-``optax.set_to_zero()`` for frozen leaves, which then carry no Adam state), never a copy
-of the model. The base's own classifier (``fc_audioset``) is unused by every strategy
+Freezing is an optimiser mask, never a copy of the model. :func:`param_labels` labels the
+frozen leaves, which :func:`panns_jax.optim.paper_optimizer` leaves bitwise unchanged and
+without Adam state. The base's own classifier (``fc_audioset``) is unused by every strategy
 and always frozen.
 
 Frozen bases run in inference mode (BatchNorm running statistics, no SpecAugment, no
@@ -36,8 +36,7 @@ the paper's same-architecture baseline.
 
 The training loop reaches all of this through :class:`TransferBuilder` (see
 :mod:`panns_jax.model_builder`); cross-validation over the folds of ESC-50, GTZAN and
-RAVDESS, which drives the loop, is :mod:`panns_jax.crossval` (``python -m panns_jax.transfer
-cv ...`` still runs it).
+RAVDESS, which drives the loop, is :mod:`panns_jax.crossval`.
 """
 
 from __future__ import annotations
@@ -236,7 +235,7 @@ def to_checkpoint(
     tree and a ``transfer_head`` entry in its overrides, from which
     :func:`panns_jax.models.get` (and so every checkpoint loader) rebuilds the model.
     Both record the task in ``extra`` (``task``: ``singlelabel`` for a softmax head), which
-    :func:`panns_jax.loader.load` reports, since a folded head no longer says it.
+    :func:`panns_jax.loader.load` reports, since a folded head does not say it.
     """
     task = {tasks.CHECKPOINT_KEY: tasks.for_output(model.output)}
     params = dict(variables["params"])
@@ -335,9 +334,3 @@ class TransferBuilder:
         labels: Optional[Sequence[str]],
     ) -> checkpoints.ModelCheckpoint:
         return to_checkpoint(model, self.base, variables, step, labels)
-
-
-if __name__ == "__main__":  # The former CLI: `python -m panns_jax.transfer cv ...`.
-    import runpy  # Not an import of crossval: it imports train, which imports this module.
-
-    runpy.run_module("panns_jax.crossval", run_name="__main__", alter_sys=True)

@@ -32,8 +32,10 @@ MISSING = (
 
 
 def require_golden() -> pathlib.Path:
-    """The oracle's folder; a missing oracle FAILS the test (a skipped parity test proves
-    nothing)."""
+    """The oracle's folder.
+
+    A missing oracle FAILS the test, since a skipped parity test proves nothing.
+    """
     if not (GOLDEN / "manifest.json").exists():
         pytest.fail(MISSING, pytrace=False)
     return GOLDEN
@@ -45,8 +47,11 @@ def manifest() -> dict:
 
 
 def model_names() -> list:
-    """Names in the manifest. Called at collection time: a missing oracle is a collection
-    error, never an empty (silently skipped) parameter list."""
+    """Names in the manifest.
+
+    Called at collection time, so that a missing oracle is a collection error, never an
+    empty (silently skipped) parameter list.
+    """
     path = GOLDEN / "manifest.json"
     if not path.exists():
         raise FileNotFoundError(MISSING)

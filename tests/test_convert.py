@@ -11,7 +11,8 @@ import jax
 import numpy as np
 import pytest
 
-from panns_jax import checkpoints, convert, convert_cli, models
+from panns_jax import checkpoints, convert, models
+from panns_jax.cli import convert as convert_command
 
 try:
     import torch
@@ -187,7 +188,7 @@ def test_cli_pth_round_trip_is_bit_exact_and_reproduces_golden(tmp_path, name):
     )
 
     assert (
-        convert_cli.main(
+        convert_command.main(
             [
                 "from-torch",
                 str(tmp_path / "in.pth"),
@@ -212,7 +213,7 @@ def test_cli_pth_round_trip_is_bit_exact_and_reproduces_golden(tmp_path, name):
     )
 
     argv = ["to-torch", str(tmp_path / "jax"), "--out", str(tmp_path / "out.pth")]
-    assert convert_cli.main(argv) == 0
+    assert convert_command.main(argv) == 0
     exported = torch.load(tmp_path / "out.pth", weights_only=True)
     assert exported["iteration"] == 600000
     entries = _manifest_entries(name)
@@ -230,7 +231,7 @@ def test_bare_state_dict_and_failures_write_nothing(tmp_path):
     state = {k: torch.from_numpy(v) for k, v in G.load_state("Cnn10").items()}
     torch.save(state, tmp_path / "bare.pth")
     assert (
-        convert_cli.main(
+        convert_command.main(
             [
                 "from-torch",
                 str(tmp_path / "bare.pth"),
@@ -245,7 +246,7 @@ def test_bare_state_dict_and_failures_write_nothing(tmp_path):
     assert checkpoints.load(str(tmp_path / "ok")).model == "Cnn10"
     # Wrong architecture: an error, and no output directory (nor staging leftovers).
     assert (
-        convert_cli.main(
+        convert_command.main(
             [
                 "from-torch",
                 str(tmp_path / "bare.pth"),
@@ -311,13 +312,26 @@ def test_the_loader_names_what_is_wrong(tmp_path):
         loader.load(str(pth))
 
 
-def test_python_m_panns_jax_convert_still_runs_the_command():
-    """The command moved to convert_cli; ``python -m panns_jax.convert`` (older docs) runs it."""
+@pytest.mark.parametrize("module", ["panns_jax.convert", "panns_jax.cli.convert"])
+def test_python_m_runs_the_command(module):
+    """``python -m panns_jax.convert`` runs the command as ``panns_jax.cli.convert`` does."""
     done = subprocess.run(
-        [sys.executable, "-m", "panns_jax.convert", "to-torch", "--help"],
+        [sys.executable, "-m", module, "to-torch", "--help"],
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.startswith("usage: panns-jax-convert to-torch")
+
+
+def test_the_console_script_is_the_command():
+    """``panns-jax-convert`` (pyproject.toml's script target) is ``panns_jax.cli.convert``."""
+    import importlib
+
+    import tomllib
+
+    with open(os.path.join(G.PROJECT_ROOT, "pyproject.toml"), "rb") as f:
+        target = tomllib.load(f)["project"]["scripts"]["panns-jax-convert"]
+    module, _, attr = target.partition(":")
+    assert getattr(importlib.import_module(module), attr) is convert_command.main

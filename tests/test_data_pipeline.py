@@ -447,9 +447,11 @@ def _zipf_index(num_clips=3000, num_classes=527):
 
 
 def test_the_stream_is_pinned():
-    """The numbers of the balanced and uniform streams and the crop offsets never change
-    (a checkpoint's iterator state resumes the same data order in any later version).
-    Pinned from the sampler as it was before the data package split (#15)."""
+    """The numbers of the balanced and uniform streams and the crop offsets are fixed.
+
+    A checkpoint's iterator state resumes the same data order in any version of the
+    package, so the first draws and a digest of 200,000 draws of each stream are pinned.
+    """
     import hashlib
 
     index = _zipf_index()

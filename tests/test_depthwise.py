@@ -157,7 +157,7 @@ def test_dispatch():
     assert "platform_index" not in jaxpr and "feature_group_count=4" in jaxpr
 
 
-def test_mobilenet_parameters_unchanged():
+def test_depthwise_layer_owns_the_kernel_of_a_grouped_conv():
     """The depthwise layer owns the same ``kernel`` as an nn.Conv with feature groups."""
     x = jnp.ones((1, 8, 4, 16))
     ours = mobilenet.depthwise_conv2d(16, 3, "dw", jnp.float32)
@@ -171,7 +171,7 @@ def test_mobilenet_parameters_unchanged():
     assert p_ours["params"]["kernel"].shape == (3, 3, 1, 16)
 
 
-def test_pointwise_matches_xla_and_keeps_parameters():
+def test_pointwise_matches_xla_and_owns_an_nn_conv_kernel():
     """1x1 convs as a product: forward and both gradients within round-off of XLA's conv."""
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.normal(size=(2, 6, 4, 24)), jnp.float32)
@@ -204,8 +204,9 @@ def _pool_agrees_with_flax(pool, shape):
     """(forward within round-off, gradient equal) of ``pool(x, 2)`` against nn.avg_pool.
 
     The forward is a four-term sum times 0.25 on both sides, summed in possibly another
-    order: within 4 eps x the sum of |terms| / 4. The gradient places g / 4 (exact) on
-    each window and zeros on the floored rows/columns: equal.
+    order, so the two agree within 4 eps x the sum of |terms| / 4. The gradient places
+    g / 4 (exact) on each window and zeros on the floored rows/columns, so the two are
+    equal.
     """
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=shape), jnp.float32)

@@ -16,9 +16,11 @@ import golden_utils as G
 import jax
 import numpy as np
 import pytest
+import serving_utils as S
 
-from panns_jax import checkpoints, convert, export, models
+from panns_jax import checkpoints, cli, convert, export, loader, models
 from panns_jax import frontend as fe
+from panns_jax.cli import export as export_cli
 from panns_jax.export import writers
 
 RUNTIMES = {
@@ -143,12 +145,12 @@ def test_cli_exports_a_checkpoint(golden_models, tmp_path, capsys):
         str(tmp_path / "ckpt"), checkpoints.ModelCheckpoint("MobileNetV2", variables)
     )
     out = tmp_path / "m.tflite"
-    rc = export.main_export(
+    rc = export_cli.main(
         ["--checkpoint", ckpt, "--format", "tflite", "--out", str(out), "--seconds", "2"]
     )
     assert rc == 0, capsys.readouterr().err
     assert out.exists() and "validated" in capsys.readouterr().out
-    rc = export.main_export(["--checkpoint", ckpt, "--format", "tflite", "--out", str(out)])
+    rc = export_cli.main(["--checkpoint", ckpt, "--format", "tflite", "--out", str(out)])
     assert rc == 2 and "exists" in capsys.readouterr().err  # No silent overwrite.
 
 
@@ -177,7 +179,7 @@ def _tiny_model():
 
 
 def test_savedmodel_is_replaced_only_by_a_validated_export(tmp_path, monkeypatch):
-    """A directory export is staged like a file: a failing export leaves the old SavedModel
+    """A directory export is staged like a file: a failing export leaves the existing SavedModel
     and no staging directory; a passing one with overwrite=True replaces it."""
     require("savedmodel")
     model, variables = _tiny_model()
@@ -226,3 +228,53 @@ def test_validation_uses_the_golden_rule():
         assert failures and failures[0].startswith(bad), (bad, failures)
     assert G.check_array("batch/logmel", np.full(3, 0.019), np.zeros(3)) == ""
     assert "max abs error" in G.check_array("batch/logmel", np.full(3, 0.021), np.zeros(3))
+
+
+# ----------------------------------------------------------- the command's refusals
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    return S.tiny_env(tmp_path_factory)
+
+
+def test_shape_options_and_outputs_are_checked_before_loading(env, capsys, monkeypatch):
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the arguments were validated")
+
+    monkeypatch.setattr(loader, "load", no_model)
+    before = S.snapshot(env["root"])
+    common = ["export", "--checkpoint", env["ckpt"]]
+    for argv, message in [
+        (
+            [*common, "--format", "onnx", "--seconds", "0", "--out", env["root"] / "m.onnx"],
+            "--seconds must be a positive, finite number of seconds, got 0",
+        ),
+        (
+            [*common, "--format", "onnx", "--batch-size", "0", "--out", env["root"] / "m.onnx"],
+            "batch size must be a positive integer, got 0",
+        ),
+        (
+            [*common, "--format", "savedmodel", "--out", env["root"], "--overwrite"],
+            "is not a SavedModel directory; refusing to replace",
+        ),
+    ]:
+        code, _, err = S.run_main(cli.main, argv, capsys)
+        assert code == 2 and message in S.one_error_line(err), err
+    assert S.snapshot(env["root"]) == before
+
+
+def test_python_m_panns_jax_export_runs_the_command(tmp_path):
+    """``python -m panns_jax.export`` is ``panns-jax export``: the same parser and checks."""
+    import subprocess
+
+    done = subprocess.run(
+        [sys.executable, "-m", "panns_jax.export", "--format", "onnx", "--seconds", "-1"],
+        capture_output=True,
+        text=True,
+        cwd=S.ROOT,
+        timeout=300,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+    )
+    assert done.returncode == 2, done.stderr
+    assert "error: --seconds must be a positive, finite number of seconds, got -1" in done.stderr

@@ -1,4 +1,4 @@
-"""panns_jax.fileio.staged: a file is written whole or not at all (issue #15's one staged
+"""panns_jax.fileio.staged: a file is written whole or not at all (the package's one staged
 write), with the umask's mode."""
 
 import contextlib

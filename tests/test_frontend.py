@@ -109,8 +109,10 @@ def _stft_power(x: np.ndarray, n_fft: int, hop: int, method: str) -> np.ndarray:
 
 def test_dft_stft_equals_fft_stft_to_float32_roundoff(monkeypatch):
     """The exporters' DFT-convolution STFT (stft="dft") and the FFT agree within the sum of
-    their round-off bounds in every bin, at every transform size; a symmetric Hann window
-    in the DFT basis (a relative change ~1/N) is far outside them."""
+    their round-off bounds in every bin, at every transform size.
+
+    A symmetric Hann window in the DFT basis (a relative change ~1/N) is far outside them.
+    """
     G.require_golden()
     for n_fft, hop in ((1024, 320), (512, 160), (256, 80)):
         for case in ("batch", "odd"):  # Real audio, a chirp, tones over digital silence.

@@ -309,7 +309,7 @@ def test_evaluation_counts_every_example_once(runs):
 
 
 def test_checkpoints_are_written_once_by_process_zero(runs):
-    assert "wrote best (step 0)" in runs.two.text(0)  # The export that used to deadlock.
+    assert "wrote best (step 0)" in runs.two.text(0)  # Every process joins the first export.
     assert f"wrote model (step {STEPS})" in runs.resumed.text(0)
     for job in (runs.two, runs.resumed):
         assert "wrote " not in job.text(1), "process 1 must not write model checkpoints"

@@ -1,7 +1,7 @@
 """The Colab notebooks in notebooks/ run top to bottom (tiny settings) and pass their checks.
 
 Each notebook reads PANNS_NOTEBOOK_SMOKE=1 to pick CI-sized settings and asserts on its
-results in its last cell; a failing cell fails the test with the cell's traceback.
+results in its last cell. A failing cell fails the test with the cell's traceback.
 """
 
 from __future__ import annotations

@@ -12,7 +12,8 @@ import golden_utils as G
 import numpy as np
 import pytest
 
-from panns_jax import convert, convert_cli, models, pth
+from panns_jax import convert, models, pth
+from panns_jax.cli import convert as convert_command
 
 torch = pytest.importorskip(
     "torch",
@@ -173,8 +174,8 @@ def test_crc32_is_checked_unless_torch_wrote_none():
 
 
 def test_a_deflated_archive_reads_as_torch_reads_it():
-    """torch writes its records stored; re-zipped with deflate (as an archiver may), torch.load
-    still reads the file: so do we, through zipfile's decompressing reader."""
+    """torch writes its records stored. Re-zipped with deflate (as an archiver may), the file
+    is one torch.load reads, and so do we, through zipfile's decompressing reader."""
     import zipfile
 
     state = {"model": collections.OrderedDict(w=torch.arange(5000, dtype=torch.float32))}
@@ -368,13 +369,13 @@ def test_bf16_and_numpy_valued_state_dicts_convert(tmp_path):
     assert step == 4 and all(np.array_equal(state[k], recipe[k]) for k in recipe)
     out = tmp_path / "out"
     assert (
-        convert_cli.main(
+        convert_command.main(
             ["from-torch", str(tmp_path / "numpy.pth"), "--model", "Cnn6", "--out", str(out)]
         )
         == 0
     )
     assert (
-        convert_cli.main(
+        convert_command.main(
             [
                 "from-torch",
                 str(tmp_path / "bf16.pth"),
@@ -394,7 +395,7 @@ def test_bf16_and_numpy_valued_state_dicts_convert(tmp_path):
 
 def test_cli_reports_damaged_pth_in_one_line_and_writes_nothing(tmp_path, capsys):
     (tmp_path / "empty.pth").write_bytes(b"")
-    code = convert_cli.main(
+    code = convert_command.main(
         [
             "from-torch",
             str(tmp_path / "empty.pth"),

@@ -1,21 +1,38 @@
-"""Streaming SED equals the same windows applied offline, whatever the block sizes."""
+"""Streaming SED equals the same windows applied offline, whatever the block sizes; the
+``panns-jax stream`` command prints what the tagger finds and refuses bad input in one line."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 
 import golden_utils as G
 import jax
 import numpy as np
 import pytest
+import serving_utils as S
+from serving_utils import one_error_line, run_main, snapshot
 
-from panns_jax import convert, models, streaming
+from panns_jax import cli, loader, streaming
+from panns_jax.cli import stream
 
 
-def _golden(name: str):
-    G.require_golden()
-    model = models.get(name)
-    return model, convert.from_state_dict(G.load_state(name), model, name=name)
+@pytest.fixture(scope="module")
+def golden(tmp_path_factory):
+    """``name -> (module, variables, metadata)`` of the golden recipe weights, loaded once."""
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            cache[name] = tuple(loader.load(S.golden_checkpoint(tmp_path_factory, name)))
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    return S.tiny_env(tmp_path_factory)
 
 
 def _recording() -> np.ndarray:
@@ -35,9 +52,9 @@ def _feed_random_blocks(tagger, waveform, seed=0):
     return steps
 
 
-def test_clip_model_stream_equals_windows_applied_offline():
-    model, variables = _golden("MobileNetV1")
-    tagger = streaming.StreamingTagger(model, variables, window=1.0, hop=0.25)
+def test_clip_model_stream_equals_windows_applied_offline(golden):
+    model, variables, meta = golden("MobileNetV1")
+    tagger = streaming.StreamingTagger(model, variables, meta, window=1.0, hop=0.25)
     assert not tagger.decision_level and tagger.warmup_seconds == 1.0
     waveform = _recording()
     times, probs, _ = streaming.collect(_feed_random_blocks(tagger, waveform))
@@ -55,9 +72,9 @@ def test_clip_model_stream_equals_windows_applied_offline():
     assert float(np.max(np.abs(offline_probs - probs))) <= G.PROBABILITY_ATOL
 
 
-def test_decision_level_stream_emits_each_frame_once_as_offline():
-    model, variables = _golden("Cnn14_DecisionLevelMax")
-    tagger = streaming.StreamingTagger(model, variables, window=3.2, hop=0.64)
+def test_decision_level_stream_emits_each_frame_once_as_offline(golden):
+    model, variables, meta = golden("Cnn14_DecisionLevelMax")
+    tagger = streaming.StreamingTagger(model, variables, meta, window=3.2, hop=0.64)
     assert tagger.decision_level
     waveform = _recording()[: 160000 + 32000 * 3 // 2]  # 6.5 s: not a whole number of hops.
     steps = _feed_random_blocks(tagger, waveform, seed=1)
@@ -103,12 +120,27 @@ def test_hysteresis_events():
     assert [(e.kind, e.label) for e in detector.close(5.0)] == [("offset", "a"), ("offset", "b")]
 
 
-def test_rejects_bad_window_and_hop():
-    model = models.get("MobileNetV1")
+def test_rejects_bad_window_and_hop(golden):
+    model, _, meta = golden("MobileNetV1")
     with pytest.raises(ValueError, match="multiples"):
-        streaming.StreamingTagger(model, {}, window=1.0, hop=0.015, decision_level=False)
+        streaming.StreamingTagger(model, {}, meta, window=1.0, hop=0.015)
     with pytest.raises(ValueError, match="hop <= window"):
-        streaming.StreamingTagger(model, {}, window=1.0, hop=2.0, decision_level=False)
+        streaming.StreamingTagger(model, {}, meta, window=1.0, hop=2.0)
+    with pytest.raises(ValueError, match="hop <= window"):  # Rounds to 0 samples.
+        streaming.StreamingTagger(model, {}, meta, window=1.0, hop=1e-6)
+    with pytest.raises(ValueError, match="window must be a positive, finite number of seconds"):
+        streaming.StreamingTagger(model, {}, meta, window=float("nan"))
+
+
+def test_labels_and_output_come_from_the_loaders_metadata(golden):
+    model, variables, meta = golden("MobileNetV1")
+    tagger = streaming.StreamingTagger(model, variables, meta, hop=0.5)
+    assert tagger.labels == list(meta.labels) and not tagger.decision_level
+    named = dataclasses.replace(meta, labels=tuple(f"l{i}" for i in range(527)))
+    renamed = streaming.StreamingTagger(model, variables, named, hop=0.5)
+    steps = renamed.push(np.zeros(32000, np.float32))
+    assert renamed.labels[0] == "l0" and len(steps) == 1
+    assert steps[0].probabilities.shape == (1, 527)
 
 
 def test_cli_streams_a_file(tmp_path, capsys):
@@ -117,7 +149,7 @@ def test_cli_streams_a_file(tmp_path, capsys):
     G.require_golden()
     path = tmp_path / "clip.wav"
     sf.write(path, G.inputs()["batch"][0][:64000], 32000)
-    rc = streaming.main_stream(
+    rc = stream.main(
         [
             str(path),
             "--model",
@@ -146,5 +178,52 @@ def test_mic_without_sounddevice_is_a_clear_error(monkeypatch, capsys):
         monkeypatch.setitem(sys.modules, "sounddevice", None)
     else:
         pytest.skip("sounddevice is installed")
-    rc = streaming.main_stream(["--mic", "--model", "MobileNetV1"])
+    rc = stream.main(["--mic", "--model", "MobileNetV1"])
     assert rc == 2 and "sounddevice" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------- the command's refusals
+
+
+def test_non_finite_outputs_are_one_error(env, tmp_path, capsys):
+    ckpt = S.save_tiny(tmp_path / "nan", S.nan_variables(env, ("fc_audioset", "bias", 2)))
+    wav = env["root"] / "good.wav"
+    code, out, err = run_main(stream.main, [wav, "--checkpoint", ckpt], capsys)
+    assert code == 1 and f"{wav}: the model produced non-finite" in one_error_line(err)
+
+
+def test_window_and_hop_are_validated_before_loading(env, capsys):
+    before = snapshot(env["root"])
+    wav = env["root"] / "good.wav"
+    for argv, message in [
+        (
+            ["stream", wav, "--checkpoint", env["ckpt"], "--window", "0"],
+            "--window must be a positive, finite number of seconds, got 0",
+        ),
+        (
+            ["stream", wav, "--checkpoint", env["ckpt"], "--hop", "nan"],
+            "--hop must be a positive, finite number of seconds, got nan",
+        ),
+    ]:
+        code, _, err = run_main(cli.main, argv, capsys)
+        assert code == 2 and message in one_error_line(err), err
+    assert snapshot(env["root"]) == before
+
+
+def test_stream_prints_checkpoint_labels_and_refuses_short_files(env, capsys):
+    argv = [env["root"] / "good.wav", "--checkpoint", env["ckpt"], "--frames"]
+    argv += ["--hop", "0.5", "--window", "0.5", "--on-threshold", "0", "--off-threshold", "0"]
+    code, out, err = run_main(stream.main, argv, capsys)
+    assert code == 0, err
+    frames = [line for line in out.splitlines() if " frame " in line]
+    assert len(frames) == 2 and all(
+        any(f" {label} (" in line for label in S.LABELS) for line in frames
+    )
+    code, out, err = run_main(
+        stream.main, [env["root"] / "short.wav", "--checkpoint", env["ckpt"]], capsys
+    )
+    assert code == 1 and out == ""
+    assert (
+        "short.wav: 0.500 s of audio is shorter than the 1 s window, so nothing was tagged; "
+        "pass e.g. --window 0.5 --hop 0.25"
+    ) in one_error_line(err)

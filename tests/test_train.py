@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from train_config import logged_losses as _losses
 
-from panns_jax import checkpoints, metrics, optim, train
+from panns_jax import checkpoints, metrics, model_builder, optim, recipe, tasks, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -106,7 +106,7 @@ def _first_step(config, num_devices):
     from jax.sharding import PartitionSpec as P
 
     mesh = train.make_mesh(num_devices)
-    model, _ = train.build_model(config, num_classes=10)
+    model, _ = model_builder.registry_model(config, num_classes=10)
     record = optax.GradientTransformation(
         lambda params: (params,), lambda updates, state, params=None: (updates, (updates,))
     )
@@ -121,7 +121,7 @@ def _first_step(config, num_devices):
     replicated = NamedSharding(mesh, P())
     state = jax.device_put(state, replicated)
     step = jax.jit(
-        train.make_train_step(model, tx, config),
+        train.make_train_step(model, tx, tasks.get(config.get("task")), recipe.mixup_alpha(config)),
         in_shardings=(replicated, NamedSharding(mesh, P("data"))),
         out_shardings=(replicated, replicated),
     )
@@ -250,8 +250,8 @@ def test_killed_and_resumed_run_equals_uninterrupted(data_dir, tmp_path):
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
     make_step = train.make_train_step
 
-    def poisoned(model, optimizer, config):
-        step_fn = make_step(model, optimizer, config)
+    def poisoned(model, optimizer, task, mixup_alpha):
+        step_fn = make_step(model, optimizer, task, mixup_alpha)
 
         def wrapped(state, batch):
             new_state, step_metrics = step_fn(state, batch)

@@ -3,7 +3,7 @@
 For each of the oracle's 11 models (every family and mixup placement): the recipe weights,
 the oracle's batch and lambda, dropout and SpecAugment off, and three steps of OUR public
 training path (``train.make_train_step``, ``train.make_optimizer``, the model's own mixup,
-``train.binary_cross_entropy``). Gradients of step 1 and BatchNorm statistics after step 1
+``tasks.binary_cross_entropy``). Gradients of step 1 and BatchNorm statistics after step 1
 must be within K x PyTorch float32's own distance to float64 (+ a float32 floor) tensor by
 tensor, the state after 3 steps worst tensor against PyTorch's worst, the losses likewise
 (tests/train_oracle.py derives K and the floor). The jitted step may meet ReLU / max-pool
@@ -216,20 +216,20 @@ def test_bce_gradient_is_pytorchs_where_probabilities_saturate():
     """A sigmoid that rounds to exactly 0 or 1 (DaiNet19 on the oracle's batch) must give
     PyTorch's finite gradient (p - t) / max(p (1 - p), 1e-12), not 0 * inf = NaN."""
     torch = pytest.importorskip("torch", reason="PyTorch not installed: reference unavailable")
-    from panns_jax import train
+    from panns_jax import tasks
 
     logits = np.array([[40.0, -120.0, 0.3, 17.0], [-3.0, 2.0, -17.0, 120.0]], np.float32)
     targets = np.array([[1.0, 0.0, 0.3, 0.5], [0.0, 1.0, 0.7, 0.0]], np.float32)
     p = np.asarray(jax.nn.sigmoid(jnp.asarray(logits)))
     assert np.any(p == 1.0) and np.any(p == 0.0)
-    grad_p, grad_t = jax.grad(train.binary_cross_entropy, (0, 1))(
+    grad_p, grad_t = jax.grad(tasks.binary_cross_entropy, (0, 1))(
         jnp.asarray(p), jnp.asarray(targets)
     )
     p_t = torch.tensor(p, requires_grad=True)
     t_t = torch.tensor(targets, requires_grad=True)
     loss = torch.nn.functional.binary_cross_entropy(p_t, t_t)
     loss.backward()
-    assert float(train.binary_cross_entropy(p, targets)) == pytest.approx(loss.item(), rel=1e-6)
+    assert float(tasks.binary_cross_entropy(p, targets)) == pytest.approx(loss.item(), rel=1e-6)
     eps32 = np.finfo(np.float32).eps  # A few roundings of (p - t) / max(p (1 - p), 1e-12).
     np.testing.assert_allclose(grad_p, p_t.grad.numpy(), rtol=4 * eps32, atol=0)
     # The targets' gradient (never trained) uses the clamped logs: finite, where PyTorch's

@@ -11,7 +11,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from panns_jax import checkpoints, crossval, loader, models, train, transfer
+from panns_jax import (
+    checkpoints,
+    crossval,
+    loader,
+    model_builder,
+    models,
+    recipe,
+    tasks,
+    train,
+    transfer,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SR = 32000
@@ -59,7 +69,7 @@ def test_each_strategy_updates_exactly_its_parameters(strategy, pretrained):
         "Cnn10", dict(TINY), None if strategy == "scratch" else pretrained
     )
     model = transfer.build_model(config, base, num_classes=4)
-    optimizer = train.make_optimizer(config)
+    optimizer = train.make_optimizer(config, model_builder.for_config(config))
     variables = jax.jit(
         lambda rng: transfer.merge_pretrained(
             model.init(rng, jnp.zeros((1, SR)), train=False), base.variables
@@ -73,7 +83,11 @@ def test_each_strategy_updates_exactly_its_parameters(strategy, pretrained):
     key = "['base']['conv_block1']['conv1']['kernel']"
     assert _bitwise_equal(before_params[key], pretrained_params[key]) == (strategy != "scratch")
 
-    step = jax.jit(train.make_train_step(model, optimizer, config))
+    step = jax.jit(
+        train.make_train_step(
+            model, optimizer, tasks.get(config.get("task")), recipe.mixup_alpha(config)
+        )
+    )
     rng = np.random.default_rng(0)
     for _ in range(3):  # Mixup is on: the loader's 2B clips.
         batch = {
@@ -284,7 +298,7 @@ def test_configs_strategies_and_folds():
 
 
 # ----------------------------------------------------------------------------
-# The real entry points on TFDS builds of small fake downloads (issue #16 item 1, #15).
+# The real entry points on TFDS builds of small fake downloads.
 # ----------------------------------------------------------------------------
 
 ESC50_ROWS = [(fold, target) for fold in range(1, 6) for target in (0, 1)]  # dog, rooster
@@ -449,11 +463,12 @@ HEAD_RTOL = 3 * 4 * 32 * 2.0**-24
 
 
 def test_esc50_freeze_l3_trains_through_main_and_its_checkpoint_tags(fake_downloads, tmp_path):
-    """`python -m panns_jax.main --config=configs/esc50.py:strategy=freeze_l3` on a TFDS build
-    (it crashed on FeaturesDict.get), then its checkpoint in AudioTagger, `panns-jax tag` and
-    the export loader (they crashed on the `transfer_head` override)."""
-    from panns_jax import export, inference
+    """`python -m panns_jax.main --config=configs/esc50.py:strategy=freeze_l3` on a TFDS build,
+    then its checkpoint, with its `transfer_head` override, in AudioTagger, `panns-jax tag` and
+    the export loader."""
+    from panns_jax import cli, export
     from panns_jax.data.transfer import ESC50_CLASSES
+    from panns_jax.tagger import AudioTagger
 
     workdir = tmp_path / "esc50"
     stdout = _run(
@@ -495,7 +510,7 @@ def test_esc50_freeze_l3_trains_through_main_and_its_checkpoint_tags(fake_downlo
     logits = h2 @ head["fc_transfer"]["kernel"] + head["fc_transfer"]["bias"]
     want = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
 
-    tagger = inference.AudioTagger.from_checkpoint(path)
+    tagger = AudioTagger.load(path)
     assert tagger.labels == list(ESC50_CLASSES)
     got = tagger.predict(wave)["clipwise_output"][0]
     np.testing.assert_allclose(got, want, rtol=HEAD_RTOL)
@@ -511,7 +526,7 @@ def test_esc50_freeze_l3_trains_through_main_and_its_checkpoint_tags(fake_downlo
     wav = str(fake_downloads["root"] / "esc50_manual" / "ESC-50-master" / "audio" / "1-100-A-0.wav")
     out = tmp_path / "tags.json"
     assert (
-        inference.main(
+        cli.main(
             [
                 "tag",
                 wav,
@@ -548,8 +563,8 @@ def test_esc50_freeze_l3_trains_through_main_and_its_checkpoint_tags(fake_downlo
 def test_gtzan_cross_validation_through_the_transfer_cli(fake_downloads, tmp_path):
     """`python -m panns_jax.crossval cv --config=configs/gtzan.py:strategy=freeze_l1` on a
     TFDS build; the fold's Freeze_L1 checkpoint is a plain 10-genre Cnn10 that tags."""
-    from panns_jax import inference
     from panns_jax.data.transfer import GTZAN_GENRES
+    from panns_jax.tagger import AudioTagger
 
     workdir = tmp_path / "gtzan"
     stdout = _run(
@@ -579,5 +594,5 @@ def test_gtzan_cross_validation_through_the_transfer_cli(fake_downloads, tmp_pat
     wave = fake_downloads["waves"]["1-100-A-0.wav"]
     fc = {n: np.asarray(a, np.float64) for n, a in saved.variables["params"]["fc_audioset"].items()}
     want = 1 / (1 + np.exp(-(_embedding(fake_downloads, wave) @ fc["kernel"] + fc["bias"])))
-    got = inference.AudioTagger.from_checkpoint(path).predict(wave)["clipwise_output"][0]
+    got = AudioTagger.load(path).predict(wave)["clipwise_output"][0]
     np.testing.assert_allclose(got, want, rtol=HEAD_RTOL)

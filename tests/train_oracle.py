@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from panns_jax import convert, frontend, models, recipe, train
+from panns_jax import convert, frontend, model_builder, models, recipe, tasks, train
 
 TRAIN_ORACLE = G.GOLDEN / "train"
 # golden/train/README.md: every family and every mixup placement.
@@ -156,11 +156,15 @@ def run_oracle_steps(
     config = recipe.base_config(name)
     model = build_model(name, **(model_overrides or {}))
     variables = initial_variables(name, model)
-    tx = optax.chain(record_grads(), optimizer or train.make_optimizer(config))
+    tx = optax.chain(
+        record_grads(), optimizer or train.make_optimizer(config, model_builder.for_config(config))
+    )
     state = train.TrainState.create(variables, tx, jax.random.key(0))
     batch = {"audio": jnp.asarray(oracle["x"]), "labels": jnp.asarray(oracle["targets"])}
     lam = jnp.asarray(oracle["lam"])
-    step_fn = train.make_train_step(model, tx, config)
+    step_fn = train.make_train_step(
+        model, tx, tasks.get(config.get("task")), recipe.mixup_alpha(config)
+    )
     if jit:
         step_fn = jax.jit(step_fn)
     losses, step1_stats, grads = [], None, None
@@ -538,7 +542,7 @@ def step1_kinks(
     variables = initial_variables(name, model)
     lam = jnp.asarray(oracle["lam"])
     targets = frontend.mixup(jnp.asarray(oracle["targets"]), lam)
-    task = train.get_task(config)
+    task = tasks.get(config.get("task"))
 
     def loss(params, audio):
         outputs, _ = model.apply(

@@ -1,18 +1,23 @@
 """Datasets for panns_jax: TFDS builders and the tf.data training pipeline.
 
-The builders register with TFDS under the names `audioset`, `esc50`,
-`gtzan_genres`, `ravdess` and `panns_demo` (configs '32k' (default), '16k', '8k';
-panns_demo: 'default' (2 s) and '10s') once their module is imported: using any
-name below, or `get_builder`, does that. All write ArrayRecord files, in source
-order, with the feature layout `audio` (int16 [samples]), `labels` (multi-label
-ids) or `label` (ClassLabel), `audio_id` (str), and `fold` where the set has folds.
+The builders register with TFDS under the names `audioset`, `esc50`, `gtzan_genres`,
+`ravdess` and `panns_demo` once their module is imported. Using any name below, or
+`get_builder`, imports them. Their configs are '32k' (the default), '16k' and '8k', and
+panns_demo's are 'default' (2 s) and '10s'. All write ArrayRecord files in source
+order, with the features `audio` (int16 [samples]), `labels` (multi-label ids) or
+`label` (ClassLabel), `audio_id` (str), and `fold` where the set has folds.
 
-Modules, each with one job: `sources` (random access to a split's records),
-`records` (decoding stored records), `sampling` (the stateless samplers and record
-selection; numpy only), `pipeline` (the tf.data iterators), `common` and the
-builder modules. This package imports none of them until one of its names is
-used, so `panns_jax.data.sampling` imports without TensorFlow, and no submodule's
-import runs into a half-initialised package.
+The modules have one job each:
+
+* `sources`: random access to a split's records;
+* `records`: decoding stored records;
+* `sampling`: the stateless samplers and the record selection, in numpy only;
+* `pipeline`: the tf.data iterators;
+* `common` and the builder modules: writing the datasets.
+
+This package imports none of them until one of its names is used, so
+`panns_jax.data.sampling` imports without TensorFlow, and no submodule's import runs
+into a half-initialised package.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Audio decoding shared by the dataset builders.
 
 The builders store audio as int16 at the configured rate. The conversion here is
-lossless for 16-bit sources already at that rate: soundfile returns ``v / 32768``
-and ``float_to_int16`` maps it back to ``v``; the pipeline divides by 32768 again.
+lossless for 16-bit sources already at that rate. soundfile returns ``v / 32768``,
+``float_to_int16`` maps it back to ``v``, and the pipeline divides by 32768 again.
 (The original packer multiplies by 32767 and truncates, which moves every sample
 one LSB toward zero, TRAINING.md Sec. 2; packs from the original are copied as is.)
 """

@@ -3,11 +3,15 @@
 Reads a manual_dir laid out like the public release plus downloaded audio, or
 the packed HDF5 files of the original PANNs code (TRAINING.md Sec. 2).
 
-Stored per clip: `audio` int16 [clip_samples] (mono, resampled to the config's
-rate, zero-padded at the end or cut to the first 10 s), `labels` (the list of
-class indices, ClassLabel names are the ontology MIDs in the order of
-class_labels_indices.csv; the pipeline turns them into a 527-way multi-hot),
-`audio_id` (the YouTube id). Records keep csv (or pack) row order.
+Each clip stores:
+
+* `audio`: int16 [clip_samples], mono, resampled to the config's rate, zero-padded at
+  the end or cut to the first 10 s;
+* `labels`: the list of class indices, whose ClassLabel names are the ontology MIDs in
+  the order of class_labels_indices.csv (the pipeline makes a 527-way multi-hot);
+* `audio_id`: the YouTube id.
+
+Records keep csv (or pack) row order.
 """
 
 from __future__ import annotations
@@ -94,6 +98,7 @@ def read_segments_csv(path: str) -> Iterator[List[str]]:
 
 
 def find_packs(manual_dir: str, split: str) -> List[str]:
+    """The HDF5 packs of a split: `<split>.h5`, else `<split>/*.h5`, below `PACK_DIR`."""
     base = os.path.join(manual_dir, PACK_DIR)
     single = os.path.join(base, f"{split}.h5")
     if os.path.isfile(single):

@@ -41,7 +41,7 @@ SAMPLE_RATES = (32000, 16000, 8000)
 
 
 class BadExample(ValueError):
-    """One input that must be skipped; the message names it and says why."""
+    """One input that must be skipped. The message names it and says why."""
 
 
 class TooManyBadExamplesError(RuntimeError):
@@ -50,7 +50,7 @@ class TooManyBadExamplesError(RuntimeError):
 
 @dataclasses.dataclass
 class BadDataTracker:
-    """Counts and logs skipped inputs of one split; enforces the budget."""
+    """Counts and logs the skipped inputs of one split, and enforces the budget."""
 
     builder: str
     split: str
@@ -59,16 +59,21 @@ class BadDataTracker:
     bad: List[Tuple[str, str]] = dataclasses.field(default_factory=list)
 
     def add_good(self) -> None:
+        """Count one usable input."""
         self.total += 1
 
     def add_bad(self, name: str, reason: str) -> None:
+        """Count and log one skipped input."""
         self.total += 1
         self.bad.append((name, reason))
         level = logging.WARNING if len(self.bad) <= _MAX_WARNINGS_PER_SPLIT else logging.INFO
         logging.log(level, "%s/%s: skipping %s: %s", self.builder, self.split, name, reason)
 
     def finish(self) -> Dict[str, Any]:
-        """Logs the summary; raises TooManyBadExamplesError past the budget."""
+        """Logs the summary and returns the report.
+
+        Raises TooManyBadExamplesError past the budget.
+        """
         frac = len(self.bad) / max(self.total, 1)
         reasons = collections.Counter(r.split(":")[0] for _, r in self.bad)
         msg = (
@@ -118,12 +123,15 @@ class ExampleIndex:
         return len(self.offsets) - 1
 
     def labels_of(self, i: int) -> np.ndarray:
+        """The label ids of example i."""
         return self.flat_labels[self.offsets[i] : self.offsets[i + 1]]
 
     def label_lists(self) -> List[np.ndarray]:
+        """The label ids of every example."""
         return np.split(self.flat_labels, self.offsets[1:-1])
 
     def encode(self) -> str:
+        """The index as text for ``info.metadata``: a base64 compressed npz."""
         buf = io.BytesIO()
         np.savez_compressed(
             buf,
@@ -135,6 +143,7 @@ class ExampleIndex:
 
     @classmethod
     def decode(cls, text: str) -> "ExampleIndex":
+        """The index that :meth:`encode` wrote as ``text``."""
         with np.load(io.BytesIO(base64.b64decode(text))) as z:
             index = cls([])
             index.offsets = z["offsets"]
@@ -144,6 +153,7 @@ class ExampleIndex:
 
 
 def index_key(split: str) -> str:
+    """The ``info.metadata`` key of a split's example index."""
     return f"example_index/{split}"
 
 
@@ -194,7 +204,7 @@ class AudioConfig(tfds.core.BuilderConfig):
     sample_rate: int = 32000
 
 
-def rate_configs(cls=AudioConfig, **kwargs) -> List[AudioConfig]:
+def rate_configs(cls: type[AudioConfig] = AudioConfig, **kwargs: Any) -> List[AudioConfig]:
     """One config per supported rate: '32k' (default), '16k', '8k'."""
     return [
         cls(
@@ -228,12 +238,13 @@ class _UncompressedArrayRecordWriter(tfds_writer.ExampleWriter):
 
 
 class PannsBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-    """Base of the panns_jax builders (see module docstring).
+    """Base of the panns_jax builders (see the module docstring).
 
-    Subclasses implement `_info_kwargs()` (features etc.), `_split_generators`
-    returning `self._generate_examples(split, candidates)` per split, where
-    `candidates` yields `(name, make_example)` with `make_example()` returning the
-    example dict or raising BadExample / AudioDecodeError.
+    Subclasses implement `_info_kwargs()`, which returns the features and the other
+    DatasetInfo arguments, and `_split_generators`, which returns
+    `self._generate_examples(split, candidates)` per split. `candidates` yields
+    `(name, make_example)` pairs. `make_example()` returns the example dict, or raises
+    BadExample or AudioDecodeError for an input to skip.
     """
 
     def __init__(
@@ -242,7 +253,7 @@ class PannsBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         max_bad_fraction: Optional[float] = None,
         num_workers: Optional[int] = None,
         file_format: Optional[str] = None,
-        **kwargs,
+        **kwargs: Any,
     ):
         super().__init__(file_format=file_format, **kwargs)
         if file_format is None and not self.data_path.exists():
@@ -287,8 +298,11 @@ class PannsBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         return None if seconds is None else int(round(seconds * self.sample_rate))
 
     def _tagging_info(self, class_names: Sequence[str], **more: Any) -> Dict[str, Any]:
-        """``_info_kwargs`` of a multi-label tagging set of fixed-length clips: ``audio``,
-        ``labels`` (any number of ``class_names``), ``audio_id``."""
+        """The ``_info_kwargs`` of a multi-label tagging set of fixed-length clips.
+
+        Its features are ``audio``, ``labels`` (any number of ``class_names``) and
+        ``audio_id``.
+        """
         return dict(
             description=type(self).__doc__,
             features=tfds.features.FeaturesDict(
@@ -339,11 +353,12 @@ class PannsBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
 
 def path_below(root: str, relative: Any) -> str:
-    """`root/relative` for a file named by a dataset's csv; BadExample if it is not there.
+    """`root/relative` for a file named by a dataset's csv.
 
-    A csv row must not make a build read files elsewhere: absolute paths and `..`
-    escapes are refused (checked on the normalised path, so symlinks inside the
-    download that point elsewhere still work).
+    Raises BadExample for a name that is not a file below `root`. A csv row must not make
+    a build read files elsewhere, so absolute paths and `..` escapes are refused. The
+    check is on the normalised path, so symlinks inside the download that point
+    elsewhere work.
     """
     if not isinstance(relative, str) or not relative.strip():
         raise BadExample(f"malformed csv row: file name {relative!r}")
@@ -358,10 +373,10 @@ def path_below(root: str, relative: Any) -> str:
 
 
 def audio_feature(sample_rate: int, length: Optional[int]) -> tfds.features.Tensor:
-    """int16 mono samples stored as raw bytes: decoding is one memcpy.
+    """int16 mono samples stored as raw bytes, so that decoding is one memcpy.
 
-    A plain Tensor rather than tfds.features.Audio: Audio ignores BYTES encoding
-    (TFDS 4.9), and the default int64-list encoding triples size and parse time.
+    It is a plain Tensor rather than tfds.features.Audio, because Audio ignores BYTES
+    encoding (TFDS 4.9) and the default int64-list encoding triples size and parse time.
     The rate is in the description and in `info.metadata['sample_rate']`.
     """
     return tfds.features.Tensor(

@@ -7,8 +7,8 @@ stands in for AudioSet in the README's demo job: no download, trains a small
 CNN in minutes on a laptop CPU. Everything is a function of (seed, split, clip
 number), so two builds are bit-identical.
 
-Defaults: 400 train + 100 eval clips of 2 s at 32 kHz (clip length is a config
-field: shorter than AudioSet's 10 s so the demo is quick).
+By default there are 400 train and 100 eval clips of 2 s at 32 kHz. The clip length is
+a config field, shorter than AudioSet's 10 s so that the demo is quick.
 """
 
 from __future__ import annotations

@@ -28,15 +28,15 @@ cost ~2 ms of CPU per clip, the batch-level path ~0.6 ms
 classes). Most of what is left is memory traffic: the float32 batch is twice the
 int16 it is made from, and the page-cache copy of each record.
 
-The samplers (balanced: Kong et al. 2020, Sec. IV-A; uniform) and the record
-selection (folds, evaluation shards) are in sampling.py; evaluation is sharded by
-records: host h reads the h-th contiguous part of the selection, every example
-exactly once over all hosts.
+The samplers (balanced, Kong et al. 2020, Sec. IV-A, and uniform) and the record
+selection (folds, evaluation shards) are in sampling.py. Evaluation is sharded by
+records: host h reads the h-th contiguous part of the selection, so that all hosts
+read every example exactly once.
 
-Process state: importing this module registers one ``atexit`` hook, which closes the
-iterators still open at exit (their tf.data threads call into Python and would hang
-interpreter shutdown otherwise); TensorFlow is imported through :mod:`panns_jax.tf_cpu`,
-which hides GPUs from it.
+Importing this module registers one ``atexit`` hook, which closes the iterators still
+open at exit. Their tf.data threads call into Python and would hang interpreter
+shutdown otherwise. TensorFlow is imported through :mod:`panns_jax.tf_cpu`, which hides
+GPUs from it.
 """
 
 from __future__ import annotations
@@ -94,11 +94,12 @@ class _BatchBuffers:
     """Float32 batch buffers, 64-byte aligned, recycled once no batch refers to them.
 
     Aligned, the array a numpy_function returns becomes the TF tensor and then the
-    numpy batch the caller gets, without a copy (TF copies unaligned ones: 41 MB a batch
-    of 32 ten-second clips). A buffer is reused only when nothing but this pool refers to
-    its storage (every numpy view of it, and TF's tensor through the view it was given,
-    holds a reference), so a batch the caller holds, or any slice of one, is never
-    overwritten; the reuse saves the page faults of a fresh 41 MB allocation per batch.
+    numpy batch the caller gets, without a copy. TF copies unaligned ones, 41 MB for a
+    batch of 32 ten-second clips. A buffer is reused only when nothing but this pool
+    refers to its storage. Every numpy view of it holds a reference, and so does TF's
+    tensor through the view it was given. A batch the caller holds, or any slice of one,
+    is therefore never overwritten. The reuse saves the page faults of a fresh 41 MB
+    allocation per batch.
     """
 
     def __init__(self, keep: int):
@@ -130,8 +131,11 @@ def _assemble(
     num_classes: int,
     offset: Callable[[int, int], int],
 ) -> np.ndarray:
-    """Writes each example's window into `audio` [B, L] (int16 / 32768, zero-padded at the
-    end; window b starts at offset(b, samples - L)) and returns the multi-hot labels."""
+    """Writes each example's window into `audio` [B, L] and returns the multi-hot labels.
+
+    A window holds int16 samples / 32768, zero-padded at the end. Window b starts at
+    offset(b, samples - L) of a clip longer than L.
+    """
     length = audio.shape[1]
     labels = np.zeros((len(audio), num_classes), np.float32)
     scale = np.float32(1 / 32768)
@@ -148,6 +152,35 @@ def _options() -> tf.data.Options:
     options = tf.data.Options()
     options.deterministic = True
     return options
+
+
+def _batch_dataset(
+    steps: tf.data.Dataset,
+    batch: Callable[[int], Tuple[np.ndarray, ...]],
+    outputs: Sequence[Tuple[str, tf.dtypes.DType, List[int]]],
+    *,
+    batch_size: int,
+    with_record: bool,
+    num_parallel_calls: int,
+    prefetch: int,
+) -> tf.data.Dataset:
+    """``steps`` mapped, in order, to the numpy batches that ``batch(step)`` computes.
+
+    ``batch`` returns one array per ``(key, dtype, shape)`` of ``outputs`` and then the
+    ``batch_size`` int64 record ids, which the batches hold as ``'record'`` when
+    ``with_record``.
+    """
+    dtypes = [dtype for _, dtype, _ in outputs] + [tf.int64]
+
+    def make(step):
+        *arrays, records = tf.numpy_function(batch, [step], dtypes, stateful=False)
+        out = {key: tf.ensure_shape(a, shape) for (key, _, shape), a in zip(outputs, arrays)}
+        if with_record:
+            out["record"] = tf.ensure_shape(records, [batch_size])
+        return out
+
+    ds = steps.map(make, num_parallel_calls=num_parallel_calls, deterministic=True)
+    return ds.prefetch(prefetch).with_options(_options())
 
 
 # ----------------------------------------------------------------------------
@@ -192,13 +225,14 @@ class _NumpyIterator:
 class TrainIterator:
     """Endless iterator of training batches (numpy dicts) with a tiny state.
 
-    Global batch `step` holds stream positions step*G .. step*G+G-1 (G =
-    `global_batch_size`); this host yields its `batch_size` = G / process_count
-    rows starting at `row_offset` = process_index * batch_size. The state is
-    {'step': batches handed out, ...} and names no host: restoring rebuilds the
-    pipeline at that step, which is O(1), on any number of hosts. Save it next
-    to the train state (`get_state()` is JSON-able; `save`/`restore` write a
-    file).
+    Global batch `step` holds stream positions step*G .. step*G+G-1, where G is
+    `global_batch_size`. This host yields its `batch_size` = G / process_count rows,
+    starting at `row_offset` = process_index * batch_size.
+
+    The state is {'step': batches handed out, ...} and names no host. Restoring it
+    rebuilds the pipeline at that step, which is O(1), on any number of hosts. Save it
+    next to the train state: `get_state()` is JSON-able, and `save`/`restore` write a
+    file.
     """
 
     def __init__(
@@ -259,25 +293,15 @@ class TrainIterator:
     def dataset(self, start_step: int = 0) -> tf.data.Dataset:
         """The tf.data pipeline from batch `start_step` on."""
         b, length, c = self.batch_size, self.clip_samples, self.num_classes
-
-        def make(step):
-            audio, labels, records = tf.numpy_function(
-                self.batch,
-                [step],
-                (tf.float32, tf.float32, tf.int64),
-                stateful=False,
-            )
-            out = {
-                "audio": tf.ensure_shape(audio, [b, length]),
-                "labels": tf.ensure_shape(labels, [b, c]),
-            }
-            if self._with_record:
-                out["record"] = tf.ensure_shape(records, [b])
-            return out
-
-        ds = tf.data.Dataset.range(start_step, np.iinfo(np.int64).max)
-        ds = ds.map(make, num_parallel_calls=self._npc, deterministic=True)
-        return ds.prefetch(self._prefetch).with_options(_options())
+        return _batch_dataset(
+            tf.data.Dataset.range(start_step, np.iinfo(np.int64).max),
+            self.batch,
+            [("audio", tf.float32, [b, length]), ("labels", tf.float32, [b, c])],
+            batch_size=b,
+            with_record=self._with_record,
+            num_parallel_calls=self._npc,
+            prefetch=self._prefetch,
+        )
 
     def __iter__(self) -> "TrainIterator":
         return self
@@ -290,7 +314,7 @@ class TrainIterator:
         return batch
 
     def close(self) -> None:
-        """Stops the background pipeline; the next batch restarts it."""
+        """Stops the background pipeline. The next batch restarts it."""
         if self._it is not None:
             self._it.close()
         self._it = None
@@ -329,9 +353,9 @@ class TrainIterator:
 class EvalIterable:
     """Every selected example exactly once, in record order, in fixed batches.
 
-    The last batch is zero-padded; 'mask' (bool [B]) marks real examples. All
-    hosts yield the same number of batches (needed for multi-host jit).
-    Iterate it once per evaluation.
+    The last batch is zero-padded, and 'mask' (bool [B]) marks real examples. All hosts
+    yield the same number of batches, as multi-host jit needs. Iterate it once per
+    evaluation.
     """
 
     def __init__(
@@ -356,7 +380,7 @@ class EvalIterable:
         return len(self.records)
 
     def batch(self, i: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Batch i: (audio, labels, mask, records); padding rows are zeros, record -1."""
+        """Batch i as (audio, labels, mask, records). Padding rows are zeros, with record -1."""
         records = self.records[i * self.batch_size : (i + 1) * self.batch_size]
         audio = self._buffers.empty((self.batch_size, self.clip_samples))
         labels = _assemble(
@@ -371,24 +395,21 @@ class EvalIterable:
         return audio, labels, mask, np.pad(records, (0, pad), constant_values=-1)
 
     def dataset(self) -> tf.data.Dataset:
+        """The tf.data pipeline of the evaluation batches."""
         b, length, c = self.batch_size, self.clip_samples, self.source.num_classes
-
-        def make(i):
-            audio, labels, mask, records = tf.numpy_function(
-                self.batch, [i], (tf.float32, tf.float32, tf.bool, tf.int64), stateful=False
-            )
-            out = {
-                "audio": tf.ensure_shape(audio, [b, length]),
-                "labels": tf.ensure_shape(labels, [b, c]),
-                "mask": tf.ensure_shape(mask, [b]),
-            }
-            if self._with_record:
-                out["record"] = tf.ensure_shape(records, [b])
-            return out
-
-        ds = tf.data.Dataset.range(self.num_batches)
-        ds = ds.map(make, num_parallel_calls=self._npc, deterministic=True)
-        return ds.prefetch(2).with_options(_options())
+        return _batch_dataset(
+            tf.data.Dataset.range(self.num_batches),
+            self.batch,
+            [
+                ("audio", tf.float32, [b, length]),
+                ("labels", tf.float32, [b, c]),
+                ("mask", tf.bool, [b]),
+            ],
+            batch_size=b,
+            with_record=self._with_record,
+            num_parallel_calls=self._npc,
+            prefetch=2,
+        )
 
     def __iter__(self) -> Iterator[Batch]:
         return _NumpyIterator(self.dataset())
@@ -476,9 +497,9 @@ def make_eval_iterator(
 ) -> EvalIterable:
     """Re-iterable evaluation batches of this host: each example once, in order.
 
-    Batches are {'audio': f32 [B, L], 'labels': f32 [B, C], 'mask': bool [B]};
-    L = clip_samples (first samples kept, zero-padded at the end), or the
-    dataset's fixed clip length when None.
+    Batches are {'audio': f32 [B, L], 'labels': f32 [B, C], 'mask': bool [B]}. L is
+    clip_samples (the first samples kept, zero-padded at the end), or the dataset's
+    fixed clip length when clip_samples is None.
     """
     process_index, process_count = _process(process_index, process_count)
     source = make_source(dataset, split, data_dir)

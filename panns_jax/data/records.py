@@ -33,7 +33,7 @@ def _example_fields(raw: bytes) -> Dict[str, Tuple[str, Any]]:
 
     Returns name -> ('bytes', range of the first value in `raw`) or
     ('ints', [int64 values]). Covers what TFDS writes (single bytes values,
-    packed int64 lists); raises ValueError on anything else.
+    packed int64 lists). Raises ValueError on anything else.
     """
 
     def fields(start, end):
@@ -160,9 +160,9 @@ class ArrayRecordFile:
     """Record i of an uncompressed, one-record-per-chunk ArrayRecord file, by pread.
 
     `read_into(i, buffer)` reads the record's bytes into `buffer` (grown as needed)
-    and returns a memoryview of them. Thread-safe (positional reads, no shared
-    offset); each thread must pass its own buffer. Raises ValueError for any other
-    layout (compressed, several records per chunk): use array_record's reader then.
+    and returns a memoryview of them. It is thread-safe (positional reads, no shared
+    offset), but each thread must pass its own buffer. It raises ValueError for any other
+    layout (compressed, several records per chunk), which array_record's reader reads.
     """
 
     def __init__(self, path: str):
@@ -202,7 +202,8 @@ class ArrayRecordFile:
     def __len__(self) -> int:
         return len(self._offsets)
 
-    # ``_close`` is bound now: the os module may be gone when __del__ runs at exit.
+    # ``_close`` is bound when the class is defined: the os module may be gone when
+    # __del__ runs at exit.
     def close(self, _close: Callable[[int], None] = os.close) -> None:
         if self._fd >= 0:
             _close(self._fd)

@@ -1,16 +1,16 @@
 """Which record each position of the training stream reads: stateless samplers in numpy.
 
 Imports numpy only (no TensorFlow, no TFDS), so the sampler can be used and tested
-without TensorFlow's import; `panns_jax.data.pipeline` feeds it to tf.data.
+without TensorFlow's import. `panns_jax.data.pipeline` feeds it to tf.data.
 
 The stream is a pure function of (seed, k) over the whole selection of records, the
 same on every host: draw k of the global stream is record `records[sampler(k)]`,
 and its crop offset is hashed from (seed, k) too (see pipeline.py for what that buys).
 
-Balanced sampling (Kong et al. 2020, Sec. IV-A; TRAINING.md Sec. 3): the stream
-is a sequence of fresh random permutations of all classes; each time class c
-comes up it yields the next example of its own shuffled list, reshuffled after
-every pass. Because every permutation contains c exactly once, draw k = e*C + j
+Balanced sampling follows Kong et al. 2020, Sec. IV-A and TRAINING.md Sec. 3. The
+stream is a sequence of fresh random permutations of all classes. Each time class c
+comes up, it yields the next example of its own shuffled list, which is reshuffled
+after every pass. Because every permutation contains c exactly once, draw k = e*C + j
 is class perm_e[j] and it is that class's e-th draw, so its example is
 shuffle_{c, e // n_c}[e % n_c]. Both permutations are evaluated lazily by
 `permute` (a keyed Feistel network with cycle walking, a bijection of [0, n)).
@@ -30,6 +30,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Dict, Mapping, Optional, Sequence
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 if TYPE_CHECKING:  # common imports TFDS and TensorFlow: only its type is needed here.
     from panns_jax.data.common import ExampleIndex
@@ -46,7 +47,7 @@ def _mix(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> _U(31))
 
 
-def hash_ints(*parts) -> np.ndarray:
+def hash_ints(*parts: ArrayLike) -> np.ndarray:
     """Order-dependent uint64 hash of integer arrays (broadcast)."""
     with np.errstate(over="ignore"):
         h = np.zeros((), _U)
@@ -58,8 +59,8 @@ def hash_ints(*parts) -> np.ndarray:
 def permute(i: np.ndarray, n: int, key: int) -> np.ndarray:
     """pi_key(i), where pi_key is a key-chosen permutation of [0, n).
 
-    A 4-round Feistel network on the smallest 2h-bit domain holding n, with
-    cycle walking back into [0, n); vectorised over i, n and key (broadcast).
+    A 4-round Feistel network on the smallest 2h-bit domain holding n, with cycle
+    walking back into [0, n). It is vectorised over i, n and key (broadcast).
     """
     i, n, key = np.broadcast_arrays(np.asarray(i, _U), np.asarray(n, _U), np.asarray(key, _U))
     half = np.ceil(np.ceil(np.log2(np.maximum(n, 2).astype(np.float64))) / 2)
@@ -82,8 +83,8 @@ def permute(i: np.ndarray, n: int, key: int) -> np.ndarray:
 
 def seed_keys(seed: int) -> Dict[str, np.uint64]:
     """The stream's keys: the same on every host, since the stream is global."""
-    # ([seed, 0] is what a single host used when the host index was folded in: its
-    # streams are kept.)
+    # The entropy [seed, 0] is fixed: another one would change every stream, and a
+    # checkpoint's iterator state must resume the same data order.
     state = np.random.SeedSequence([seed, 0]).generate_state(len(KEY_NAMES), _U)
     return dict(zip(KEY_NAMES, state))
 

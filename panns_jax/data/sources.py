@@ -1,9 +1,9 @@
 """Random access to a split's examples: (int16 samples, int32 label ids) by record id.
 
 A `Source` is what the samplers and iterators read from. TFDS datasets written in
-ArrayRecord format (the default of the panns_jax builders) are read by random
-access (`TfdsSource`); datasets in TFRecord format and numpy arrays
-(`ArraySource`) are held in memory, which suits small sets only.
+ArrayRecord format (the default of the panns_jax builders) are read by random access
+(`TfdsSource`). Datasets in TFRecord format and numpy arrays (`ArraySource`) are held
+in memory, which suits small sets only.
 """
 
 from __future__ import annotations
@@ -116,9 +116,9 @@ class ArraySource(Source):
 class TfdsSource(Source):
     """A prepared ArrayRecord TFDS split, read by random access.
 
-    Records are tf.train.Examples; the audio bytes are viewed as int16 without
-    going through TF ops (one copy from the page cache into a reused buffer, no
-    decompression: the panns_jax builders write uncompressed ArrayRecord).
+    Records are tf.train.Examples. Their audio bytes are viewed as int16 without going
+    through TF ops: one copy from the page cache into a reused buffer, and no
+    decompression, since the panns_jax builders write uncompressed ArrayRecord.
     """
 
     def __init__(self, builder: tfds.core.DatasetBuilder, split: str):
@@ -178,8 +178,11 @@ class TfdsSource(Source):
         return files, np.asarray(records, np.int64) - starts[files] + self._skips[files]
 
     def examples(self, records: np.ndarray) -> Iterator[Example]:
-        """Like `read`, one example at a time; each one's audio is only valid until the next
-        is asked for (it lies in this iterator's read buffer, reused: in cache, no faults)."""
+        """Like `read`, one example at a time.
+
+        Each one's audio is valid only until the next is asked for, because it lies in this
+        iterator's read buffer, which is reused (in cache, no page faults).
+        """
         buffer = bytearray()
         for f, pos in zip(*self._positions(records)):
             reader = self._reader(int(f))
@@ -201,8 +204,10 @@ def _num_classes(feature) -> int:
     return int(feature.num_classes)
 
 
-def get_builder(name: str, data_dir: Optional[str] = None, **kwargs) -> tfds.core.DatasetBuilder:
-    """`tfds.builder(name)`; prepares datasets that need no download (panns_demo)."""
+def get_builder(
+    name: str, data_dir: Optional[str] = None, **kwargs: Any
+) -> tfds.core.DatasetBuilder:
+    """`tfds.builder(name)`, prepared first if it needs no download (panns_demo)."""
 
     builder = tfds.builder(name, data_dir=data_dir, **kwargs)
     if not builder.is_prepared():

@@ -1,10 +1,10 @@
 """Transfer-learning sets of the PANNs paper (Sec. V), from their usual downloads.
 
-All store mono int16 `audio` at the config's rate at the clip's own length
-(ESC-50 5 s, GTZAN ~30 s, RAVDESS ~3-5 s; the pipeline crops or pads),
-`label` (ClassLabel), `audio_id` (the file name) and `fold` for
-cross-validation (`make_train_iterator(..., folds=[1, 2, 3, 4])`). Each set is a
-single 'train' split in file order; evaluation folds are chosen with `folds=`.
+All store mono int16 `audio` at the config's rate and at the clip's own length (ESC-50
+5 s, GTZAN ~30 s, RAVDESS ~3-5 s), which the pipeline crops or pads. They also store
+`label` (ClassLabel), `audio_id` (the file name) and `fold` for cross-validation
+(`make_train_iterator(..., folds=[1, 2, 3, 4])`). Each set is a single 'train' split in
+file order. Evaluation folds are chosen with `folds=`.
 """
 
 from __future__ import annotations
@@ -116,10 +116,13 @@ def _features(sample_rate: int, names, extra=None) -> tfds.features.FeaturesDict
 
 
 class _SingleLabelBuilder(common.PannsBuilder, skip_registration=True):
-    """A single-label set: ``label`` one of ``CLASSES``, a ``fold``, its files below the first
-    folder of the manual download that ``_is_root`` accepts (``MISSING`` names it), which
-    ``_candidates(root)`` lists. RAVDESS, whose files lie in many Actor_XX folders, gathers
-    them in its own ``_split_generators``."""
+    """A single-label set with folds.
+
+    Each example has a ``label``, one of ``CLASSES``, and a ``fold``. The files lie below
+    the first folder of the manual download that ``_is_root`` accepts (``MISSING`` names
+    it), and ``_candidates(root)`` lists them. RAVDESS, whose files lie in many Actor_XX
+    folders, gathers them in its own ``_split_generators``.
+    """
 
     CLASSES: Sequence[str] = ()
     HOMEPAGE = ""
@@ -201,9 +204,9 @@ class Esc50(_SingleLabelBuilder):
 class GtzanGenres(_SingleLabelBuilder):
     """GTZAN genre collection (Tzanetakis & Cook 2002): 1000 30 s clips.
 
-    `fold` = track number mod 10 + 1: a fixed 10-fold split for cross-validation
-    (GTZAN has no official folds; each fold holds 10 tracks of every genre).
-    Named gtzan_genres to leave TFDS's own `gtzan` alone.
+    `fold` = track number mod 10 + 1, a fixed 10-fold split for cross-validation. GTZAN
+    has no official folds. Each fold holds 10 tracks of every genre. The set is named
+    gtzan_genres to leave TFDS's own `gtzan` alone.
     """
 
     VERSION = tfds.core.Version("1.0.0")
@@ -249,9 +252,9 @@ class GtzanGenres(_SingleLabelBuilder):
 class Ravdess(_SingleLabelBuilder):
     """RAVDESS speech and song audio (Livingstone & Russo 2018), 8 emotions.
 
-    Files Actor_XX/MM-VV-EE-II-SS-RR-AA.wav (modality 03 = audio only, vocal
+    Files are Actor_XX/MM-VV-EE-II-SS-RR-AA.wav (modality 03 = audio only, vocal
     channel 01 speech / 02 song, EE emotion 01-08, AA actor). `actor` (1-24) is
-    stored; `fold` = (actor - 1) // 6 + 1 gives 4 speaker-independent folds.
+    stored, and `fold` = (actor - 1) // 6 + 1 gives 4 speaker-independent folds.
     """
 
     VERSION = tfds.core.Version("1.0.0")

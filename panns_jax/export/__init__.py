@@ -42,10 +42,10 @@ noise batch; or yours) must match the JAX model within the golden tolerances
 Modules: :mod:`.source` (what to export: ``resolve_source``), :mod:`.serving` (the
 exported function and how it is traced), :mod:`.writers` (one exporter per format),
 :mod:`.runtimes` (load an export and run it), :mod:`.validation` (compare with the JAX
-model), :mod:`.pipeline` (``export()``: all of them, staged), :mod:`.cli` (the command).
+model), :mod:`.pipeline` (``export()``: all of them, staged). The command line is
+:mod:`panns_jax.cli.export`.
 """
 
-from panns_jax.export.cli import main_export
 from panns_jax.export.formats import FORMATS, detect_format
 from panns_jax.export.pipeline import ExportResult, check_output, check_shape_options, export
 from panns_jax.export.runtimes import load
@@ -73,7 +73,6 @@ __all__ = [
     "export",
     "export_model",
     "load",
-    "main_export",
     "resolve_source",
     "serving_function",
     "validation_batches",

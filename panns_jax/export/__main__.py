@@ -1,7 +1,7 @@
-"""``python -m panns_jax.export``: see :mod:`panns_jax.export.cli`."""
+"""``python -m panns_jax.export``: the ``panns-jax export`` command, :mod:`panns_jax.cli.export`."""
 
 import sys
 
-from panns_jax.export.cli import main_export
+from panns_jax.cli.export import main
 
-sys.exit(main_export())
+sys.exit(main())

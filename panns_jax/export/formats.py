@@ -17,6 +17,7 @@ def default_out(name: str, format: str) -> str:
 
 
 def check_format(format: str) -> None:
+    """Raise a ValueError unless ``format`` is one of :data:`FORMATS`."""
     if format not in FORMATS:
         raise ValueError(f"unknown format {format!r}; expected one of {', '.join(FORMATS)}")
 

@@ -6,14 +6,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import gc
-import math
 import os
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import jax
 import numpy as np
 
-from panns_jax import fileio, models
+from panns_jax import checks, fileio, models
 from panns_jax.export import runtimes, serving, validation, writers
 from panns_jax.export.formats import check_format, default_out
 from panns_jax.export.source import Source, resolve_source
@@ -45,20 +44,19 @@ class ExportResult:
 
 
 def check_shape_options(seconds: Optional[float], batch_size: Optional[int]) -> None:
-    """``seconds`` positive and finite, ``batch_size`` a positive integer (or None)."""
-    if seconds is not None and not (
-        isinstance(seconds, (int, float)) and math.isfinite(seconds) and seconds > 0
-    ):
-        raise ValueError(f"seconds must be a positive, finite clip length, got {seconds!r}")
-    if batch_size is not None and (
-        isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
-    ):
-        raise ValueError(f"batch size must be a positive integer, got {batch_size!r}")
+    """``seconds`` positive and finite, ``batch_size`` a positive integer, each or None."""
+    if seconds is not None:
+        checks.positive_seconds(seconds, "seconds")
+    if batch_size is not None:
+        checks.positive_integer(batch_size, "batch size")
 
 
 def check_output(out: str, format: str, overwrite: bool, source: Any = None) -> None:
-    """Refuse to overwrite without ``overwrite``, to replace the source checkpoint, or to
-    replace anything but an export of the same kind (never an arbitrary directory)."""
+    """Raise unless writing an export of ``format`` to ``out`` is safe.
+
+    It refuses to overwrite without ``overwrite``, to replace the source checkpoint, and
+    to replace anything but an export of the same kind (never an arbitrary directory).
+    """
     out = os.path.abspath(out)
     if isinstance(source, (str, os.PathLike)) and os.path.exists(source):
         source = os.path.abspath(source)
@@ -80,6 +78,56 @@ def check_output(out: str, format: str, overwrite: bool, source: Any = None) -> 
         )
     if format != "savedmodel" and not os.path.isfile(out):
         raise FileExistsError(f"{out} exists and is not a file; refusing to replace it")
+
+
+def _validation_inputs(
+    validation_batch: Optional[np.ndarray],
+    sample_rate: int,
+    shape: Tuple[Optional[int], ...],
+    min_samples: int,
+) -> List[np.ndarray]:
+    """The batches an export is validated on: the caller's, or deterministic test audio.
+
+    Raises a ValueError for a batch whose shape the export does not accept.
+    """
+    if validation_batch is not None:
+        batches = [np.asarray(validation_batch, np.float32)]
+    else:
+        batches = validation.validation_batches(sample_rate, shape[1], min_samples, shape[0])
+    for batch in batches:
+        validation.check_fits(batch, shape, min_samples)
+    return batches
+
+
+def _write(
+    format: str,
+    serve: Callable,
+    spec: jax.ShapeDtypeStruct,
+    min_samples: int,
+    path: str,
+    name: str,
+    onnx_opset: int,
+    platforms: Sequence[str],
+) -> None:
+    """Write ``serve`` traced at ``spec`` to ``path`` with the exporter of ``format``."""
+    if format == "onnx":
+        writers.write_onnx(serve, spec, path, name, opset=onnx_opset)
+        return
+    shape = serving.static_shape(spec.shape)
+    if format == "savedmodel":
+        writers.write_savedmodel(serve, shape, min_samples, path, platforms)
+    else:
+        writers.write_tflite(serve, shape, min_samples, path)
+
+
+def _reference(model: Any, variables: Mapping[str, Any]) -> runtimes.Runner:
+    """The model as given (FFT front end), run by JAX: what an export must reproduce.
+
+    The variables are an argument of the jitted function, not constants folded into the
+    executable (80 M floats for Cnn14).
+    """
+    forward = jax.jit(lambda v, x: serving.serving_function(model, v)(x))
+    return functools.partial(lambda v, x: jax.device_get(forward(v, x)), variables)
 
 
 def export(
@@ -129,12 +177,7 @@ def export(
     )
     static = serving.static_shape(spec.shape)
     rate = models.sample_rate(model)
-    if validation_batch is not None:
-        batches = [np.asarray(validation_batch, np.float32)]
-    else:
-        batches = validation.validation_batches(rate, static[1], min_samples, static[0])
-    for batch in batches:
-        validation.check_fits(batch, static, min_samples)
+    batches = _validation_inputs(validation_batch, rate, static, min_samples)
 
     os.makedirs(os.path.dirname(out), exist_ok=True)
     runner = reference = None
@@ -142,20 +185,12 @@ def export(
         # Staged: removed on failure; on success it replaces an existing export (a SavedModel
         # directory is swapped in by fileio.replace_dir, never removed first).
         with fileio.staged(out) as staging:
-            if format == "onnx":
-                writers.write_onnx(serve, spec, staging, name, opset=onnx_opset)
-            elif format == "savedmodel":
-                writers.write_savedmodel(serve, static, min_samples, staging, platforms)
-            else:
-                writers.write_tflite(serve, static, min_samples, staging)
+            _write(format, serve, spec, min_samples, staging, name, onnx_opset, platforms)
             runner = runtimes.load(staging, format)
-            # The reference is the model as given (FFT front end). Variables are an
-            # argument, not constants folded into the executable (80 M floats for Cnn14).
-            forward = jax.jit(lambda v, x: serving.serving_function(model, v)(x))
-            reference = functools.partial(lambda v, x: jax.device_get(forward(v, x)), variables)
+            reference = _reference(model, variables)
             worst = validation.validate(runner, reference, batches, f"{format} export of {name}")
     finally:
-        runner = reference = forward = None
+        runner = reference = None
         gc.collect()  # Converter/runtime copies of the weights: GBs for Cnn14.
     return ExportResult(
         path=out,

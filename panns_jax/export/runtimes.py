@@ -15,7 +15,7 @@ def load(path: str, format: Optional[str] = None, num_threads: Optional[int] = N
     """A callable ``waveform (B, L) float32 -> {output: np.ndarray}`` running an export.
 
     ONNX runs in onnxruntime, SavedModels in TensorFlow, TFLite in the LiteRT
-    interpreter (``ai-edge-litert``; ``tf.lite`` when it is absent).
+    interpreter (``ai-edge-litert``, or ``tf.lite`` when it is absent).
     """
     format = format or detect_format(path)
     if format == "onnx":

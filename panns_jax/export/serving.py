@@ -1,9 +1,10 @@
 """The function that gets exported, and how it is traced.
 
-The exported model is the JAX model with ``FrontendConfig(stft="dft")``: its STFT is a
+The exported model is the JAX model with ``FrontendConfig(stft="dft")``. Its STFT is a
 strided convolution with the windowed DFT basis (as torchlibrosa computes it) instead of
-``jnp.fft.rfft``, which neither TFLite builtins nor jax2onnx lower. Same weights, same
-outputs to float32 round-off; the export is validated against the FFT model.
+``jnp.fft.rfft``, which neither TFLite builtins nor jax2onnx lower. It has the same
+weights and the same outputs to float32 round-off, and the export is validated against
+the FFT model.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ _MIN_SECONDS_CANDIDATES = (1.0, 2.0, 5.0)  # Shortest clip a length-polymorphic 
 def with_stft(model: nn.Module, stft: str) -> nn.Module:
     """``model`` with every ``FrontendConfig`` field in its module tree set to ``stft``.
 
-    Walks the dataclass fields, so wrappers (a transfer head's ``base``) are rebuilt
-    too; the parameter tree is unchanged (the front end has no parameters).
+    It walks the dataclass fields, so wrappers (a transfer head's ``base``) are rebuilt
+    too. The parameter tree stays the same, since the front end has no parameters.
     """
     changes = {}
     for field in dataclasses.fields(model):
@@ -55,8 +56,8 @@ def tracing() -> Iterator[None]:
     """Trace depthwise convs as one lax conv while an exporter traces.
 
     Exporters have a native op for it, and jax2onnx cannot lower the CPU/other-backend
-    switch of ``models/depthwise.py`` (a switch of that module; not thread safe: trace
-    exports from one thread).
+    switch of ``models/depthwise.py``. The switch belongs to that module and is not
+    thread safe, so exports are traced from one thread.
     """
     from panns_jax.models import depthwise
 
@@ -93,8 +94,8 @@ def input_spec(
     """The input spec to trace with and the shortest accepted clip.
 
     A symbolic length needs a lower bound that makes every pooling in the trunk
-    provably non-empty; the shortest of 1, 2, 5 s that works is used. Falls back to
-    a fixed ``DEFAULT_SECONDS`` window when none does (decision-level heads).
+    provably non-empty. The shortest of 1, 2 and 5 s that works is used. When none does
+    (decision-level heads), the input is a fixed ``DEFAULT_SECONDS`` window.
     """
     rate = models.sample_rate(model)
     if dynamic_length and seconds is None:
@@ -122,6 +123,7 @@ def static_shape(shape: Sequence[Any]) -> Tuple[Optional[int], ...]:
 
 
 def output_shapes(serve: Callable, spec: jax.ShapeDtypeStruct) -> Dict[str, tuple]:
+    """The shape of each output of ``serve`` on an input of ``spec``, traced as exported."""
     with tracing():
         shapes = jax.eval_shape(serve, spec)
     return {k: v.shape for k, v in shapes.items()}

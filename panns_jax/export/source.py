@@ -17,9 +17,10 @@ def resolve_source(
     """``(model, variables, name)`` of a checkpoint path, a ModelCheckpoint or
     ``(model, variables)``.
 
-    Paths and zoo names go through :func:`panns_jax.loader.load`: a panns_jax checkpoint
-    directory of any kind, an original PANNs ``.pth`` (needs ``model_name``, and
-    ``overrides`` for a model built with other arguments), or a pretrained model name.
+    Paths and zoo names go through :func:`panns_jax.loader.load`. That covers a panns_jax
+    checkpoint directory of any kind, an original PANNs ``.pth``, and a pretrained model
+    name. A ``.pth`` needs ``model_name``, and ``overrides`` for a model built with other
+    arguments.
     """
     from panns_jax import checkpoints
 

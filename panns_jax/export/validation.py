@@ -17,7 +17,7 @@ Errors = Dict[str, Tuple[float, float]]  # output -> (max abs error, bound)
 
 
 class ExportValidationError(RuntimeError):
-    """The exported file does not reproduce the JAX model; nothing was written."""
+    """The exported file does not reproduce the JAX model. Nothing is written then."""
 
 
 def compare(
@@ -40,9 +40,12 @@ def compare(
 def validation_batches(
     sample_rate: int, length: Optional[int], min_samples: int, batch_size: Optional[int]
 ) -> List[np.ndarray]:
-    """Deterministic test audio like the golden inputs: a log chirp + noise and AM tones over
-    a noise floor with a gap of digital silence (frames at the log floor); plus an
-    odd-length clip when the length is free."""
+    """Deterministic test audio like the golden inputs.
+
+    The first row is a log chirp plus noise. The second holds AM tones over a noise
+    floor, with a gap of digital silence (frames at the log floor). Larger batches add
+    rows of uniform noise. When the length is free, a second batch of odd length follows.
+    """
     rng = np.random.default_rng(0)
     n = length or int(5 * sample_rate)
     t = np.arange(n) / sample_rate
@@ -83,7 +86,10 @@ def validate(
     description: str,
 ) -> Errors:
     """The worst ``(error, bound)`` per output of ``runner`` against ``reference`` over
-    ``batches``; raises :class:`ExportValidationError` on the first batch that fails."""
+    ``batches``.
+
+    Raises :class:`ExportValidationError` on the first batch that fails.
+    """
     worst: Errors = {}
     for batch in batches:
         errors, failures = compare(runner(batch), reference(batch))

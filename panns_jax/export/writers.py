@@ -15,8 +15,8 @@ def write_onnx(
 ) -> None:
     """jax2onnx on a jaxpr traced beforehand.
 
-    jax2onnx monkey-patches flax.linen layers while it traces (its own pooling and
-    conv primitives); replaying a jaxpr traced before keeps the conversion at the
+    jax2onnx monkey-patches flax.linen layers with its own pooling and conv primitives
+    while it traces. Replaying a jaxpr traced beforehand keeps the conversion at the
     level of lax primitives, which it supports best, with the same symbolic dims.
     """
     jax2onnx = require("jax2onnx", "ONNX export")

@@ -5,7 +5,7 @@
     variables = panns_jax.models.init(model, jax.random.key(0))
     out = model.apply(variables, waveform)                  # dict of outputs
 
-Each family module exposes ``MODELS = {name: (module class, kwargs)}``; variants are
+Each family module exposes ``MODELS = {name: (module class, kwargs)}``. Variants are
 keyword arguments of a few families, never copied classes.
 """
 
@@ -49,7 +49,7 @@ def names() -> List[str]:
 
 
 def get(name: str, **overrides: Any) -> nn.Module:
-    """Build the model registered as ``name``; ``overrides`` replace its attributes.
+    """Build the model registered as ``name``, with ``overrides`` replacing its attributes.
 
     A ``transfer_head`` entry (what a Freeze_L3 run's checkpoint stores) wraps the model
     in a :class:`~panns_jax.models.transfer_head.Transfer` with that head.
@@ -79,8 +79,8 @@ def sample_rate(model: nn.Module) -> int:
 def outputs(model: nn.Module) -> Outputs:
     """What ``model.apply`` returns: decision-level or not, and its embedding's key.
 
-    Declared by the model's class (``declared_outputs``), so that callers need not trace
-    the model to find out; tests/test_models.py checks every declaration against a trace.
+    The model's class declares them (``declared_outputs``), so that callers need not trace
+    the model to find out. tests/test_models.py checks every declaration against a trace.
     """
     declared = getattr(type(model), "declared_outputs", None)
     if declared is None:
@@ -94,7 +94,10 @@ def outputs(model: nn.Module) -> Outputs:
 def init(
     model: nn.Module, rng: jax.Array, num_samples: Optional[int] = None, batch_size: int = 1
 ) -> dict:
-    """Initialise ``{'params', 'batch_stats'}`` with a dummy 1 s... 10 s input (eval mode)."""
+    """``{'params', 'batch_stats'}`` of ``model``, initialised in eval mode on zeros.
+
+    The input has ``batch_size`` rows of ``num_samples`` samples (default: 10 s).
+    """
     num_samples = num_samples or 10 * sample_rate(model)
     dummy = jnp.zeros((batch_size, num_samples), jnp.float32)
     return dict(jax.jit(lambda r: model.init(r, dummy, train=False))(rng))

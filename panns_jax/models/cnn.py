@@ -1,8 +1,9 @@
 """The plain CNN family: Cnn6, Cnn10, Cnn14 and all Cnn14 ablations of the paper.
 
-One module, configured by its block widths/kernel, embedding size, front end,
-mixup point, SpecAugment and head (clip-level or decision-level max/avg/attention).
-Kong et al. 2020, Sec. III-B/C, Tables II-III, and Sec. V for the ablations.
+One module covers them all. It is configured by its block widths and kernel, embedding
+size, front end, mixup point, SpecAugment and head (clip-level, or decision-level
+max/avg/attention). Kong et al. 2020, Sec. III-B/C and Tables II-III; Sec. V for the
+ablations.
 """
 
 from __future__ import annotations
@@ -44,16 +45,17 @@ class Cnn(layers.LogmelNetwork):
 
     @property
     def declared_outputs(self) -> layers.Outputs:
-        """What apply returns (``models.outputs``): a decision-level head adds framewise
-        output and embeds per segment."""
+        """What apply returns (``models.outputs``).
+
+        A decision-level head adds a framewise output and embeds each segment.
+        """
         return layers.CLIP_OUTPUTS if self.head == "clip" else layers.DECISION_LEVEL_OUTPUTS
 
     @nn.compact
     def __call__(
         self, waveform: jax.Array, train: bool = False, mixup_lambda: Optional[jax.Array] = None
     ) -> dict:
-        if self.head not in HEADS:
-            raise ValueError(f"unknown head {self.head!r}; expected one of {HEADS}")
+        layers.check_choice("head", self.head, HEADS)
         if train and mixup_lambda is not None and self.mixup_domain == "waveform":
             waveform = fe.mixup(waveform, mixup_lambda)
         x, outputs = layers.logmel_stem(
@@ -90,8 +92,9 @@ class Cnn(layers.LogmelNetwork):
     ) -> dict:
         """Segment-wise classifier + pooling over time (Kong et al. 2020, Sec. VI SED).
 
-        Smoothing as the original: max-pool(3, 1, pad 1) + avg-pool(3, 1, pad 1) over
-        time, where the average counts the zero padding (edge divisor 3).
+        The segments are smoothed over time as in the original, by max-pool(3, 1, pad 1)
+        plus avg-pool(3, 1, pad 1), where the average counts the zero padding (edge
+        divisor 3).
         """
         max_smooth = nn.max_pool(x, (3,), strides=(1,), padding=((1, 1),))
         avg_smooth = nn.avg_pool(x, (3,), strides=(1,), padding=((1, 1),), count_include_pad=True)
@@ -128,9 +131,10 @@ class Cnn(layers.LogmelNetwork):
 class AttentionBlock(nn.Module):
     """Attention pooling of Cnn14_DecisionLevelAtt (``att_block``).
 
-    att and cla are 1x1 Conv1d with bias; attention = softmax over time of
-    clamp(att, -10, 10); clip = sum_t attention * sigmoid(cla). ``bn_att`` exists
-    in the original but is never used; it is created so checkpoints round-trip.
+    ``att`` and ``cla`` are 1x1 Conv1d with bias. The attention is the softmax over time
+    of clamp(att, -10, 10), and the clip output sum_t attention * sigmoid(cla).
+    ``bn_att`` exists in the original but is never used. It is created so that
+    checkpoints round-trip.
     """
 
     num_classes: int

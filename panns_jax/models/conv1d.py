@@ -1,8 +1,9 @@
 """Raw-waveform 1-D networks: LeeNet11/24, DaiNet19, Res1dNet31/51.
 
-Kong et al. 2020, Sec. III-D and ``golden/ARCHITECTURES.md`` §6. Input ``(B, L)``
-audio at ``frontend.sample_rate`` (no log-mel front end, no SpecAugment); mixup is
-applied to the raw waveform; layout ``(B, samples, C)``; head H without freq mean.
+Kong et al. 2020, Sec. III-D and ``golden/ARCHITECTURES.md`` §6. The input is ``(B, L)``
+audio at ``frontend.sample_rate``, with no log-mel front end and no SpecAugment. Mixup
+mixes the raw waveform. Activations are laid out ``(B, samples, C)``, and head H has no
+mean over frequency.
 """
 
 from __future__ import annotations
@@ -36,7 +37,10 @@ def _waveform_input(
     train: bool,
     mixup_lambda: Optional[jax.Array],
 ) -> jax.Array:
-    """(B, L) -> (B', L, 1): validation, then [train, lambda] mixup of the raw audio (§6)."""
+    """The ``(B', L, 1)`` input of a 1-D trunk from ``(B, L)`` audio (§6).
+
+    The audio is validated, then mixed up when training with a ``mixup_lambda``.
+    """
     fe.validate_waveform(waveform, min_samples=1)
     x = jnp.asarray(waveform)
     x = x[None] if x.ndim == 1 else x
@@ -59,7 +63,8 @@ def _head(x: jax.Array, module: nn.Module, train: bool) -> dict:
 class LeeNetConvBlock(nn.Module):
     """LeeNetConvBlock (1 conv) / LeeNetConvBlock2 (2 convs).
 
-    (conv k3 -> BN -> ReLU) x ``num_convs`` (stride on the first conv) -> [max-pool 3, pad 1].
+    (conv k3 -> BN -> ReLU) x ``num_convs`` -> [max-pool 3, pad 1]. The stride applies to
+    the first conv.
     """
 
     features: int
@@ -82,7 +87,7 @@ class LeeNetConvBlock(nn.Module):
 class LeeNet(WaveformNetwork):
     """LeeNet11 (1 conv per block) / LeeNet24 (2 convs per block, dropout 0.1), §6.
 
-    Block 1 has stride 3 and no pool; the others stride 1 and max-pool 3 (pad 1),
+    Block 1 has stride 3 and no pool. The others have stride 1 and max-pool 3 (pad 1),
     except where ``pools`` says otherwise (LeeNet24's last block).
     """
 
@@ -115,8 +120,8 @@ class LeeNet(WaveformNetwork):
 class DaiNetResBlock(nn.Module):
     """4 x conv k3 (+BN, ReLU but the last) + shortcut (identity, or 1x1 conv -> BN) -> ReLU.
 
-    ``downsample``/``bn_downsample`` always exist (as in the original) but only run
-    when the shapes differ; for the 64->64 block they are created at init only.
+    ``downsample`` and ``bn_downsample`` always exist, as in the original, but only run
+    when the shapes differ. For the 64->64 block they are created at init only.
     """
 
     features: int

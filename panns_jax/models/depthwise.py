@@ -78,10 +78,10 @@ def _pad(x: jax.Array, padding) -> jax.Array:
 def _correlate(xp: jax.Array, w: jax.Array, strides: Tuple[int, int]) -> jax.Array:
     """Valid depthwise correlation of an already padded ``xp``: sum of shifted multiply-adds.
 
-    One loop fusion when its consumer is elementwise (MobileNets pool it with
-    :func:`avg_pool`, strided slices, into the same loop). Consumed by a reduce-window
-    pool, XLA:CPU's YNNPACK fusion instead copied out every shifted input and broadcast
-    weight (MobileNetV1's train step 1.2x longer).
+    It is one loop fusion when its consumer is elementwise: MobileNets pool it with
+    :func:`avg_pool`, strided slices, in the same loop. When a reduce-window pool
+    consumes it, XLA:CPU's YNNPACK fusion copies out every shifted input and broadcast
+    weight instead, and MobileNetV1's train step takes 1.2x longer.
     """
     kernel = w.shape[:2]
     out_hw = tuple((size - k) // s + 1 for size, k, s in zip(xp.shape[1:3], kernel, strides))
@@ -105,9 +105,9 @@ def avg_pool(x: jax.Array, size: int) -> jax.Array:
     An elementwise sum, so XLA:CPU fuses the depthwise conv before it into the same loop
     (each conv output is read once) instead of a YNNPACK reduce-window fusion that first
     copies out every shifted input and broadcast weight of that conv. The gradient
-    repeats each output gradient / size^2 over its window by a broadcast (the strided
-    slices' own gradient, one interior-padded copy per window position, made a
-    MobileNetV1 train step 3-6% slower). Size 1 is the identity.
+    repeats each output gradient / size^2 over its window by a broadcast. The strided
+    slices' own gradient, one interior-padded copy per window position, makes a
+    MobileNetV1 train step 3-6% slower. Size 1 is the identity.
     """
     return x if size == 1 else _avg_pool(x, size, tuple(x.shape))
 
@@ -168,12 +168,12 @@ _TERMS_PER_PASS = 40
 def _weight_grad(x, w, dy, strides, padding):
     """dw[kh, kw, 0, c] = sum over (n, i, j) of x_pad[n, s*i + kh, s*j + kw, c] dy[n, i, j, c].
 
-    In two passes: per tap, one elementwise pass sums the products over the batch and
-    over ``split`` blocks of rows (up to ``_TERMS_PER_PASS`` terms, an array 1 / terms
-    the size of dy), then one reduction sums what is left of all taps. A reduction per
-    tap over the whole product (XLA:CPU wrote each product out before reducing it) took
-    4-6x longer. Batches over ``layers.MAX_UNROLLED_BATCH`` take that reduction (the sum
-    over the batch is unrolled in the graph).
+    It takes two passes. Per tap, one elementwise pass sums the products over the batch
+    and over ``split`` blocks of rows (up to ``_TERMS_PER_PASS`` terms, an array 1 / terms
+    the size of dy). Then one reduction sums what is left of all taps. A reduction per
+    tap over the whole product takes 4-6x longer, since XLA:CPU writes each product out
+    before reducing it. Batches over ``layers.MAX_UNROLLED_BATCH`` take that reduction
+    all the same, since the elementwise pass unrolls the sum over the batch in the graph.
     """
     xp = _pad(x, padding)
     n, rows = dy.shape[:2]
@@ -218,8 +218,9 @@ def depthwise_conv(
 ) -> jax.Array:
     """NHWC x HWIO depthwise conv (``w`` is ``(kh, kw, 1, C)``, one filter per channel of x).
 
-    ``strides`` and explicit ``padding`` ((top, bottom), (left, right)) as in
-    ``lax.conv_general_dilated``; shifted multiply-adds on CPU, XLA's conv elsewhere.
+    ``strides`` and explicit ``padding`` ((top, bottom), (left, right)) are as in
+    ``lax.conv_general_dilated``. CPU computes shifted multiply-adds, other backends
+    XLA's conv.
     """
     return _forward(x, w, strides, padding)
 
@@ -255,9 +256,9 @@ depthwise_conv.defvjp(_depthwise_fwd, _depthwise_bwd)
 def plain_lax_convolutions() -> Iterator[None]:
     """Trace depthwise and 1x1 convs as one ``lax.conv_general_dilated`` while the block runs.
 
-    For exporters (ONNX, TFLite): they convert a depthwise conv into their own native
-    op, and jax2onnx cannot lower ``lax.platform_dependent``. Not thread safe: trace
-    exports from one thread (as ``panns_jax.export`` does).
+    For exporters (ONNX, TFLite), which convert a depthwise conv into their own native
+    op. jax2onnx cannot lower ``lax.platform_dependent`` either. The switch is not thread
+    safe, so exports are traced from one thread (as ``panns_jax.export`` does).
     """
     previous = _PLAIN_LAX[0]
     _PLAIN_LAX[0] = True
@@ -285,14 +286,15 @@ def is_depthwise(
 def pointwise_conv(x: jax.Array, w: jax.Array) -> jax.Array:
     """A 1x1 NHWC x HWIO conv as one matrix product over the channel axis.
 
-    The same sums as the conv; what changes is the gradient: XLA:CPU computes a 1x1
-    conv's weight gradient as a convolution whose window is the whole (time, freq) map,
-    after transposing both operands (0.6 s of a 1.9 s MobileNetV1 train step at 8 x 5 s
-    for features.1's 32->64 conv alone), while a product's gradient is two products.
-    The product is taken on ``x`` flattened to (positions, channels): the weight
-    gradient then contracts one axis, which XLA:CPU computes without first transposing
-    the output gradient (contracting (batch, time, freq) of the 4-D arrays, it wrote a
-    transposed copy of it: 10 ms of features.1's backward at 8 x 5 s).
+    It computes the same sums as the conv. What differs is the gradient. XLA:CPU computes
+    a 1x1 conv's weight gradient as a convolution whose window is the whole (time, freq)
+    map, after transposing both operands (0.6 s of a 1.9 s MobileNetV1 train step at
+    8 x 5 s for features.1's 32->64 conv alone). A product's gradient is two products.
+
+    The product is taken on ``x`` flattened to (positions, channels), so that the weight
+    gradient contracts one axis, which XLA:CPU computes without first transposing the
+    output gradient. Contracting (batch, time, freq) of the 4-D arrays, it writes a
+    transposed copy of the output gradient (10 ms of features.1's backward at 8 x 5 s).
     """
     flat = x.reshape(-1, x.shape[-1])
     y = lax.dot_general(flat, w[0, 0], (((1,), (0,)), ((), ())))
@@ -300,10 +302,12 @@ def pointwise_conv(x: jax.Array, w: jax.Array) -> jax.Array:
 
 
 def conv_general_dilated(*args: Any, **kwargs: Any) -> jax.Array:
-    """Drop-in for ``lax.conv_general_dilated`` (flax's ``Conv.conv_general_dilated``) that
-    routes depthwise NHWC convs with explicit padding through :func:`depthwise_conv` and
-    unpadded 1x1 convs through :func:`pointwise_conv`; every other conv goes to
-    :func:`same_conv.conv_general_dilated`."""
+    """Drop-in for ``lax.conv_general_dilated`` (flax's ``Conv.conv_general_dilated``).
+
+    Depthwise NHWC convs with explicit padding go through :func:`depthwise_conv`, and
+    unpadded 1x1 convs through :func:`pointwise_conv`. Every other conv goes to
+    :func:`same_conv.conv_general_dilated`.
+    """
     call = same_conv.conv_arguments(*args, **kwargs)
     lhs, rhs, strides, padding = (call[k] for k in ("lhs", "rhs", "window_strides", "padding"))
     groups = call["feature_group_count"]

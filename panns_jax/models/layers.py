@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import operator
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
@@ -32,11 +32,12 @@ class Outputs:
     """What a model's ``apply`` returns, declared by its class so that callers need not trace it.
 
     Attributes:
-      decision_level: whether the model has a native ``framewise_output`` (the paper's
-        decision-level SED heads of the original code; clip models have only
-        ``clipwise_output`` (``golden/ARCHITECTURES.md`` §8).
-      embedding: the key of the model's embedding: ``embedding`` (clip models, one vector
-        per clip) or ``segmentwise_embedding`` (decision-level models, one per segment).
+      decision_level: whether the model has a native ``framewise_output``. The paper's
+        decision-level SED heads have one. Clip models have only ``clipwise_output``
+        (``golden/ARCHITECTURES.md`` §8).
+      embedding: the key of the model's embedding. Clip models return one vector per clip
+        as ``embedding``, decision-level models one per segment as
+        ``segmentwise_embedding``.
     """
 
     decision_level: bool
@@ -48,14 +49,17 @@ DECISION_LEVEL_OUTPUTS = Outputs(decision_level=True, embedding="segmentwise_emb
 
 
 class Network(nn.Module):
-    """The attributes every PANNs network has, and that the shared parts read: the input's
-    front end (its sample rate, the log-mel settings), the clip head's ``embedding_size``
-    and ``num_classes`` (527 AudioSet classes, Kong et al. 2020 Sec. III), the compute
-    ``dtype`` (:func:`clip_head`, :func:`logmel_stem`, ``models.sample_rate``).
+    """The attributes that every PANNs network has and that the shared parts read.
 
-    ``uses_logmel``: whether the original holds STFT / mel buffers (``panns_jax.convert``);
-    ``declared_outputs``: what apply returns (``models.outputs``). Families override both
-    where they differ, and ``embedding_size``'s default where theirs is not 2048.
+    :func:`clip_head`, :func:`logmel_stem` and ``models.sample_rate`` read them. The
+    ``frontend`` holds the input's sample rate and the log-mel settings. The clip head has
+    ``embedding_size`` units and ``num_classes`` outputs (527 AudioSet classes, Kong et al.
+    2020, Sec. III). ``dtype`` is the compute dtype.
+
+    The class attribute ``uses_logmel`` says whether the original holds STFT and mel
+    buffers (read by ``panns_jax.convert``), and ``declared_outputs`` what apply returns
+    (``models.outputs``). Families override both where they differ, and the default
+    ``embedding_size`` where theirs is not 2048.
     """
 
     embedding_size: int = 2048
@@ -68,8 +72,11 @@ class Network(nn.Module):
 
 
 class LogmelNetwork(Network):
-    """A network on the log-mel front end (:func:`logmel_stem`), with SpecAugment in training
-    unless ``spec_augment`` is off (Cnn14_no_specaug, paper Sec. V)."""
+    """A network on the log-mel front end (:func:`logmel_stem`).
+
+    It applies SpecAugment in training unless ``spec_augment`` is off (Cnn14_no_specaug,
+    paper Sec. V).
+    """
 
     spec_augment: bool = True
 
@@ -97,8 +104,8 @@ def batch_normalize(
     sums of the output gradient, sum(dy) and sum(dy * xhat), then one elementwise pass,
     ``dx = scale / std * (dy - mean(dy) - xhat * mean(dy * xhat))``. Autodiff through
     the mean and the variance computes the same sums (up to round-off) in more
-    reductions, each its own pass over the activations: the BatchNorm backward of a
-    MobileNetV1 train step (8 x 5 s, CPU) took 1.4x longer.
+    reductions, each its own pass over the activations. The BatchNorm backward of a
+    MobileNetV1 train step (8 x 5 s, CPU) takes 1.4x longer that way.
     """
     return _batch_normalize_fwd(x, scale, bias, epsilon)[0]
 
@@ -122,8 +129,8 @@ def _channel_sums(*arrays: jax.Array) -> jax.Array:
     """Each array summed over all axes but the last, stacked: ``(len(arrays), channels)``.
 
     On CPU the batch items are first added elementwise (one loop fusion for all arrays,
-    an array the size of one example each), then one reduction sums the rest: a
-    MobileNetV1 train step 8% faster than with one XLA:CPU reduction per array over the
+    an array the size of one example each), then one reduction sums the rest. That makes
+    a MobileNetV1 train step 8% faster than one XLA:CPU reduction per array over the
     whole batch. Other backends, and batches over ``MAX_UNROLLED_BATCH``, take plain
     reductions.
     """
@@ -159,8 +166,8 @@ batch_normalize.defvjp(_batch_normalize_fwd, _batch_normalize_bwd)
 class BatchNorm(nn.Module):
     """BatchNorm over all axes but the last, matching PyTorch's BatchNorm{1,2}d.
 
-    Differs from ``flax.linen.BatchNorm`` in one way that matters for parity of
-    training: the running variance is updated with the *unbiased* batch variance
+    It differs from ``flax.linen.BatchNorm`` in one way that matters for parity of
+    training. The running variance is updated with the *unbiased* batch variance
     (n / (n - 1)), as PyTorch does, while normalisation uses the biased one.
     Statistics are always computed in float32.
     """
@@ -193,12 +200,20 @@ class BatchNorm(nn.Module):
 
 
 def conv2d(
-    features: int, kernel: int, name: str, dtype: Dtype, *, groups: int = 1, use_bias: bool = False
+    features: int,
+    kernel: int,
+    name: str,
+    dtype: Dtype,
+    *,
+    groups: int = 1,
+    use_bias: bool = False,
+    conv_general_dilated: Callable[..., jax.Array] = same_conv.conv_general_dilated,
 ) -> nn.Conv:
     """Stride-1, 'same'-padded 2-D conv without bias (every PANNs conv but one).
 
-    Convolves with :func:`same_conv.conv_general_dilated`: fast on very short inputs
-    and with a fast gradient on CPU.
+    It convolves with ``conv_general_dilated``, a drop-in for ``lax.conv_general_dilated``.
+    The default, :func:`same_conv.conv_general_dilated`, is fast on very short inputs and
+    has a fast gradient on CPU.
     """
     pad = kernel // 2
     return nn.Conv(
@@ -209,7 +224,7 @@ def conv2d(
         use_bias=use_bias,
         dtype=dtype,
         name=name,
-        conv_general_dilated=same_conv.conv_general_dilated,
+        conv_general_dilated=conv_general_dilated,
     )
 
 
@@ -240,7 +255,7 @@ def conv1d(
 def pool2d(x: jax.Array, size: Tuple[int, int], kind: str = "avg") -> jax.Array:
     """Non-overlapping 2-D pooling that floors the length (PyTorch's default).
 
-    ``kind`` is 'avg', 'max' or 'avg+max' (the sum of both); size (1, 1) is the identity.
+    ``kind`` is 'avg', 'max' or 'avg+max' (the sum of both). Size (1, 1) is the identity.
     """
     size = tuple(size)
     if size == (1, 1):
@@ -287,13 +302,14 @@ def logmel_stem(
 ) -> Tuple[jax.Array, dict]:
     """Front end shared by every log-mel model: log-mel -> bn0 -> SpecAugment -> mixup.
 
-    Must be called inside ``module``'s ``@nn.compact`` method: it creates the module's
+    Must be called inside ``module``'s ``@nn.compact`` method. It creates the module's
     ``bn0`` (one BatchNorm channel per mel bin, statistics over batch and time), and reads
     its ``frontend``, ``spec_augment`` and ``dtype`` attributes.
-    Returns ``(B, T, mel, 1)`` and the model's outputs dict, started with ``'logmel'``
-    (before bn0, float32).
-    SpecAugment uses the ``'specaug'`` rng stream; its frequency stripes are at most
-    ``mel_bins // 8`` wide (8 for 64 mels, 4 for 32, 16 for 128), as the original.
+
+    Returns the ``(B, T, mel, 1)`` features and the model's outputs dict, which starts
+    with ``'logmel'`` (float32, before bn0). SpecAugment draws from the ``'specaug'`` rng
+    stream. Its frequency stripes are at most ``mel_bins // 8`` wide (8 for 64 mels, 4
+    for 32, 16 for 128), as in the original.
     """
     frontend = module.frontend
     x = fe.logmel(waveform, frontend)  # (B, T, F) float32, always.
@@ -315,9 +331,10 @@ def logmel_stem(
     return x.astype(module.dtype), outputs
 
 
-# The classifier layers, named as the original's (Kong et al. 2020): ``fc_audioset`` of every
-# model but Cnn14_DecisionLevelAtt, whose classifier is its attention block. What transfer
-# learning replaces; their state_dict keys are ``<name>.*`` by the converter's naming rule.
+# The classifier layers, named as the original's (Kong et al. 2020). Every model's is
+# ``fc_audioset`` but Cnn14_DecisionLevelAtt's, whose classifier is its attention block.
+# Transfer learning replaces them. Their state_dict keys are ``<name>.*`` by the
+# converter's naming rule.
 CLASSIFIER = "fc_audioset"
 ATTENTION_CLASSIFIER = "att_block"
 CLASSIFIER_PARAMS = (CLASSIFIER, ATTENTION_CLASSIFIER)
@@ -333,12 +350,14 @@ def clip_head(
 ) -> dict:
     """Clip-level head H(C -> E) of every clip model (ARCHITECTURES.md §1).
 
-    ``features_btc`` is the trunk output already averaged over frequency,
-    ``(B, t, C)``. Pools max over time + mean over time (a sum), dropout 0.5,
-    fc1 + ReLU = h; the classifier reads h, while the returned ``embedding`` is
-    dropout 0.5 of h (so that dropout only affects transfer heads, as the original).
-    Must be called inside ``module``'s ``@nn.compact`` method (creates ``fc1`` and
-    ``fc_audioset``); reads its ``embedding_size``, ``num_classes`` and ``dtype``.
+    ``features_btc`` is the trunk output already averaged over frequency, ``(B, t, C)``.
+    The head sums its max and its mean over time, applies dropout 0.5, then fc1 + ReLU,
+    giving h. The classifier reads h. The returned ``embedding`` is dropout 0.5 of h, so
+    that this dropout only affects transfer heads, as in the original.
+
+    Must be called inside ``module``'s ``@nn.compact`` method, where it creates ``fc1``
+    and ``fc_audioset``. It reads the module's ``embedding_size``, ``num_classes`` and
+    ``dtype``.
     """
     dtype = module.dtype
     x = jnp.max(features_btc, axis=1) + jnp.mean(features_btc, axis=1)
@@ -357,14 +376,20 @@ def clip_head(
 def frames_to_framewise(segmentwise: jax.Array, num_frames: int, ratio: int) -> jax.Array:
     """Bring ``(B, t, C)`` segment outputs back to ``num_frames`` frames.
 
-    As the original SED code: repeat every segment ``ratio`` times (nearest
-    neighbour) and pad with copies of the last frame up to ``num_frames``.
+    As in the original SED code, every segment is repeated ``ratio`` times (nearest
+    neighbour) and copies of the last frame pad the result up to ``num_frames``.
     """
     x = jnp.repeat(segmentwise, ratio, axis=1)
     missing = num_frames - x.shape[1]
     if missing > 0:
         x = jnp.concatenate([x, jnp.repeat(x[:, -1:], missing, axis=1)], axis=1)
     return x[:, :num_frames]
+
+
+def check_choice(what: str, value: Any, choices: Sequence[Any]) -> None:
+    """Raise a ValueError naming ``what`` unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"unknown {what} {value!r}; expected one of {tuple(choices)}")
 
 
 def init_only(module: nn.Module, module_fn: Callable[[], Any]) -> None:

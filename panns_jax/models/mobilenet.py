@@ -29,36 +29,30 @@ def _conv(out: int, kernel: int, groups: int = 1) -> Layer:
 
 
 def depthwise_conv2d(features: int, kernel: int, name: str, dtype: Dtype) -> nn.Conv:
-    """:func:`layers.conv2d` with one filter per channel (groups = channels), convolving with
-    :func:`depthwise.conv_general_dilated`: XLA:CPU's grouped convolution is 15-50x slower
-    than the shifted multiply-adds used there on CPU. Same parameter (``kernel``, HWIO with
-    I = 1) as an ``nn.Conv`` with ``feature_group_count``, so checkpoints are unchanged."""
-    pad = kernel // 2
-    return nn.Conv(
+    """:func:`layers.conv2d` with one filter per channel (groups = channels).
+
+    It convolves with :func:`depthwise.conv_general_dilated`, because XLA:CPU's grouped
+    convolution is 15-50x slower than the shifted multiply-adds used there on CPU. Its
+    parameter is the ``kernel`` (HWIO with I = 1) of an ``nn.Conv`` with
+    ``feature_group_count``, so checkpoints hold the same arrays.
+    """
+    return conv2d(
         features,
-        (kernel, kernel),
-        padding=((pad, pad), (pad, pad)),
-        feature_group_count=features,
-        use_bias=False,
-        dtype=dtype,
-        name=name,
+        kernel,
+        name,
+        dtype,
+        groups=features,
         conv_general_dilated=depthwise.conv_general_dilated,
     )
 
 
 def pointwise_conv2d(features: int, name: str, dtype: Dtype) -> nn.Conv:
-    """A 1x1 conv (``kernel`` (1, 1, in, out) as nn.Conv's) computed as a matrix product by
-    :func:`depthwise.pointwise_conv`: its gradient is then two products instead of
-    XLA:CPU's slow whole-map weight-gradient convolution."""
-    return nn.Conv(
-        features,
-        (1, 1),
-        padding=((0, 0), (0, 0)),
-        use_bias=False,
-        dtype=dtype,
-        name=name,
-        conv_general_dilated=depthwise.conv_general_dilated,
-    )
+    """A 1x1 conv computed as a matrix product by :func:`depthwise.pointwise_conv`.
+
+    Its parameter is nn.Conv's ``kernel`` of shape (1, 1, in, out). Its gradient is two
+    matrix products instead of XLA:CPU's slow whole-map weight-gradient convolution.
+    """
+    return conv2d(features, 1, name, dtype, conv_general_dilated=depthwise.conv_general_dilated)
 
 
 def sequential(
@@ -148,8 +142,8 @@ VERSIONS = {1: mobilenet_v1_blocks, 2: mobilenet_v2_blocks}
 class MobileNet(layers.LogmelNetwork):
     """Log-mel MobileNetV1 / V2 (ARCHITECTURES.md §5): stem -> features -> clip head.
 
-    V1's head has the usual dropout 0.5 before fc1; V2's has none (only the
-    embedding dropout), as the original.
+    V1's head has the usual dropout 0.5 before fc1. V2's has only the embedding dropout,
+    as in the original.
     """
 
     version: int = 1

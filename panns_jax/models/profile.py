@@ -1,17 +1,17 @@
 """Parameter and operation counts of a model, as the paper's Table XII reports them.
 
-``multiply_adds`` walks the layers that actually run (by intercepting every
-``nn.Conv``, ``nn.Dense`` and ``BatchNorm`` call of a forward pass on a 10 s clip)
-and counts like the original code: 2 operations per multiply-accumulate of every
-convolution and dense layer, 1 per bias output, 2 per element entering a
-BatchNorm, plus the STFT of the log-mel front end as the original's two
-DFT convolutions (real and imaginary, ``n_freq x n_fft`` per frame).
+``multiply_adds`` walks the layers that actually run, by intercepting every ``nn.Conv``,
+``nn.Dense`` and ``BatchNorm`` call of a forward pass on a 10 s clip. It counts as the
+original code does. Each multiply-accumulate of a convolution or dense layer is 2
+operations, each bias output 1, and each element entering a BatchNorm 2. The log-mel
+front end adds its STFT, counted as the original's two DFT convolutions (real and
+imaginary, ``n_freq x n_fft`` per frame).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Dict
+from typing import Any, Dict, List
 
 import flax.linen as nn
 import jax
@@ -20,25 +20,31 @@ import jax.numpy as jnp
 from panns_jax.models import layers
 
 
+def _layer_operations(module: nn.Module, args: tuple, out: jax.Array) -> int:
+    """Paper-style operations of one call of ``module`` on ``args`` that returned ``out``.
+
+    Convolutions and dense layers count 2 per multiply-accumulate and 1 per bias output.
+    A BatchNorm counts 2 per input element. Every other layer counts nothing.
+    """
+    if isinstance(module, nn.Conv):
+        kernel = math.prod(module.kernel_size)
+        in_per_group = args[0].shape[-1] // module.feature_group_count
+        return 2 * out.size * kernel * in_per_group + (out.size if module.use_bias else 0)
+    if isinstance(module, nn.Dense):
+        return 2 * out.size * args[0].shape[-1] + (out.size if module.use_bias else 0)
+    if isinstance(module, layers.BatchNorm):
+        return 2 * args[0].size
+    return 0
+
+
 def multiply_adds(model: nn.Module, num_samples: int) -> int:
     """Paper-style operation count of one forward pass on a ``(1, num_samples)`` clip."""
-    total = 0
+    counts: List[int] = []
 
     def count(next_fun, args, kwargs, context):
-        nonlocal total
-        module = context.module
         out = next_fun(*args, **kwargs)
-        if context.method_name != "__call__":
-            return out
-        if isinstance(module, nn.Conv):
-            x = args[0]
-            kernel = math.prod(module.kernel_size)
-            in_per_group = x.shape[-1] // module.feature_group_count
-            total += 2 * out.size * kernel * in_per_group + (out.size if module.use_bias else 0)
-        elif isinstance(module, nn.Dense):
-            total += 2 * out.size * args[0].shape[-1] + (out.size if module.use_bias else 0)
-        elif isinstance(module, layers.BatchNorm):
-            total += 2 * args[0].size
+        if context.method_name == "__call__":
+            counts.append(_layer_operations(context.module, args, out))
         return out
 
     variables = jax.eval_shape(
@@ -46,6 +52,7 @@ def multiply_adds(model: nn.Module, num_samples: int) -> int:
     )
     with nn.intercept_methods(count):
         jax.eval_shape(lambda v: model.apply(v, jnp.zeros((1, num_samples))), variables)
+    total = sum(counts)
     if getattr(model, "uses_logmel", True):
         c = model.frontend
         frames = c.num_frames(num_samples)
@@ -53,7 +60,7 @@ def multiply_adds(model: nn.Module, num_samples: int) -> int:
     return int(total)
 
 
-def summary(name: str, **overrides) -> Dict[str, object]:
+def summary(name: str, **overrides: Any) -> Dict[str, object]:
     """Facts about a registered model: parameters, operations, input and output shapes."""
     from panns_jax import models
 

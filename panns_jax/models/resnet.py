@@ -20,15 +20,24 @@ BLOCK_DROPOUT = 0.1  # Inside every residual block, before its last conv.
 TRUNK_DROPOUT = 0.2
 
 
-def _bn(name: str, dtype: Dtype):
+def _bn(name: str, dtype: Dtype) -> BatchNorm:
     return BatchNorm(dtype=dtype, name=name)
+
+
+def _conv_bn(
+    x: jax.Array, features: int, kernel: int, index: int, train: bool, dtype: Dtype
+) -> jax.Array:
+    """``conv{index}`` -> ``bn{index}`` of a residual block (inside its compact method)."""
+    x = conv2d(features, kernel, f"conv{index}", dtype)(x)
+    return _bn(f"bn{index}", dtype)(x, not train)
 
 
 def _shortcut(x: jax.Array, features: int, stride: int, train: bool, dtype: Dtype) -> jax.Array:
     """``downsample`` of the original: [avg 2x2] -> 1x1 conv -> BN, or the identity.
 
-    Sequential indices count the pool: ``downsample.1/2`` when stride 2, ``.0/.1`` when
-    only the channel count changes. Called inside a block's ``@nn.compact`` method.
+    Sequential indices count the pool. The layers are ``downsample.1/2`` when the stride
+    is 2, and ``.0/.1`` when only the channel count changes. Called inside a block's
+    ``@nn.compact`` method.
     """
     if stride == 1 and x.shape[-1] == features:
         return x
@@ -38,8 +47,11 @@ def _shortcut(x: jax.Array, features: int, stride: int, train: bool, dtype: Dtyp
     return _bn(f"downsample.{first + 1}", dtype)(x, use_running_average=not train)
 
 
-class BasicBlock(nn.Module):
-    """[avg 2x2] -> conv3x3 -> BN -> ReLU -> dropout 0.1 -> conv3x3 -> BN, + shortcut, ReLU."""
+class ResidualBlock(nn.Module):
+    """The attributes of a residual block: its width, its stride and the compute dtype.
+
+    ``expansion`` is how many times ``features`` channels the block outputs.
+    """
 
     features: int
     stride: int = 1
@@ -47,41 +59,36 @@ class BasicBlock(nn.Module):
 
     expansion = 1
 
+
+class BasicBlock(ResidualBlock):
+    """[avg 2x2] -> conv3x3 -> BN -> ReLU -> dropout 0.1 -> conv3x3 -> BN, + shortcut, ReLU."""
+
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        ra = not train
         out = pool2d(x, (self.stride, self.stride))
-        out = nn.relu(
-            _bn("bn1", self.dtype)(conv2d(self.features, 3, "conv1", self.dtype)(out), ra)
-        )
-        out = nn.Dropout(BLOCK_DROPOUT)(out, deterministic=ra)
-        out = _bn("bn2", self.dtype)(conv2d(self.features, 3, "conv2", self.dtype)(out), ra)
+        out = nn.relu(_conv_bn(out, self.features, 3, 1, train, self.dtype))
+        out = nn.Dropout(BLOCK_DROPOUT)(out, deterministic=not train)
+        out = _conv_bn(out, self.features, 3, 2, train, self.dtype)
         return nn.relu(out + _shortcut(x, self.features, self.stride, train, self.dtype))
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(ResidualBlock):
     """[avg 2x2] -> 1x1 -> BN -> ReLU -> 3x3 -> BN -> ReLU -> dropout 0.1 -> 1x1 (x4) -> BN,
-    + shortcut of the *unpooled* input, ReLU."""
+    + shortcut of the *unpooled* input, ReLU.
 
-    features: int  # Bottleneck width; the block outputs 4x as many channels.
-    stride: int = 1
-    dtype: Dtype = jnp.float32
+    ``features`` is the bottleneck width. The block outputs 4x as many channels.
+    """
 
     expansion = 4
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        ra = not train
         out = pool2d(x, (self.stride, self.stride))
-        out = nn.relu(
-            _bn("bn1", self.dtype)(conv2d(self.features, 1, "conv1", self.dtype)(out), ra)
-        )
-        out = nn.relu(
-            _bn("bn2", self.dtype)(conv2d(self.features, 3, "conv2", self.dtype)(out), ra)
-        )
-        out = nn.Dropout(BLOCK_DROPOUT)(out, deterministic=ra)
+        out = nn.relu(_conv_bn(out, self.features, 1, 1, train, self.dtype))
+        out = nn.relu(_conv_bn(out, self.features, 3, 2, train, self.dtype))
+        out = nn.Dropout(BLOCK_DROPOUT)(out, deterministic=not train)
         width = self.features * self.expansion
-        out = _bn("bn3", self.dtype)(conv2d(width, 1, "conv3", self.dtype)(out), ra)
+        out = _conv_bn(out, width, 1, 3, train, self.dtype)
         return nn.relu(out + _shortcut(x, width, self.stride, train, self.dtype))
 
 
@@ -94,8 +101,8 @@ class ResNet(layers.LogmelNetwork):
     Attributes:
       block: 'basic' (ResNet22/38) or 'bottleneck' (ResNet54, expansion 4).
       blocks_per_layer: residual blocks in ``resnet.layer1..4``.
-      widths: block widths of the four layers (outputs are ``expansion`` x these);
-        the first block of layers 2-4 has stride 2.
+      widths: block widths of the four layers. Their outputs are ``expansion`` times
+        these. The first block of layers 2-4 has stride 2.
     """
 
     block: str = "basic"
@@ -106,8 +113,7 @@ class ResNet(layers.LogmelNetwork):
     def __call__(
         self, waveform: jax.Array, train: bool = False, mixup_lambda: Optional[jax.Array] = None
     ) -> dict:
-        if self.block not in BLOCKS:
-            raise ValueError(f"unknown block {self.block!r}; expected one of {tuple(BLOCKS)}")
+        layers.check_choice("block", self.block, BLOCKS)
         block_cls = BLOCKS[self.block]
         x, outputs = layers.logmel_stem(self, waveform, train=train, mixup_lambda=mixup_lambda)
 

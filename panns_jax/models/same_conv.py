@@ -22,7 +22,7 @@ by a sum of the kernel taps' columns at their shifts (col2im). A Cnn14 train ste
 conv on the log-mel (one input channel) takes both gradients as products (im2col,
 col2im). Other backends (GPU/TPU) keep XLA's own gradient, selected at lowering time
 with ``lax.platform_dependent``. The forward pass is always ``lax.conv_general_dilated``,
-so inference and exports are unchanged.
+so inference and exports compute XLA's own convolution.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from jax import lax
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 # Maps with fewer (time x freq) positions than this are "tiny": input gradient as col2im.
 # Larger maps take the unfolded weight gradient. Tuned on whole Cnn14 train steps
-# (benchmarks/train_step.py): 1024 or col2im alone were slower.
+# (benchmarks/train_step.py): a threshold of 1024, or col2im alone, is slower.
 _TINY_MAP = 256
 # The unfolded weight gradient needs enough input channels to make a useful matrix product.
 _MIN_UNFOLD_CHANNELS = 16
@@ -115,7 +115,7 @@ def _cpu_grads(x, w, dy, pad):
     if kernel * kernel * x.shape[-1] <= dy.shape[-1]:
         # Few input channels (the first conv on the log-mel: 1 -> 32 or 64): im2col and
         # col2im hold no more numbers than dy, and both gradients become one product each
-        # (XLA's took 5x longer at MobileNetV1's features.0, 8 x 5 s).
+        # (XLA's take 5x longer at MobileNetV1's features.0, 8 x 5 s).
         dx = _input_grad_col2im(w, dy, pad)
         dw = _weight_grad_im2col(x, dy, kernel, pad)
         return dx.astype(x.dtype), dw.astype(w.dtype)
@@ -159,18 +159,24 @@ _LAX_SIGNATURE = inspect.signature(lax.conv_general_dilated)
 
 
 def conv_arguments(*args: Any, **kwargs: Any) -> Dict[str, Any]:
-    """The arguments of a ``lax.conv_general_dilated(*args, **kwargs)`` call by name, with
-    its defaults: the drop-ins here and in :mod:`panns_jax.models.depthwise` take lax's own
-    signature instead of restating it."""
+    """The arguments of a ``lax.conv_general_dilated(*args, **kwargs)`` call by name.
+
+    Defaults fill the arguments the call leaves out. The drop-ins here and in
+    :mod:`panns_jax.models.depthwise` take lax's own signature this way instead of
+    restating it.
+    """
     bound = _LAX_SIGNATURE.bind(*args, **kwargs)
     bound.apply_defaults()
     return dict(bound.arguments)
 
 
 def is_plain(call: Mapping[str, Any]) -> bool:
-    """Whether a convolution (:func:`conv_arguments`) has what the fast convolutions here and
-    in :mod:`panns_jax.models.depthwise` compute: NHWC x HWIO, explicit padding, no
-    dilation, no batch groups, default precision and output type (any strides and groups)."""
+    """Whether the fast convolutions here and in :mod:`panns_jax.models.depthwise` compute
+    a convolution (its :func:`conv_arguments`).
+
+    They compute NHWC x HWIO with explicit padding, no dilation, no batch groups, and the
+    default precision and output type. Strides and feature groups may be any.
+    """
     lhs, rhs = call["lhs"], call["rhs"]
     return (
         lhs.ndim == 4
@@ -187,9 +193,11 @@ def is_plain(call: Mapping[str, Any]) -> bool:
 
 
 def conv_general_dilated(*args: Any, **kwargs: Any) -> jax.Array:
-    """Drop-in for ``lax.conv_general_dilated`` (flax's ``Conv.conv_general_dilated``) that
-    pads stride-1 inputs shorter than 6 time rows, and routes plain same-padded stride-1
-    convs through :func:`same_conv`."""
+    """Drop-in for ``lax.conv_general_dilated`` (flax's ``Conv.conv_general_dilated``).
+
+    It pads stride-1 inputs shorter than 6 time rows, and routes plain same-padded
+    stride-1 convs through :func:`same_conv`.
+    """
     call = conv_arguments(*args, **kwargs)
     lhs, rhs, padding = call["lhs"], call["rhs"], call["padding"]
     stride_1 = tuple(call["window_strides"]) == (1, 1)

@@ -19,6 +19,8 @@ from panns_jax import frontend as fe
 
 HEAD_KEY = "transfer_head"  # Overrides entry of a head that a registry model can't hold.
 HEAD_FIELDS = ("layers", "hidden_size", "num_classes", "output")
+# The Transfer attribute that each field of a ``transfer_head`` entry holds.
+_HEAD_ATTRIBUTES = dict(zip(HEAD_FIELDS, ("head_layers", "hidden_size", "num_classes", "output")))
 OUTPUTS = ("softmax", "sigmoid")
 
 
@@ -28,8 +30,8 @@ class Transfer(nn.Module):
     Attributes:
       base: the pretrained model; its variables live under ``base/``.
       num_classes: classes of the target task.
-      head_layers: 1 (``fc_transfer``) or 3 (two ReLU layers ``fc_hidden1/2``, then
-        ``fc_transfer``: the paper's Freeze_L3).
+      head_layers: 1 (``fc_transfer``) or 3 (the paper's Freeze_L3: two ReLU layers
+        ``fc_hidden1/2``, then ``fc_transfer``).
       hidden_size: width of the hidden layers (default: the embedding width).
       freeze_base: run the base in inference mode and stop the gradient at its embedding.
       output: activation of ``clipwise_output``, 'sigmoid' (multi-label) or 'softmax'.
@@ -49,6 +51,7 @@ class Transfer(nn.Module):
 
     @property
     def uses_logmel(self) -> bool:
+        """Whether the base holds the original's STFT / mel buffers (``panns_jax.convert``)."""
         return getattr(self.base, "uses_logmel", True)
 
     @property
@@ -93,18 +96,15 @@ class Transfer(nn.Module):
 
 def head_spec(model: Transfer) -> Dict[str, Any]:
     """The ``transfer_head`` overrides entry that rebuilds ``model``'s head."""
-    return {
-        "layers": model.head_layers,
-        "hidden_size": model.hidden_size,
-        "num_classes": model.num_classes,
-        "output": model.output,
-    }
+    return {field: getattr(model, attribute) for field, attribute in _HEAD_ATTRIBUTES.items()}
 
 
 def from_head_spec(base: nn.Module, head: Mapping[str, Any]) -> Transfer:
     """The :class:`Transfer` of a checkpoint's ``transfer_head`` entry around ``base``.
 
-    Raises ValueError (one line) for an entry that is not one :func:`head_spec` writes.
+    Raises a one-line ValueError for an entry that :func:`head_spec` cannot have written.
+    The head's base is frozen: the model is built for inference, where a frozen base
+    runs in eval mode anyway.
     """
     if not isinstance(head, Mapping) or set(head) != set(HEAD_FIELDS):
         raise ValueError(
@@ -123,12 +123,5 @@ def from_head_spec(base: nn.Module, head: Mapping[str, Any]) -> Transfer:
             f"{HEAD_KEY} has bad values: {dict(head)!r} (layers >= 1, "
             f"num_classes >= 1, hidden_size null or >= 1, output in {OUTPUTS})"
         )
-    # Inference only: a frozen base runs in eval mode anyway.
-    return Transfer(
-        base=base,
-        num_classes=classes,
-        head_layers=layers,
-        hidden_size=hidden,
-        freeze_base=True,
-        output=output,
-    )
+    attributes = {attribute: head[field] for field, attribute in _HEAD_ATTRIBUTES.items()}
+    return Transfer(base=base, freeze_base=True, **attributes)

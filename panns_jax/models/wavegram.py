@@ -43,9 +43,10 @@ class Wavegram(layers.LogmelNetwork):
 
     Attributes:
       use_logmel: concatenate the log-mel conv_block1 output (channels first) with the
-        Wavegram; otherwise the log-mel stem (bn0, conv_block1) exists but never runs.
-      wavegram_bins: frequency bins of the Wavegram image (pre_block3 has 4x as many
-        channels): 32, or 64 for Wavegram_Logmel128 (must equal mel_bins // 2 with log-mel).
+        Wavegram. Without it the log-mel stem (bn0, conv_block1) exists but never runs.
+      wavegram_bins: frequency bins of the Wavegram image, 32 or 64 (Wavegram_Logmel128).
+        pre_block3 has 4x as many channels. With the log-mel branch it must equal
+        mel_bins // 2.
     """
 
     use_logmel: bool = True
@@ -73,6 +74,8 @@ class Wavegram(layers.LogmelNetwork):
         )
 
     def _check_length(self, num_samples: int) -> None:
+        """Raise a ValueError for a clip too short for the trunk, or one whose log-mel and
+        Wavegram branches give different numbers of time steps."""
         wavegram_steps = -(-num_samples // 5) // 128  # ceil(L / 5), max-pools 4, 4, 4, avg 2.
         min_steps = 2 ** (len(self.widths) - 2)  # conv_block2..5 halve the time axis.
         if wavegram_steps < min_steps:

@@ -3,7 +3,7 @@
     panns-jax-convert from-torch Cnn14_mAP=0.431.pth --model Cnn14 --out ckpt/cnn14
     panns-jax-convert to-torch ckpt/cnn14 --out cnn14.pth
 
-The mapping itself is :mod:`panns_jax.convert`; ``to-torch`` reads its input through the one
+The mapping itself is :mod:`panns_jax.convert`. ``to-torch`` reads its input through the one
 loader (:func:`panns_jax.loader.load`), so it takes what every other command takes.
 """
 
@@ -19,9 +19,8 @@ from typing import Any, Callable, Iterable, Optional
 from panns_jax import checkpoints, convert, loader
 
 
-def main(argv: Optional[Iterable[str]] = None) -> int:
-    """``panns-jax-convert from-torch | to-torch``; returns the exit status (2: an error,
-    said in one line)."""
+def build_parser() -> argparse.ArgumentParser:
+    """The two subcommands and their options."""
     parser = argparse.ArgumentParser(
         prog="panns-jax-convert",
         description="Convert PANNs checkpoints between PyTorch and panns_jax.",
@@ -63,27 +62,21 @@ def main(argv: Optional[Iterable[str]] = None) -> int:
     )
     b.add_argument("--model", default=None, help="architecture (default: the checkpoint's own)")
     b.add_argument("--out", required=True, help="output .pth path")
-    args = parser.parse_args(None if argv is None else list(argv))
+    return parser
 
+
+def main(argv: Optional[Iterable[str]] = None) -> int:
+    """Run ``panns-jax-convert from-torch | to-torch`` and return the exit status.
+
+    The status is 0 on success and 2 on an error, which is printed as one line.
+    """
+    args = build_parser().parse_args(None if argv is None else list(argv))
     try:
         _check_output(args)  # Before reading or converting anything.
         if args.command == "from-torch":
-            state, iteration = convert.read_torch_checkpoint(args.checkpoint)
-            checkpoint = convert.torch_to_checkpoint(
-                state,
-                args.model,
-                num_classes=args.num_classes,
-                new_head=args.new_head,
-                step=iteration,
-                overrides=args.overrides,
-            )
-            path = _quiet_orbax(checkpoints.save, args.out, checkpoint, overwrite=args.overwrite)
-            print(f"wrote {path} ({args.model}, iteration {iteration})")
+            _from_torch(args)
         else:
-            model, variables, meta = loader.load(args.checkpoint, model=args.model)
-            state = convert.to_state_dict(variables, model)
-            convert.write_torch_checkpoint(args.out, state, meta.step)
-            print(f"wrote {args.out} ({meta.name}, {len(state)} entries)")
+            _to_torch(args)
     except (ValueError, FileNotFoundError, FileExistsError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -97,9 +90,35 @@ def main(argv: Optional[Iterable[str]] = None) -> int:
     return 0
 
 
+def _from_torch(args: argparse.Namespace) -> None:
+    state, iteration = convert.read_torch_checkpoint(args.checkpoint)
+    checkpoint = convert.torch_to_checkpoint(
+        state,
+        args.model,
+        num_classes=args.num_classes,
+        new_head=args.new_head,
+        step=iteration,
+        overrides=args.overrides,
+    )
+    path = _quiet_orbax(checkpoints.save, args.out, checkpoint, overwrite=args.overwrite)
+    print(f"wrote {path} ({args.model}, iteration {iteration})")
+
+
+def _to_torch(args: argparse.Namespace) -> None:
+    model, variables, meta = loader.load(args.checkpoint, model=args.model)
+    state = convert.to_state_dict(variables, model)
+    convert.write_torch_checkpoint(args.out, state, meta.step)
+    print(f"wrote {args.out} ({meta.name}, {len(state)} entries)")
+
+
 def _check_output(args: argparse.Namespace) -> None:
-    """``--out`` must be writable and not the input; ``--overwrite`` replaces only one of
-    our checkpoints (from-torch) or a file (to-torch), never an arbitrary directory."""
+    """Refuse an ``--out`` that cannot be written or that would destroy something.
+
+    ``--out`` must differ from the input and lie in a writable directory. ``from-torch``
+    replaces an existing path only with ``--overwrite`` and only when it is one of our
+    checkpoints, never an arbitrary directory. ``to-torch`` writes a file, never onto a
+    directory.
+    """
     out, source = os.path.abspath(args.out), os.path.abspath(args.checkpoint)
     if os.path.exists(out) and os.path.exists(source) and os.path.samefile(out, source):
         raise ValueError(f"--out {args.out} is the input checkpoint; choose another path")
@@ -114,19 +133,26 @@ def _check_output(args: argparse.Namespace) -> None:
             )
     if args.command == "to-torch" and os.path.isdir(out):
         raise ValueError(f"--out {args.out} is a directory; give a .pth file name")
-    parent = os.path.dirname(out)
-    while parent and not os.path.exists(parent):  # Created on save: check what exists.
-        parent = os.path.dirname(parent) if os.path.dirname(parent) != parent else ""
+    parent = _nearest_existing_parent(out)
     if parent and (not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK)):
         raise ValueError(f"--out {args.out}: cannot write in {parent} (not a writable directory)")
 
 
-def _quiet_orbax(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """Run ``function`` with the asyncio / orbax loggers and exception hooks held back.
+def _nearest_existing_parent(path: str) -> str:
+    """The closest ancestor of ``path`` that exists (saving creates the ones between)."""
+    parent = os.path.dirname(path)
+    while parent and not os.path.exists(parent):
+        parent = os.path.dirname(parent) if os.path.dirname(parent) != parent else ""
+    return parent
 
-    When a save fails (e.g. a full disk), orbax's background threads log every
-    pending write ("Event loop is closed", hundreds of lines) before the real
-    error surfaces; the error itself is reported by the caller in one line.
+
+def _quiet_orbax(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Run ``function`` with the asyncio and orbax loggers and the exception hooks silenced.
+
+    When a save fails (a full disk, say), orbax's background threads log every pending
+    write ("Event loop is closed", hundreds of lines) before the real error surfaces. The
+    caller reports that error in one line. The loggers and hooks are restored afterwards,
+    on failure too.
     """
     names = ("asyncio", "absl", "orbax", "concurrent.futures")
     loggers = [logging.getLogger(n) for n in names]
@@ -138,7 +164,7 @@ def _quiet_orbax(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any
     sys.excepthook = sys.unraisablehook = threading.excepthook = lambda *a: None
     try:
         return function(*args, **kwargs)
-    finally:  # The caller's process gets its loggers and hooks back, on failure too.
+    finally:
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
         sys.excepthook, sys.unraisablehook, threading.excepthook = hooks

@@ -1,6 +1,7 @@
-"""Bad training configs through the real entry point ``python -m panns_jax.main`` (issue #16,
-items 7 and 8): each ends in exit status 2 with one ``error:`` line naming the field and what
-it must be, before anything is compiled, and leaves the disk exactly as it was.
+"""Bad training configs through the real entry point ``python -m panns_jax.main``.
+
+Each ends in exit status 2 with one ``error:`` line naming the field and what it must be
+(:mod:`panns_jax.config_checks`), before anything is compiled, and leaves the disk as it is.
 
 Each case runs ``panns_jax.main`` as ``__main__`` (absl flag parsing, config file loading,
 ``app.run``) in a process forked from a server that has imported JAX and the training code
@@ -292,7 +293,7 @@ def test_unusable_workdir_is_one_line_and_exit_2(kind, main_server, tmp_path):
     assert (disk / "notes.txt").read_text() == "the user's file"
 
 
-TRANSFER_CASES = [  # `python -m panns_jax.transfer cv ...` refuses the same way.
+CROSSVAL_CASES = [  # `python -m panns_jax.crossval cv ...` refuses the same way.
     (
         "cv --folds=9",
         ["cv", ESC50 + ":strategy=scratch", "--folds=9"],
@@ -312,8 +313,8 @@ TRANSFER_CASES = [  # `python -m panns_jax.transfer cv ...` refuses the same way
 ]
 
 
-@pytest.mark.parametrize("name,argv,pattern", TRANSFER_CASES, ids=[c[0] for c in TRANSFER_CASES])
-def test_transfer_cli_bad_config_is_one_line_and_exit_2(name, argv, pattern, main_server, tmp_path):
+@pytest.mark.parametrize("name,argv,pattern", CROSSVAL_CASES, ids=[c[0] for c in CROSSVAL_CASES])
+def test_crossval_bad_config_is_one_line_and_exit_2(name, argv, pattern, main_server, tmp_path):
     disk = tmp_path / "disk"
     disk.mkdir()
     before = _tree(str(disk))
@@ -321,7 +322,7 @@ def test_transfer_cli_bad_config_is_one_line_and_exit_2(name, argv, pattern, mai
         main_server,
         argv + [f"--workdir={disk / 'cv'}"],
         str(tmp_path / "out"),
-        module="panns_jax.transfer",
+        module="panns_jax.crossval",
     )
     _check_output(code, stdout, stderr, pattern)
     assert _tree(str(disk)) == before
@@ -332,14 +333,14 @@ def test_a_good_config_passes_the_same_checks():
     import train_config
 
     from configs import esc50
-    from panns_jax import train
+    from panns_jax import config_checks, recipe
 
-    train.validate_config(train_config.get_config())
-    train.validate_config(esc50.get_config("strategy=scratch"))
+    config_checks.validate_config(train_config.get_config())
+    config_checks.validate_config(esc50.get_config("strategy=scratch"))
     config = train_config.get_config()
     config.log_every = 0
-    with pytest.raises(train.ConfigError, match="log_every"):
-        train.validate_config(config)
+    with pytest.raises(recipe.ConfigError, match="log_every"):
+        config_checks.validate_config(config)
 
 
 def test_fresh_interpreter_agrees(tmp_path):

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from train_config import logged_losses as _losses
 
-from panns_jax import checkpoints, fileio, models, train
+from panns_jax import checkpointing, checkpoints, fileio, models, train
 
 # ----------------------------------------------------------------------------
 # Resume from the newest intact step.
@@ -81,7 +81,9 @@ def test_resume_skips_a_damaged_latest_step_and_says_why(tmp_path, caplog, how):
     manager, template = _saved(str(tmp_path))
     _damage(str(tmp_path / "checkpoints" / "9"), how)
     with caplog.at_level(logging.WARNING):
-        step, restored = train.restore_newest_intact(manager, _args(template), str(tmp_path))
+        step, restored = checkpointing.restore_newest_intact(
+            manager, _args(template), str(tmp_path)
+        )
     assert step == 6 and restored["data"] == {"step": 6}
     np.testing.assert_array_equal(restored["state"]["w"], np.asarray(template["w"]) + 6)
     assert "step 9" in caplog.text and "cannot be restored" in caplog.text
@@ -108,7 +110,9 @@ def test_resume_walks_back_over_several_damaged_steps(tmp_path, caplog):
     _damage(str(tmp_path / "checkpoints" / "9"), "deleted")
     _damage(str(tmp_path / "checkpoints" / "6"), "truncated")
     with caplog.at_level(logging.WARNING):
-        step, restored = train.restore_newest_intact(manager, _args(template), str(tmp_path))
+        step, restored = checkpointing.restore_newest_intact(
+            manager, _args(template), str(tmp_path)
+        )
     assert step == 3 and restored["data"] == {"step": 3}
     assert "step 9" in caplog.text and "step 6" in caplog.text
     assert sorted(os.listdir(tmp_path / "checkpoints_unreadable")) == ["6", "9"]
@@ -118,7 +122,7 @@ def test_resume_with_nothing_intact_is_a_clear_error_and_moves_nothing(tmp_path)
     manager, template = _saved(str(tmp_path), steps=(3,))
     _damage(str(tmp_path / "checkpoints" / "3"), "truncated")
     with pytest.raises(RuntimeError, match=r"no checkpoint .* can be restored \(newest, step 3"):
-        train.restore_newest_intact(manager, _args(template), str(tmp_path))
+        checkpointing.restore_newest_intact(manager, _args(template), str(tmp_path))
     assert os.listdir(tmp_path / "checkpoints") == ["3"]
     assert not os.path.exists(tmp_path / "checkpoints_unreadable")
 
@@ -127,11 +131,13 @@ def test_intact_checkpoints_resume_from_the_latest(tmp_path, caplog):
     """Negative control: nothing damaged, nothing skipped or moved."""
     manager, template = _saved(str(tmp_path))
     with caplog.at_level(logging.WARNING):
-        step, restored = train.restore_newest_intact(manager, _args(template), str(tmp_path))
+        step, restored = checkpointing.restore_newest_intact(
+            manager, _args(template), str(tmp_path)
+        )
     assert step == 9 and restored["data"] == {"step": 9}
     assert "cannot be restored" not in caplog.text
     assert not os.path.exists(tmp_path / "checkpoints_unreadable")
-    assert train.restore_newest_intact(
+    assert checkpointing.restore_newest_intact(
         _manager(str(tmp_path / "empty")), _args(template), str(tmp_path)
     ) == (None, None)
 
@@ -200,8 +206,8 @@ def _check_best(workdir, variables, allowed_steps):
 SCORES = {1: 0.5, 2: 0.75}
 
 
-def _install_best_before_this_change(workdir, checkpoint, score):
-    """What train.py did before: remove 'best', rename the new one in, then write the score
+def _install_best_by_remove_and_rename(workdir, checkpoint, score):
+    """A non-atomic replacement: remove 'best', rename the new one in, then write the score
     (the score also in the metadata here, so that only the crash windows can fail)."""
     checkpoint = dataclasses.replace(checkpoint, extra=score)
     checkpoints.save(os.path.join(workdir, ".best.tmp-old"), checkpoint)
@@ -217,7 +223,7 @@ def _crash_states(monkeypatch, tmp_path, install, variables):
     the workdir, and the final state."""
     workdir = str(tmp_path / "run")
     os.makedirs(workdir)
-    train.install_best(workdir, _checkpoint(variables, 1), {"mAP": SCORES[1], "step": 1})
+    checkpointing.install_best(workdir, _checkpoint(variables, 1), {"mAP": SCORES[1], "step": 1})
     states = []
 
     def snapshot():
@@ -252,25 +258,27 @@ def test_best_and_its_score_survive_a_crash_at_any_point(
 ):
     if not exchange:  # Filesystems without RENAME_EXCHANGE (or non-Linux): the fallback.
         monkeypatch.setattr(fileio, "_exchange", lambda a, b: False)
-    states = _crash_states(monkeypatch, tmp_path, train.install_best, tiny_variables)
+    states = _crash_states(monkeypatch, tmp_path, checkpointing.install_best, tiny_variables)
     assert len(states) >= 3  # Before the swap, inside it, after it.
     seen = set()
     for state in states:
-        train.recover_exports(state)  # What the next run does first.
+        checkpointing.recover_exports(state)  # What the next run does first.
         _check_best(state, tiny_variables, allowed_steps=(1, 2))
         seen.add(checkpoints.load(os.path.join(state, "best")).step)
     assert seen == {1, 2}  # Crashes before the swap keep the old, after it the new.
     _check_best(states[-1], tiny_variables, allowed_steps=(2,))
 
 
-def test_the_old_replacement_loses_best_or_mispairs_its_score(
+def test_a_remove_then_rename_replacement_loses_best_or_mispairs_its_score(
     monkeypatch, tmp_path, tiny_variables
 ):
     """Negative control: the check above catches the remove-rename-then-write sequence."""
-    states = _crash_states(monkeypatch, tmp_path, _install_best_before_this_change, tiny_variables)
+    states = _crash_states(
+        monkeypatch, tmp_path, _install_best_by_remove_and_rename, tiny_variables
+    )
     failures = 0
     for state in states:
-        train.recover_exports(state)
+        checkpointing.recover_exports(state)
         try:
             _check_best(state, tiny_variables, allowed_steps=(1, 2))
         except (AssertionError, FileNotFoundError, checkpoints.CheckpointError):
@@ -281,10 +289,16 @@ def test_the_old_replacement_loses_best_or_mispairs_its_score(
 def test_recovery_puts_back_a_best_moved_aside_by_an_interrupted_swap(tmp_path, tiny_variables):
     """The two-rename fallback's window: 'best' moved to .best.old-*, the new one staged."""
     workdir = str(tmp_path)
-    train.install_best(workdir, _checkpoint(tiny_variables, 1), {"mAP": SCORES[1], "step": 1})
+    checkpointing.install_best(
+        workdir, _checkpoint(tiny_variables, 1), {"mAP": SCORES[1], "step": 1}
+    )
     os.replace(os.path.join(workdir, "best"), os.path.join(workdir, ".best.old-abc"))
     checkpoints.save(os.path.join(workdir, ".best.staged-1"), _checkpoint(tiny_variables, 2))
-    assert train._read_best(workdir) == -1.0  # Without recovery the score is unknown...
-    train.recover_exports(workdir)
+    assert (
+        checkpointing.read_best_score(workdir) == -1.0
+    )  # Without recovery the score is unknown...
+    checkpointing.recover_exports(workdir)
     _check_best(workdir, tiny_variables, allowed_steps=(1,))
-    assert train._read_best(workdir) == SCORES[1]  # ...with it, the old best and its score.
+    assert (
+        checkpointing.read_best_score(workdir) == SCORES[1]
+    )  # ...with it, the old best and its score.
