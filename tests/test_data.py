@@ -433,3 +433,37 @@ def test_demo_classes_are_separable_on_log_spectra():
         clf = LogisticRegression(max_iter=2000).fit((xt - mu) / sd, yt[:, c])
         aps.append(average_precision_score(ye[:, c], clf.decision_function((xe - mu) / sd)))
     assert np.mean(aps) > 0.85, aps
+
+
+def _tfds_finds(names, imports: str) -> dict:
+    """In a fresh interpreter after ``imports``: which of ``names`` tfds.builder finds."""
+    import json
+    import subprocess
+    import sys
+
+    code = (
+        "import json, sys\nimport tensorflow_datasets as tfds\n"
+        f"{imports}\nfound = {{}}\n"
+        "for name in sys.argv[1:]:\n"
+        "    try:\n        tfds.builder(name)\n        found[name] = True\n"
+        "    except tfds.core.registered.DatasetNotFoundError:\n        found[name] = False\n"
+        "print(json.dumps(found))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, *names], capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_importing_the_builders_module_registers_every_builder():
+    from panns_jax.data import builders
+
+    assert set(builders.NAMES) == {"audioset", "esc50", "gtzan_genres", "ravdess", "panns_demo"}
+    assert _tfds_finds(builders.NAMES, "import panns_jax.data.builders") == {
+        name: True for name in builders.NAMES
+    }
+    # Negative control: the package alone imports no builder, so TFDS knows none of them.
+    assert _tfds_finds(builders.NAMES, "import panns_jax.data") == {
+        name: False for name in builders.NAMES
+    }
