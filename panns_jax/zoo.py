@@ -18,6 +18,14 @@ Environment:
   purpose``) that extend or replace the built-in ones by name, for mirrors of re-trained
   files and for tests.
 * ``PANNS_JAX_OFFLINE=1`` forbids the network (:func:`panns_jax.download.offline`).
+* ``PANNS_JAX_MIN_RATE`` (bytes/s) and ``PANNS_JAX_LOCK_TIMEOUT`` (seconds) bound a
+  download and the wait for another process's lock (:mod:`panns_jax.download`).
+
+Every entry is checked when the table is read: a ``file`` is a plain ``.pth`` name (no
+separator, no ``..``, not absolute), so the zoo only ever writes, renames or deletes inside
+its cache directory, and each field has its type. A file without a published md5 has the
+sha256 of its first complete copy recorded only once that copy converts, and :func:`forget`
+(``panns-jax download NAME --force``) clears a wrong one.
 """
 
 from __future__ import annotations
@@ -25,10 +33,12 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import os
+import re
 import sys
 import urllib.parse
-from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 from panns_jax import download
 
@@ -43,6 +53,10 @@ class ZooError(ValueError):
     """A name or a table that the zoo cannot use. The message says why and what to do."""
 
 
+class ZooTableError(ZooError):
+    """A table entry that the zoo cannot use: a name outside the cache, a field's type."""
+
+
 @dataclasses.dataclass(frozen=True)
 class ZooEntry:
     """One released checkpoint: our name, its registry architecture, file and facts."""
@@ -54,6 +68,37 @@ class ZooEntry:
     md5: Optional[str] = None  # As published by third-party registries of the record.
     size: Optional[int] = None  # Bytes, where known.
     purpose: str = ""
+
+    def __post_init__(self) -> None:
+        problem = _entry_problem(self)
+        if problem:
+            raise ZooTableError(f"zoo entry {self.name!r}: {problem}")
+
+
+_MD5 = re.compile(r"[0-9a-fA-F]{32}")
+
+
+def _entry_problem(entry: ZooEntry) -> Optional[str]:
+    """What is wrong with an entry's fields, or None; each must have its type."""
+    for field in ("name", "arch"):
+        value = getattr(entry, field)
+        if not isinstance(value, str) or not value.strip() or not value.isprintable():
+            return f"{field} {value!r} must be a non-empty one-line string"
+    name_problem = download.file_name_problem(entry.file)
+    if name_problem or not entry.file.endswith(".pth"):
+        why = name_problem or "it must end in .pth"
+        return f"file {entry.file!r} must be a plain .pth file name of the cache ({why})"
+    map_ = entry.map
+    if isinstance(map_, bool) or not isinstance(map_, (int, float)) or not math.isfinite(map_):
+        return f"map {map_!r} must be a number"
+    if entry.md5 is not None and not (isinstance(entry.md5, str) and _MD5.fullmatch(entry.md5)):
+        return f"md5 {entry.md5!r} must be 32 hex digits or null"
+    size = entry.size
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size <= 0):
+        return f"size {size!r} must be a positive integer (bytes) or null"
+    if not isinstance(entry.purpose, str):
+        return f"purpose {entry.purpose!r} must be a string"
+    return None
 
 
 def _e(
@@ -141,18 +186,38 @@ def table() -> Dict[str, ZooEntry]:
     entries = {e.name: e for e in BUILTIN}
     extra = os.environ.get("PANNS_JAX_ZOO_TABLE")
     if extra:
-        try:
-            with open(extra, encoding="utf-8") as f:
-                rows = json.load(f)
-            for row in rows:
-                entry = ZooEntry(**{**row, "arch": row.get("arch", row["name"])})
-                entries[entry.name] = entry
-        except (OSError, ValueError, TypeError, KeyError) as err:
-            raise ZooError(
-                f"PANNS_JAX_ZOO_TABLE={extra}: not a JSON list of entries with "
-                f"name, file, map ({type(err).__name__}: {err})"
-            ) from None
+        for entry in _read_table(extra):
+            entries[entry.name] = entry
     entries.update(_registered)
+    return entries
+
+
+_FIELDS = tuple(f.name for f in dataclasses.fields(ZooEntry))
+
+
+def _read_table(path: str) -> List[ZooEntry]:
+    """The entries of a ``PANNS_JAX_ZOO_TABLE`` file; any bad one raises :class:`ZooTableError`."""
+    where = f"PANNS_JAX_ZOO_TABLE={path}"
+    try:
+        with open(path, encoding="utf-8") as f:
+            rows = json.load(f)
+    except (OSError, ValueError) as err:
+        raise ZooTableError(f"{where}: cannot be read as JSON ({err})") from None
+    if not isinstance(rows, list):
+        raise ZooTableError(f"{where}: not a JSON list of entries")
+    entries = []
+    for number, row in enumerate(rows, 1):
+        if not isinstance(row, dict):
+            raise ZooTableError(f"{where}: entry {number} is not an object")
+        missing = [k for k in ("name", "file", "map") if k not in row]
+        unknown = sorted(set(row) - set(_FIELDS))
+        if missing or unknown:
+            what = f"lacks {', '.join(missing)}" if missing else f"has unknown keys {unknown}"
+            raise ZooTableError(f"{where}: entry {number} {what} (keys: {', '.join(_FIELDS)})")
+        try:
+            entries.append(ZooEntry(**{"arch": row["name"], **row}))
+        except ZooTableError as err:
+            raise ZooTableError(f"{where}: entry {number}: {err}") from None
     return entries
 
 
@@ -176,9 +241,11 @@ def get(name: str) -> ZooEntry:
 
 
 def is_zoo_name(name: str) -> bool:
-    """Whether :func:`get` knows ``name``."""
+    """Whether :func:`get` knows ``name``; a table that cannot be read raises its error."""
     try:
         get(name)
+    except ZooTableError:
+        raise
     except ZooError:
         return False
     return True
@@ -220,25 +287,41 @@ def target(entry: ZooEntry) -> download.Target:
 
 def fetch(name: str, *, progress: bool = True) -> str:
     """The path of the verified ``.pth`` of ``name`` in the cache, downloaded when missing."""
-    release = target(get(name))
+    entry = get(name)
+    release = target(entry)
+    converted: Dict[str, Any] = {}
     with download.locked(release):
-        download.verified(release, progress=progress)
+        record = download.verified(release, progress=progress, check=_check(entry, converted))
+        if converted:  # A first copy was converted to be trusted: keep the conversion.
+            _converted(entry, record, converted["checkpoint"])
     return release.path
 
 
-def install(name: str, source: str) -> str:
+def install(name: str, source: str, *, force: bool = False) -> str:
     """Verify a ``.pth`` the user already has, copy it into the cache and convert it.
 
-    ``source`` stays where it is. Returns the path of the cached copy.
+    Its size is checked before any byte is read, and it is converted before it is copied
+    in. ``force`` replaces a recorded sha256 with the copy's, and links in the cache with
+    files. ``source`` stays where it is. Returns the path of the cached copy.
     """
     entry = get(name)
     release = target(entry)
     if not os.path.isfile(source):
         raise download.DownloadError(f"{source}: no such file")
+    if force:
+        download.clear_links(release)
+    converted: Dict[str, Any] = {}
     with download.locked(release):
-        record = download.install(release, source)
-        _converted(entry, record)
+        check = _check(entry, converted)
+        record = download.install(release, source, check, force=force)
+        _converted(entry, record, converted.get("checkpoint"))
     return release.path
+
+
+def forget(name: str) -> None:
+    """Remove the cached ``.pth`` of ``name``, its record (a recorded sha256 included) and
+    its conversion, so that the next use fetches and verifies it as on first use."""
+    download.forget(target(get(name)))
 
 
 def load(name: str, *, progress: bool = True) -> checkpoints.ModelCheckpoint:
@@ -248,9 +331,10 @@ def load(name: str, *, progress: bool = True) -> checkpoints.ModelCheckpoint:
     """
     entry = get(name)
     release = target(entry)
+    converted: Dict[str, Any] = {}
     with download.locked(release):
-        record = download.verified(release, progress=progress)
-        return _converted(entry, record)
+        record = download.verified(release, progress=progress, check=_check(entry, converted))
+        return _converted(entry, record, converted.get("checkpoint"))
 
 
 def pretrained(name: str = "Cnn14", *, progress: bool = True) -> Tuple[Any, Dict[str, Any]]:
@@ -259,17 +343,32 @@ def pretrained(name: str = "Cnn14", *, progress: bool = True) -> Tuple[Any, Dict
     return checkpoint.build_model(), checkpoint.variables
 
 
-def _converted(entry: ZooEntry, record: Dict[str, Any]) -> checkpoints.ModelCheckpoint:
+def _check(entry: ZooEntry, converted: Dict[str, Any]) -> download.Check:
+    """The downloader's check of a candidate ``.pth``: the reader and the converter must
+    accept it. The conversion is kept in ``converted`` so that it is not done twice."""
+
+    def check(path: str) -> None:
+        converted["checkpoint"] = _convert(entry, path)
+
+    return check
+
+
+def _converted(
+    entry: ZooEntry,
+    record: Dict[str, Any],
+    fresh: Optional[checkpoints.ModelCheckpoint] = None,
+) -> checkpoints.ModelCheckpoint:
     """The converted checkpoint of the verified ``.pth`` that ``record`` describes.
 
-    An intact conversion is loaded. A missing or damaged one is made again from the
-    ``.pth``, after conversions of other copies of the file are removed.
+    An intact conversion is loaded. A missing or damaged one is saved from ``fresh`` (the
+    conversion made to verify the file), else made again from the ``.pth``, after
+    conversions of other copies of the file are removed.
     """
     from panns_jax import checkpoints
 
     release = target(entry)
     path = download.derived_dir(release, record["sha256"])
-    if checkpoints.is_model_checkpoint(path):
+    if download.real_directory(path) and checkpoints.is_model_checkpoint(path):
         try:
             return checkpoints.load(path)
         except (ValueError, OSError) as err:
@@ -279,17 +378,7 @@ def _converted(entry: ZooEntry, record: Dict[str, Any]) -> checkpoints.ModelChec
                 file=sys.stderr,
             )
     download.remove_derived(release)
-    checkpoint = _convert(entry, record)
-    checkpoints.save(path, checkpoint)
-    return checkpoint
-
-
-def _convert(entry: ZooEntry, record: Dict[str, Any]) -> checkpoints.ModelCheckpoint:
-    """Convert the cached ``.pth``; its ``extra`` says which release file it came from."""
-    from panns_jax import convert
-
-    state, step = convert.read_torch_checkpoint(pth_path(entry))
-    checkpoint = convert.torch_to_checkpoint(state, entry.arch, step=step)
+    checkpoint = fresh if fresh is not None else _convert(entry, pth_path(entry))
     checkpoint.extra = {
         "zoo": {
             "name": entry.name,
@@ -298,7 +387,16 @@ def _convert(entry: ZooEntry, record: Dict[str, Any]) -> checkpoints.ModelCheckp
             "map": entry.map,
         }
     }
+    checkpoints.save(path, checkpoint)
     return checkpoint
+
+
+def _convert(entry: ZooEntry, path: str) -> checkpoints.ModelCheckpoint:
+    """Read the ``.pth`` at ``path`` (without torch) and convert it for ``entry.arch``."""
+    from panns_jax import convert
+
+    state, step = convert.read_torch_checkpoint(path)
+    return convert.torch_to_checkpoint(state, entry.arch, step=step)
 
 
 def status(entry: ZooEntry) -> Dict[str, Any]:
@@ -306,11 +404,11 @@ def status(entry: ZooEntry) -> Dict[str, Any]:
     cached (and converted), and how a copy of it is verified."""
     release = target(entry)
     record = download.read_record(release)
-    cached = os.path.exists(release.path)
+    cached = download.is_cached(release)
     converted = (
         cached
-        and bool(record.get("sha256"))
-        and os.path.isdir(download.derived_dir(release, record["sha256"]))
+        and isinstance(record.get("sha256"), str)
+        and download.real_directory(download.derived_dir(release, record["sha256"]))
     )
     return {
         "name": entry.name,

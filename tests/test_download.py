@@ -16,6 +16,7 @@ import time
 import jax
 import numpy as np
 import pytest
+import zoo_cases as C
 import zoo_mirror as M
 
 from panns_jax import cli, download, zoo
@@ -60,7 +61,7 @@ def test_dropped_connection_resumes_with_range_and_the_right_digest(zoo_env, ser
     os.remove(path)
     server.files[M.LEGACY_FILE] = served_files[M.ZIP_FILE]
     try:
-        with pytest.raises(download.DownloadError, match="recorded at its first download"):
+        with pytest.raises(download.DownloadError, match="recorded when it was first verified"):
             zoo.fetch("Cnn6_legacy", progress=False)
     finally:
         server.files[M.LEGACY_FILE] = served_files[M.LEGACY_FILE]
@@ -232,3 +233,200 @@ def test_an_unusable_cache_directory_is_one_line(zoo_env, tmp_path, monkeypatch,
     assert cli.main(["download", "Cnn6", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "is not usable" in err and "PANNS_JAX_HOME" in err, err
+
+
+# ----------------------------------------------------------------------------
+# Hostile caches and servers: refused in one line within a bounded time, nothing outside
+# the cache touched, and a good checkpoint still loads afterwards.
+# ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def outside(tmp_path, zoo_env):
+    return C.Outside(tmp_path, zoo_env["PANNS_JAX_HOME"])
+
+
+@pytest.mark.parametrize(
+    "link, suffix",
+    [("symbolic", ".part"), ("symbolic", ""), ("symbolic", ".json"), ("symbolic", ".lock")]
+    + [("hard", ".part")],
+)
+def test_a_link_in_the_cache_is_never_followed(zoo_env, outside, wav, capsys, link, suffix):
+    """A link where the cache keeps the partial download, the file, its record or its lock
+    points outside: it is neither written through nor read, and `--force` removes it."""
+    path = os.path.join(zoo_env["PANNS_JAX_HOME"], M.LEGACY_FILE + suffix)
+    os.makedirs(os.path.dirname(path))
+    (os.symlink if link == "symbolic" else os.link)(outside.victim, path)
+    outside.freeze()
+    for argv in (
+        ["download", "Cnn6_legacy", "--no-progress"],
+        ["tag", wav, "--checkpoint", "Cnn6_legacy", "--no-progress"],
+    ):
+        C.assert_refused(C.run(capsys, *argv), f"{path} is a {link} link", "--force")
+        assert os.path.samefile(path, outside.victim)
+    assert C.run(capsys, "download", "Cnn6_legacy", "--force", "--no-progress")[0] == 0
+    assert not os.path.lexists(path) or not (
+        os.path.islink(path) or os.path.samefile(path, outside.victim)
+    )
+    outside.assert_unchanged()
+    assert zoo.load("Cnn6_legacy", progress=False).model == "Cnn6"
+
+
+def test_a_record_with_a_digest_that_is_not_hex_is_ignored(zoo_env, outside, capsys):
+    """A converted checkpoint is stored in a directory named by the recorded sha256: a
+    damaged record that names a path there is ignored, and the file is verified again."""
+    assert C.run(capsys, "download", "Cnn6", "--no-progress")[0] == 0
+    record_path = os.path.join(zoo_env["PANNS_JAX_HOME"], M.ZIP_FILE + ".json")
+    with open(record_path) as f:
+        record = json.load(f)
+    record["sha256"] = "/../../made_by_the_zoo/" + record["sha256"]
+    with open(record_path, "w") as f:
+        json.dump(record, f)
+    outside.freeze()
+    assert C.run(capsys, "download", "Cnn6", "--no-progress")[0] == 0
+    outside.assert_unchanged()
+    with open(record_path) as f:
+        assert len(json.load(f)["sha256"]) == 64
+
+
+def test_a_trickling_server_meets_the_download_deadline(
+    zoo_env, server, served_files, outside, capsys, monkeypatch
+):
+    """A server that sends a byte at a time (20 bytes/s, for up to 15 s) is left at the
+    deadline: 1 s plus the size at the minimum rate (here the size per second: 1 s)."""
+    size = len(served_files[M.ZIP_FILE])
+    monkeypatch.setattr(download, "DEADLINE_FLOOR_S", 1.0)
+    monkeypatch.setenv("PANNS_JAX_MIN_RATE", str(size))
+    server.trickle[M.ZIP_FILE] = (0.05, 15.0)
+    outside.freeze()
+    code, err, seconds = result = C.run(capsys, "download", "Cnn6", "--no-progress")
+    C.assert_refused(result, "past the deadline of 2.0 s", "PANNS_JAX_MIN_RATE")
+    assert 2 <= seconds < 6, seconds  # The server would have gone on for 15 s.
+    part = os.path.join(zoo_env["PANNS_JAX_HOME"], M.ZIP_FILE + ".part")
+    have = os.path.getsize(part)
+    assert 0 < have < 200  # Kept, to resume.
+    M.forget_behaviour(server)
+    assert C.run(capsys, "download", "Cnn6", "--no-progress")[0] == 0
+    assert M.gets(server, M.ZIP_FILE) == [f"bytes={have}-"]
+    outside.assert_unchanged()
+
+
+def test_a_held_lock_is_waited_for_a_bounded_time(
+    zoo_env, server, outside, wav, capsys, monkeypatch
+):
+    """Another process holds the file's lock (for 30 s at most): each entry point waits
+    PANNS_JAX_LOCK_TIMEOUT seconds, then names the lock in one line."""
+    lock = os.path.join(zoo_env["PANNS_JAX_HOME"], M.ZIP_FILE + ".lock")
+    os.makedirs(os.path.dirname(lock))
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import filelock, sys, time\n"
+            "with filelock.FileLock(sys.argv[1]):\n"
+            "    print('held', flush=True)\n"
+            "    time.sleep(30)\n",
+            lock,
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline() == "held\n"
+        outside.freeze()
+        monkeypatch.setenv("PANNS_JAX_LOCK_TIMEOUT", "1")
+        for argv in (
+            ["download", "Cnn6", "--no-progress"],
+            ["tag", wav, "--checkpoint", "Cnn6", "--no-progress"],
+        ):
+            code, err, seconds = result = C.run(capsys, *argv)
+            C.assert_refused(result, f"another process still holds {lock} after 1 s")
+            assert "waiting for another process" in err and 1 <= seconds < 5, (seconds, err)
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+        holder.stdout.close()
+    assert server.requests == [] and M.cache_files(zoo_env) == []
+    assert C.run(capsys, "download", "Cnn6", "--no-progress")[0] == 0
+    outside.assert_unchanged()
+
+
+@pytest.mark.parametrize(
+    "code, partial, answer",
+    [
+        (416, True, "answered HTTP 416 Requested Range Not Satisfiable"),
+        (416, False, "answered HTTP 416 Requested Range Not Satisfiable"),
+        (404, False, "answered HTTP 404 Not Found"),
+        (403, True, "answered HTTP 403 Forbidden"),
+        (503, False, "after 5 tries (HTTP 503 Service Unavailable)"),
+    ],
+)
+def test_http_answers_are_one_line_saying_what_the_server_answered(
+    zoo_env, server, served_files, outside, capsys, code, partial, answer
+):
+    part = os.path.join(zoo_env["PANNS_JAX_HOME"], M.ZIP_FILE + ".part")
+    if partial:  # A download that an earlier run left halfway.
+        os.makedirs(os.path.dirname(part))
+        with open(part, "wb") as f:
+            f.write(served_files[M.ZIP_FILE][:1000])
+    server.answers[M.ZIP_FILE] = code
+    outside.freeze()
+    err = C.assert_refused(C.run(capsys, "download", "Cnn6", "--no-progress"), answer)
+    assert "No such file" not in err and "not usable" not in err
+    assert M.gets(server, M.ZIP_FILE)[0] == ("bytes=1000-" if partial else None)
+    M.forget_behaviour(server)
+    assert C.run(capsys, "download", "Cnn6", "--no-progress")[0] == 0
+    outside.assert_unchanged()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads the peak RSS from /proc")
+def test_from_checks_the_size_first_and_converts_before_installing(
+    zoo_env, served_files, outside, tmp_path
+):
+    """Sparse files of 8 GiB and 2 GiB of zeros given with --from: refused by their size
+    (Cnn6 has a known size; 8 GiB is more than any file of unknown size) or by the reader
+    before a byte is copied, each within seconds, in a process whose peak RSS stays under
+    1.5 GB; then a good copy installs in that same process."""
+    sparse = {"8GiB.pth": 8 << 30, "2GiB.pth": 2 << 30}
+    for name, size in sparse.items():
+        with open(tmp_path / "outside" / name, "wb") as f:
+            f.truncate(size)
+    good = tmp_path / "good.pth"
+    good.write_bytes(served_files[M.ZIP_FILE])
+    cases = [
+        ("Cnn6", "8GiB.pth", f"8589934592 bytes, but {M.ZIP_FILE} has"),
+        ("Cnn6_legacy", "8GiB.pth", "more than any checkpoint of unknown size"),
+        ("Cnn6_legacy", "2GiB.pth", "not a checkpoint that loads"),
+        ("Cnn6", "2GiB.pth", f"2147483648 bytes, but {M.ZIP_FILE} has"),
+    ]
+    outside.freeze()
+    argvs = [["download", n, "--from", str(tmp_path / "outside" / f)] for n, f, _ in cases]
+    argvs.append(["download", "Cnn6", "--from", str(good)])
+    result = M.run_python(
+        {**zoo_env, "PANNS_JAX_OFFLINE": "1"},
+        "import json, sys, time",
+        "def peak():",  # VmHWM: this process's own peak (ru_maxrss keeps the forking parent's).
+        "    status = open('/proc/self/status').read().split('VmHWM:')[1]",
+        "    return int(status.split()[0])",
+        "from panns_jax import cli",
+        f"for argv in {argvs!r}:",
+        "    start = time.monotonic()",
+        "    code = cli.main(argv)",
+        "    peak_kib = peak()",
+        "    print(json.dumps([code, time.monotonic() - start, peak_kib]), flush=True)",
+        "    print('--', file=sys.stderr, flush=True)",
+        "print(peak())",
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    *runs, peak_kib = result.stdout.splitlines()
+    errors = result.stderr.split("--\n")
+    for (name, file, message), run, err in zip(cases, runs, errors):
+        code, seconds, _ = json.loads(run)
+        C.assert_refused((code, err, seconds), message)
+        assert seconds < 5, (name, file, seconds)
+    assert json.loads(runs[-1])[0] == 0, errors[-2:]
+    assert int(peak_kib) < 1.5e6, (peak_kib, runs)  # KiB.
+    cached = M.cache_files(zoo_env)  # Cnn6 with its record and its conversion, only.
+    assert cached[1:] == [M.ZIP_FILE, M.ZIP_FILE + ".json"] and len(cached) == 3, cached
+    outside.assert_unchanged()

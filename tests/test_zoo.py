@@ -7,6 +7,7 @@ offline, installs) is tests/test_download.py.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
@@ -14,6 +15,7 @@ import golden_utils as G
 import jax
 import numpy as np
 import pytest
+import zoo_cases as C
 import zoo_mirror as M
 
 from panns_jax import cli, convert, models, tagger, zoo
@@ -146,3 +148,174 @@ def test_names_resolve_by_name_or_file_stem_and_unknown_ones_suggest_neighbours(
     release = zoo.target(zoo.get("Cnn6"))
     assert release.path == os.path.join(zoo_env["PANNS_JAX_HOME"], M.ZIP_FILE)
     assert release.url == f"{zoo_env['PANNS_JAX_MIRROR']}/Cnn6_mAP%3D0.343.pth"
+
+
+# ----------------------------------------------------------------------------
+# Hostile tables and bad first copies: refused in one line, nothing outside the cache
+# touched, and a good checkpoint still loads afterwards.
+# ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def outside(tmp_path, zoo_env):
+    return C.Outside(tmp_path, zoo_env["PANNS_JAX_HOME"])
+
+
+@pytest.mark.parametrize("file", ["../x", "ABSOLUTE", "nested/../../x", ".."])
+def test_a_table_file_that_is_not_a_plain_name_is_refused_and_nothing_outside_changes(
+    zoo_env, server, served_files, outside, wav, tmp_path, capsys, monkeypatch, file
+):
+    """An entry whose file reaches outside the cache, with a wrong md5 that would make a
+    cached copy be deleted, fails on every entry point, offline or not."""
+    file = outside.x if file == "ABSOLUTE" else file
+    table = tmp_path / "table.json"
+    good = C.table_rows(table)
+    C.write_table(table, good + [{"name": "Evil", "file": file, "map": 0.3, "md5": "0" * 32}])
+    server.files[file] = b"the mirror's bytes"  # What a download of it would write.
+    outside.freeze()
+    try:
+        for offline in ("1", ""):
+            monkeypatch.setenv("PANNS_JAX_OFFLINE", offline)
+            for argv in (
+                ["download", "Evil", "--no-progress"],
+                ["tag", wav, "--checkpoint", "Evil", "--no-progress"],
+                ["download", "--list"],
+            ):
+                err = C.assert_refused(C.run(capsys, *argv), "PANNS_JAX_ZOO_TABLE")
+                assert "plain .pth file name" in err and repr(file) in err, err
+    finally:
+        del server.files[file]
+    outside.assert_unchanged()
+    assert M.cache_files(zoo_env) == [] and server.requests == []
+    C.write_table(table, good)
+    assert C.run(capsys, "download", "Cnn6", "--no-progress")[0] == 0
+
+
+def test_table_fields_of_the_wrong_type_are_one_line(zoo_env, outside, wav, tmp_path, capsys):
+    table = tmp_path / "table.json"
+    good = C.table_rows(table)
+    row = {"name": "Typo", "file": "Typo.pth", "map": 0.3}
+    cases = [
+        ({**row, "size": "1673"}, "size '1673' must be a positive integer"),
+        ({**row, "md5": 123}, "md5 123 must be 32 hex digits"),
+        ({**row, "map": "0.3"}, "map '0.3' must be a number"),
+        ({**row, "file": 5}, "file 5 must be a plain .pth file name"),
+        ({**row, "name": None}, "name None must be a non-empty"),
+        ({**row, "size": True}, "size True must be a positive integer"),
+        (["Typo", "Typo.pth"], "entry 1 is not an object"),
+        ({"name": "Typo", "map": 0.3}, "entry 1 lacks file"),
+        ({**row, "sha": "x"}, "unknown keys ['sha']"),
+    ]
+    outside.freeze()
+    for bad, message in cases:
+        C.write_table(table, [bad])
+        for argv in (
+            ["download", "Typo", "--no-progress"],
+            ["tag", wav, "--checkpoint", "Typo", "--no-progress"],
+        ):
+            C.assert_refused(C.run(capsys, *argv), "PANNS_JAX_ZOO_TABLE", message)
+    table.write_text('{"name": "Typo"}')
+    C.assert_refused(C.run(capsys, "download", "--list"), "not a JSON list")
+    outside.assert_unchanged(table)
+    C.write_table(table, good)
+    assert C.run(capsys, "download", "Cnn6", "--no-progress")[0] == 0
+
+
+@pytest.mark.parametrize(
+    "announce, message",
+    [
+        (True, "not a checkpoint that loads"),  # A short Content-Length, all of it sent.
+        (False, "announced no length"),  # No Content-Length, and the connection closes early.
+    ],
+    ids=["short_content_length", "no_length_early_close"],
+)
+def test_a_cut_first_download_is_never_pinned(
+    zoo_env, server, served_files, outside, wav, capsys, announce, message
+):
+    """Cnn6_legacy has no published md5 or size: the sha256 of its first copy guards every
+    later one, so a cut copy must leave no record (a good copy is then accepted)."""
+    data = served_files[M.LEGACY_FILE]
+    server.cuts[M.LEGACY_FILE] = (len(data) // 2, announce)
+    outside.freeze()
+    for argv in (
+        ["download", "Cnn6_legacy", "--no-progress"],
+        ["tag", wav, "--checkpoint", "Cnn6_legacy", "--no-progress"],
+    ):
+        C.assert_refused(C.run(capsys, *argv), message, "nothing was kept")
+        assert M.cache_files(zoo_env) == []  # No record, no partial file.
+    assert len(M.gets(server, M.LEGACY_FILE)) == 2
+    server.cuts.clear()
+    assert C.run(capsys, "download", "Cnn6_legacy", "--no-progress")[0] == 0
+    record = json.load(open(os.path.join(zoo_env["PANNS_JAX_HOME"], M.LEGACY_FILE + ".json")))
+    assert record["sha256"] == hashlib.sha256(data).hexdigest()
+    outside.assert_unchanged()
+
+
+def test_junk_given_with_from_is_never_installed_or_pinned(
+    zoo_env, server, served_files, outside, tmp_path, capsys
+):
+    data = served_files[M.LEGACY_FILE]
+    sources = {
+        "junk.pth": np.random.default_rng(0).bytes(1 << 20),
+        "half.pth": data[: len(data) // 2],
+        "empty.pth": b"",
+        "zip_of_other.pth": served_files[M.ZIP_FILE][:-100],
+    }
+    for name, content in sources.items():
+        (tmp_path / name).write_bytes(content)
+    (tmp_path / "good.pth").write_bytes(data)
+    outside.freeze()
+    for name in sources:
+        result = C.run(capsys, "download", "Cnn6_legacy", "--from", tmp_path / name)
+        C.assert_refused(result, "not a checkpoint that loads")
+        assert M.cache_files(zoo_env) == [], name
+    assert C.run(capsys, "download", "Cnn6_legacy", "--from", tmp_path / "good.pth")[0] == 0
+    record = json.load(open(os.path.join(zoo_env["PANNS_JAX_HOME"], M.LEGACY_FILE + ".json")))
+    assert record["sha256"] == hashlib.sha256(data).hexdigest()
+    assert zoo.status(zoo.get("Cnn6_legacy"))["cached"] == "converted"
+    outside.assert_unchanged()
+    assert server.requests == []
+
+
+def test_a_wrong_recorded_sha256_names_force_which_clears_it(
+    zoo_env, server, served_files, outside, wav, tmp_path, capsys
+):
+    """A record pinned to the wrong digest refuses every good copy, downloaded, cached or
+    given; the error says so, and `--force` (with or without --from) replaces it, while a
+    bad copy given with `--force --from` leaves the cache as it was."""
+    data = served_files[M.LEGACY_FILE]
+    sha256 = hashlib.sha256(data).hexdigest()
+    home = zoo_env["PANNS_JAX_HOME"]
+    record_path = os.path.join(home, M.LEGACY_FILE + ".json")
+    wrong = {"name": "Cnn6_legacy", "file": M.LEGACY_FILE, "size": 7, "sha256": "0" * 64}
+    os.makedirs(home)
+    with open(record_path, "w") as f:
+        json.dump(wrong, f)
+    (tmp_path / "good.pth").write_bytes(data)
+    (tmp_path / "junk.pth").write_bytes(b"junk")
+    outside.freeze()
+
+    def refused(*argv):
+        err = C.assert_refused(C.run(capsys, *argv), "sha256 mismatch", "0" * 64)
+        assert "`panns-jax download Cnn6_legacy --force`" in err, err
+
+    refused("download", "Cnn6_legacy", "--no-progress")
+    refused("tag", wav, "--checkpoint", "Cnn6_legacy", "--no-progress")
+    refused("download", "Cnn6_legacy", "--from", tmp_path / "good.pth")
+    assert M.cache_files(zoo_env) == [M.LEGACY_FILE + ".json"]
+    result = C.run(capsys, "download", "Cnn6_legacy", "--force", "--from", tmp_path / "junk.pth")
+    C.assert_refused(result, "not a checkpoint that loads", "nothing was installed")
+    assert json.load(open(record_path))["sha256"] == "0" * 64
+    result = C.run(capsys, "download", "Cnn6_legacy", "--force", "--from", tmp_path / "good.pth")
+    assert result[0] == 0, result
+    assert json.load(open(record_path))["sha256"] == sha256
+    assert len(M.gets(server, M.LEGACY_FILE)) == 2  # The refused downloads only.
+
+    # The cached copy itself is refused by a wrong record; --force downloads it again.
+    with open(record_path, "w") as f:
+        json.dump(wrong, f)
+    refused("download", "Cnn6_legacy", "--no-progress")
+    assert C.run(capsys, "download", "Cnn6_legacy", "--force", "--no-progress")[0] == 0
+    assert json.load(open(record_path))["sha256"] == sha256
+    assert zoo.load("Cnn6_legacy", progress=False).extra["zoo"]["sha256"] == sha256
+    outside.assert_unchanged()

@@ -33,8 +33,8 @@ SR = 32000
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
-    """GET with Range. It can drop a response halfway, ignore Range, or stream slowly, and
-    it logs every request."""
+    """GET with Range. It can drop a response halfway, ignore Range, stream slowly, answer a
+    fixed status, cut the body short or trickle it, and it logs every request."""
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's name)
         server = self.server
@@ -46,6 +46,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if data is None:
             self.send_error(404)
             return
+        if name in server.answers:
+            self.send_error(server.answers[name])
+            return
         if server.ignore_range:
             requested = None
         start = int(requested.split("=")[1].split("-")[0]) if requested else 0
@@ -56,8 +59,24 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if requested:
             self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
         body = data[start:]
+        if name in server.cuts:  # The first bytes only, announced as the whole or unannounced.
+            body, announce = body[: server.cuts[name][0]], server.cuts[name][1]
+            if announce:
+                self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            self.close_connection = True
+            return
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
+        if name in server.trickle:  # One byte per interval, for at most so many seconds.
+            interval, seconds = server.trickle[name]
+            for i in range(int(seconds / interval)):
+                self.wfile.write(body[i : i + 1])
+                self.wfile.flush()
+                time.sleep(interval)
+            self.close_connection = True
+            return
         with server.lock:
             drop = server.drops.get(name, 0) > 0
             if drop:
@@ -97,13 +116,22 @@ def release_files() -> Dict[str, bytes]:
     return files
 
 
+class _Server(http.server.ThreadingHTTPServer):
+    """A client that hangs up mid-body is expected here: nothing is printed for it."""
+
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass
+
+
 @contextlib.contextmanager
 def serving(files: Dict[str, bytes]) -> Iterator[http.server.ThreadingHTTPServer]:
     """An HTTP server on 127.0.0.1 serving ``files`` by name, for the block's duration."""
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    httpd.daemon_threads = True
+    httpd = _Server(("127.0.0.1", 0), _Handler)
     httpd.files, httpd.requests, httpd.drops = dict(files), [], {}
     httpd.delay, httpd.ignore_range = 0.0, False
+    httpd.answers, httpd.cuts, httpd.trickle = {}, {}, {}
     httpd.lock = threading.Lock()
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
@@ -122,12 +150,11 @@ def point_the_zoo_at(server, files: Dict[str, bytes], tmp_path, monkeypatch) -> 
     """A fresh cache, the mirror and a table of the served files, set in this process.
 
     Returns the whole environment, for subprocesses. Retries pause 0.05 s. The server
-    forgets its requests, drops and delay. Cnn6 has a published md5 and size. Cnn6_legacy
-    has neither, so the sha256 of its first download is recorded. Cnn6_bad has a wrong md5.
+    forgets its requests and whatever it was told to do. Cnn6 has a published md5 and
+    size. Cnn6_legacy has neither, so the sha256 of its first download is recorded.
+    Cnn6_bad has a wrong md5.
     """
-    server.requests.clear()
-    server.drops.clear()
-    server.delay, server.ignore_range = 0.0, False
+    forget_behaviour(server)
     table = [
         {
             "name": "Cnn6",
@@ -156,6 +183,14 @@ def point_the_zoo_at(server, files: Dict[str, bytes], tmp_path, monkeypatch) -> 
     full = {k: v for k, v in os.environ.items() if k != "PANNS_JAX_OFFLINE"}
     full.update(env)
     return full
+
+
+def forget_behaviour(server) -> None:
+    """The server forgets its requests and serves every file whole and at once."""
+    server.requests.clear()
+    for behaviour in (server.drops, server.answers, server.cuts, server.trickle):
+        behaviour.clear()
+    server.delay, server.ignore_range = 0.0, False
 
 
 def mirror_url(server) -> str:

@@ -3,6 +3,7 @@
     panns-jax download --list               # every model, its mAP, whether it is cached
     panns-jax download Cnn14 MobileNetV1    # or --all
     panns-jax download Cnn14 --from Cnn14_mAP=0.431.pth   # a copy you already have
+    panns-jax download Cnn14_8k --force     # forget the cached copy and its recorded sha256
 
 The table and the cache are :mod:`panns_jax.zoo`; the transfer and its checks are
 :mod:`panns_jax.download`. Exit status: 0, or 2 with the error in one line.
@@ -18,7 +19,8 @@ from panns_jax import download, zoo
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command's arguments: names, ``--all``, ``--list``, ``--from``, ``--no-progress``."""
+    """The command's arguments: names, ``--all``, ``--list``, ``--from``, ``--force``,
+    ``--no-progress``."""
     parser = argparse.ArgumentParser(
         prog="panns-jax download",
         description="Download, verify and convert the released PANNs checkpoints "
@@ -38,12 +40,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="verify and install a .pth you already have (one NAME)",
     )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="forget the cached copy, its recorded sha256 and its conversion, and download "
+        "it again (with --from: install FILE in their place once it is verified); clears a "
+        "wrong recorded digest",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run ``panns-jax download NAME... | --all | --list [--from FILE]``.
+    """Run ``panns-jax download NAME... | --all | --list [--from FILE] [--force]``.
 
     Returns the exit status. Usage errors exit through argparse.
     """
@@ -56,12 +65,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         names = list(zoo.table()) if args.all else args.names
         if not names:
             parser.error("name at least one model, or pass --all or --list")
-        if args.source is not None:
-            if len(names) != 1:
-                parser.error("--from FILE installs one model: name exactly one")
-            path = zoo.install(names[0], args.source)
+        if args.source is not None and len(names) != 1:
+            parser.error("--from FILE installs one model: name exactly one")
+        if args.source is not None:  # --force: the copy replaces what is cached once verified.
+            path = zoo.install(names[0], args.source, force=args.force)
             print(f"{names[0]}: verified {args.source} and installed it as {path}")
             return 0
+        if args.force:
+            for name in names:
+                zoo.forget(name)
         _fetch(names, progress=not args.no_progress)
     except (ValueError, OSError) as err:  # DownloadError and ZooError are ValueErrors.
         print(f"error: {str(err).splitlines()[0] if str(err) else err}", file=sys.stderr)
