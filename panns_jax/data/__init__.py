@@ -3,9 +3,10 @@
 The builders register with TFDS under the names `audioset`, `esc50`, `gtzan_genres`,
 `ravdess` and `panns_demo` once their module is imported: `import panns_jax.data.builders`
 registers all of them, and so does using any name below, or `get_builder`. Their configs
-are '32k' (the default), '16k' and '8k', and panns_demo's are 'default' (2 s) and '10s'. All write ArrayRecord files in source
-order, with the features `audio` (int16 [samples]), `labels` (multi-label ids) or
-`label` (ClassLabel), `audio_id` (str), and `fold` where the set has folds.
+are '32k' (the default), '16k' and '8k', and panns_demo's are 'default' (2 s) and '10s'.
+All write ArrayRecord files in source order, with the features `audio` (int16 [samples]),
+`labels` (multi-label ids) or `label` (ClassLabel), `audio_id` (str), and `fold` where the
+set has folds.
 
 The modules have one job each:
 
