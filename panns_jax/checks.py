@@ -12,6 +12,8 @@ import math
 import numbers
 from typing import Any, Sequence
 
+import numpy as np
+
 MAX_BATCH_SIZE = 1024  # Chunks held before a flush: 1024 x 10 s at 32 kHz is 1.3 GB.
 MIN_HOP_S = 0.01  # One 10 ms frame: finer hops multiply the work with no new information.
 
@@ -99,3 +101,17 @@ def labels_fit(labels: Sequence[str], num_classes: int) -> None:
     """ValueError unless there is one label per output class."""
     if len(labels) != num_classes:
         raise ValueError(f"{len(labels)} labels for a {num_classes}-class model")
+
+
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+def compute_dtype(value: Any, what: str = "dtype") -> str:
+    """The name of a compute dtype; ValueError naming ``what`` unless float32 or bfloat16."""
+    try:
+        name = value if isinstance(value, str) else np.dtype(value).name
+    except TypeError:
+        name = None
+    if name not in COMPUTE_DTYPES:
+        raise ValueError(f"{what} must be one of {', '.join(COMPUTE_DTYPES)}, got {value!r}")
+    return name

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from panns_jax import audio, checks, loader, models, sed
+from panns_jax.models import transfer_head
 from panns_jax.scheduler import ChunkedOutput, ChunkScheduler
 
 Source = Union[str, np.ndarray]
@@ -38,6 +39,27 @@ DEFAULT_WINDOW_S = 10.0
 DEFAULT_SED_WINDOW_S = 1.0
 DEFAULT_SED_HOP_S = 0.1
 WHOLE = 1 << 62  # The window of ``window_s=None``: every recording in one chunk.
+# Compute dtypes of inference. Parameters and the log-mel front end stay float32 in both, as
+# in training's ``compute_dtype`` (panns_jax.model_builder.registry_model).
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def with_compute_dtype(module: Any, dtype: str) -> Any:
+    """``module`` computing in ``dtype`` with its float32 parameters and front end.
+
+    A transfer head computes in its base's dtype, so a :class:`Transfer` gets a new base.
+    """
+    if isinstance(module, transfer_head.Transfer):
+        return module.clone(base=with_compute_dtype(module.base, dtype))
+    return module.clone(dtype=DTYPES[checks.compute_dtype(dtype)])
+
+
+def _as_float32(outputs: Dict[str, jax.Array]) -> Dict[str, jax.Array]:
+    """Every floating output as float32 (a float32 output is returned as it is)."""
+    return {
+        k: v.astype(jnp.float32) if jnp.issubdtype(v.dtype, jnp.floating) else v
+        for k, v in outputs.items()
+    }
 
 
 class AudioTagger:
@@ -53,6 +75,9 @@ class AudioTagger:
       labels: one class name per output class (``metadata.labels``).
       batch_size: chunks of equal length run together up to this many; smaller
         batches are padded with silent rows to a power of two to bound recompiles.
+      dtype: the compute dtype, ``float32`` (default) or ``bfloat16``. In bfloat16 the
+        network computes in bf16 from float32 parameters after a float32 log-mel front
+        end; every output is returned as float32.
     """
 
     def __init__(
@@ -62,8 +87,12 @@ class AudioTagger:
         metadata: loader.Metadata,
         *,
         batch_size: int = 8,
+        dtype: str = "float32",
     ):
         self.batch_size = checks.batch_size(batch_size)
+        self.dtype = checks.compute_dtype(dtype)
+        if self.dtype != "float32":  # float32 keeps the loaded module as it is.
+            module = with_compute_dtype(module, self.dtype)
         self.model = module
         self.variables = variables
         self.metadata = metadata
@@ -74,12 +103,17 @@ class AudioTagger:
         checks.labels_fit(metadata.labels, getattr(module, "num_classes", 527))
         self.labels = list(metadata.labels)
         self._forward = jax.jit(self._apply, static_argnames="keys")
-        self._forward_all = jax.jit(module.apply)
+        self._forward_all = jax.jit(lambda v, x: _as_float32(module.apply(v, x)))
         self._fit_cache: Dict[int, bool] = {}
 
     @classmethod
     def load(
-        cls, source: Optional[str] = None, *, batch_size: int = 8, **load_args: Any
+        cls,
+        source: Optional[str] = None,
+        *,
+        batch_size: int = 8,
+        dtype: str = "float32",
+        **load_args: Any,
     ) -> "AudioTagger":
         """A tagger of whatever :func:`panns_jax.loader.load` takes: a panns_jax checkpoint
         directory of any kind, an original ``.pth``, a zoo name such as ``"Cnn14"``
@@ -87,17 +121,19 @@ class AudioTagger:
 
         ``load_args`` are the loader's keywords: ``model`` (the architecture: required for
         a ``.pth``, the random model's), ``overrides`` (architecture arguments of a ``.pth``
-        or a random model, e.g. the widths of a narrow Cnn10) and ``seed``.
+        or a random model, e.g. the widths of a narrow Cnn10) and ``seed``. ``dtype`` is
+        the compute dtype (see the class).
         """
-        checks.batch_size(batch_size)  # Before loading: a bad value costs no model.
-        return cls(*loader.load(source, **load_args), batch_size=batch_size)
+        checks.batch_size(batch_size)  # Before loading: bad values cost no model.
+        checks.compute_dtype(dtype)
+        return cls(*loader.load(source, **load_args), batch_size=batch_size, dtype=dtype)
 
     # ------------------------------------------------------------------ model
     def _apply(
         self, variables: Dict[str, Any], x: jax.Array, keys: Tuple[str, ...]
     ) -> Dict[str, jax.Array]:
         out = self.model.apply(variables, x)
-        return {k: out[k] for k in keys}
+        return _as_float32({k: out[k] for k in keys})
 
     @property
     def is_decision_level(self) -> bool:

@@ -4,6 +4,7 @@
     panns-jax tag  rec.wav more/*.flac --checkpoint DIR --top-k 5 --format json
     panns-jax sed  rec.wav --checkpoint DIR --threshold 0.3 --output events.csv --plot-dir plots
     panns-jax embed audio_dir/ --checkpoint DIR --per-chunk --output emb.npz
+    panns-jax tag  rec.wav --dtype bfloat16    # bf16 compute, float32 weights and front end
 
 Every argument and output path is checked before a model is built or a sample computed;
 outputs are written whole or not at all (:func:`panns_jax.fileio.staged`). The computation
@@ -28,7 +29,13 @@ import numpy as np
 from panns_jax import audio, checks, loader, sed
 from panns_jax.fileio import staged
 from panns_jax.scheduler import ChunkedOutput
-from panns_jax.tagger import DEFAULT_WINDOW_S, AudioTagger, aggregate_chunks, chunk_embeddings
+from panns_jax.tagger import (
+    DEFAULT_WINDOW_S,
+    DTYPES,
+    AudioTagger,
+    aggregate_chunks,
+    chunk_embeddings,
+)
 
 # Pretrained weights used when neither --checkpoint nor --model is given.
 PRETRAINED_DEFAULT = {"tag": "Cnn14", "sed": "Cnn14_DecisionLevelMax", "embed": "Cnn14"}
@@ -81,6 +88,13 @@ def _add_common(parser: argparse.ArgumentParser, window_help: str, hop_help: str
     parser.add_argument("--hop", type=float, default=None, help=hop_help)
     parser.add_argument(
         "--batch-size", type=int, default=8, help="chunks of equal length run together (default 8)"
+    )
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        metavar="{" + ",".join(DTYPES) + "}",
+        help="compute dtype (default float32); bfloat16 runs the network in bf16 from "
+        "float32 weights after a float32 log-mel front end, with float32 outputs",
     )
     parser.add_argument(
         "--output", default=None, help="output file (see the format options), written when complete"
@@ -200,7 +214,11 @@ def load(args: argparse.Namespace) -> AudioTagger:
     the model; random weights are said on stderr."""
     checkpoint, model_name = resolve_weights(args)
     tagger = AudioTagger.load(
-        checkpoint, model=model_name, overrides=args.overrides, batch_size=args.batch_size
+        checkpoint,
+        model=model_name,
+        overrides=args.overrides,
+        batch_size=args.batch_size,
+        dtype=args.dtype,
     )
     if args.window is not None:  # The model must take a window (tag / embed chunks).
         tagger.window_samples(args.window, "--window")
@@ -216,8 +234,9 @@ def load(args: argparse.Namespace) -> AudioTagger:
 
 
 def check_arguments(args: argparse.Namespace) -> None:
-    """Ranges of the numeric options; ValueError naming the option."""
+    """Ranges of the numeric options and the compute dtype; ValueError naming the option."""
     checks.batch_size(args.batch_size)
+    checks.compute_dtype(args.dtype, "--dtype")
     if args.window is not None:
         checks.positive_seconds(args.window, "--window")
     if args.hop is not None:
