@@ -18,15 +18,21 @@ MAX_BATCH_SIZE = 1024  # Chunks held before a flush: 1024 x 10 s at 32 kHz is 1.
 MIN_HOP_S = 0.01  # One 10 ms frame: finer hops multiply the work with no new information.
 
 
+def is_integer(value: Any) -> bool:
+    """A Python or numpy integer, not a bool (``True`` is an ``int`` to Python)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
+def is_real(value: Any) -> bool:
+    """A Python or numpy real number, not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
 def _shown(value: Any) -> str:
     """A number as a user typed it (``0``, ``nan``, ``1e-05``); anything else as its repr."""
-    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+    if is_real(value):
         return f"{float(value):g}"
     return repr(value)
-
-
-def _is_integer(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def positive_seconds(value: Any, what: str) -> float:
@@ -66,14 +72,14 @@ def hop_within_window(hop_s: float, window_s: float) -> None:
 
 def batch_size(value: Any) -> int:
     """``value`` unless it is not an integer in 1..:data:`MAX_BATCH_SIZE`."""
-    if not _is_integer(value) or not 1 <= value <= MAX_BATCH_SIZE:
+    if not is_integer(value) or not 1 <= value <= MAX_BATCH_SIZE:
         raise ValueError(f"batch size must be an integer in 1..{MAX_BATCH_SIZE}, got {value!r}")
     return int(value)
 
 
 def positive_integer(value: Any, what: str) -> int:
     """``value`` unless it is not an integer of at least 1 (top-k, an export's batch)."""
-    if not _is_integer(value) or value < 1:
+    if not is_integer(value) or value < 1:
         raise ValueError(f"{what} must be a positive integer, got {value!r}")
     return int(value)
 
@@ -85,7 +91,7 @@ def top_k(value: Any) -> int:
 
 def probability(value: Any, what: str = "threshold") -> float:
     """``value`` unless it is not a number in [0, 1] (an event threshold)."""
-    if not (isinstance(value, numbers.Real) and not isinstance(value, bool) and 0 <= value <= 1):
+    if not (is_real(value) and 0 <= value <= 1):
         raise ValueError(f"{what} must be a probability in [0, 1], got {value!r}")
     return float(value)
 

@@ -8,35 +8,24 @@ from __future__ import annotations
 
 import difflib
 import os
-import tempfile
 from typing import Any, Callable, List, Optional, Tuple
 
 import jax
 import ml_collections
 import numpy as np
 
-from panns_jax import model_builder, models, recipe, tasks
+from panns_jax import checks, fileio, model_builder, models, recipe, tasks
 from panns_jax.recipe import ConfigError
 
 Rule = Tuple[str, Callable[[Any], bool], str]  # (field, test of its value, what it must be)
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
-        value, (bool, np.bool_)
-    )
-
-
 def _positive_int(value: Any) -> bool:
-    return _is_int(value) and value >= 1
+    return checks.is_integer(value) and value >= 1
 
 
 def _finite_positive(value: Any) -> bool:
-    return _is_number(value) and np.isfinite(value) and value > 0
+    return checks.is_real(value) and np.isfinite(value) and value > 0
 
 
 def _optional(test: Callable[[Any], bool]) -> Callable[[Any], bool]:
@@ -60,23 +49,31 @@ def _field_rules(config: ml_collections.ConfigDict) -> List[Rule]:
         ("log_every", _positive_int, "an integer >= 1 (steps between log lines)"),
         (
             "eval_every",
-            lambda v: _is_int(v) and v >= 0,
+            lambda v: checks.is_integer(v) and v >= 0,
             "an integer >= 0 (steps between evaluations; 0: only at the end)",
         ),
         ("keep_checkpoints", _optional(_positive_int), "an integer >= 1"),
         ("clip_seconds", _finite_positive, "a finite number of seconds > 0"),
         ("learning_rate", _finite_positive, "a finite number > 0"),
-        ("b1", lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
-        ("b2", lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+        ("b1", lambda v: checks.is_real(v) and 0 <= v < 1, "a number in [0, 1)"),
+        ("b2", lambda v: checks.is_real(v) and 0 <= v < 1, "a number in [0, 1)"),
         ("eps", _finite_positive, "a finite number > 0"),
         (
             "grad_clip_norm",
             _optional(_finite_positive),
             "None (no clipping) or a finite number > 0",
         ),
-        ("data_fraction", _optional(lambda v: _is_number(v) and 0 < v <= 1), "a number in (0, 1]"),
-        ("compute_dtype", lambda v: v in (None, "float32", "bfloat16"), "'float32' or 'bfloat16'"),
-        ("seed", _is_int, "an integer"),
+        (
+            "data_fraction",
+            _optional(lambda v: checks.is_real(v) and 0 < v <= 1),
+            "a number in (0, 1]",
+        ),
+        (
+            "compute_dtype",
+            _optional(lambda v: v in checks.COMPUTE_DTYPES),
+            "'float32' or 'bfloat16'",
+        ),
+        ("seed", checks.is_integer, "an integer"),
         (
             "num_devices",
             _optional(lambda v: _positive_int(v) and v <= devices),
@@ -131,7 +128,7 @@ def _check_fold_fields(config: ml_collections.ConfigDict) -> None:
             isinstance(folds, (str, bytes))
             or not hasattr(folds, "__len__")
             or not folds
-            or not all(_is_int(f) for f in folds)
+            or not all(checks.is_integer(f) for f in folds)
         ):
             raise ConfigError(
                 f"config.{key} must be a non-empty list of fold numbers, got {folds!r}"
@@ -169,10 +166,8 @@ def writable_dir_problem(workdir: str) -> Optional[str]:
     if not os.path.isdir(probe):
         where = "is" if probe == path else f"is below {probe}, which is"
         return f"{workdir} {where} a file, not a directory: choose another --workdir"
-    try:  # The only reliable test: root ignores mode bits, read-only mounts do not.
-        fd, name = tempfile.mkstemp(prefix=".panns_jax_write_test-", dir=probe)
-        os.close(fd)
-        os.remove(name)
+    try:
+        fileio.write_probe(probe)
     except OSError as err:
         return f"{workdir} cannot be written ({probe}: {err.strerror}): choose a writable --workdir"
     return None

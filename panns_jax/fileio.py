@@ -13,7 +13,7 @@ import shutil
 import uuid
 from typing import Iterator
 
-__all__ = ["replace_dir", "staged"]
+__all__ = ["replace_dir", "staged", "write_probe"]
 
 
 @contextlib.contextmanager
@@ -88,3 +88,13 @@ def replace_dir(staging: str, path: str) -> None:
     os.replace(path, old)
     os.replace(staging, path)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def write_probe(directory: str) -> None:
+    """Create and remove a hidden file in ``directory``; OSError if that cannot be done.
+
+    Trying is the only reliable test: root ignores mode bits, read-only mounts do not.
+    """
+    probe = os.path.join(directory, f".panns_jax-probe-{uuid.uuid4().hex[:12]}")
+    os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    os.remove(probe)

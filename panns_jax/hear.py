@@ -50,11 +50,7 @@ def default_input_rate(model_rate: int) -> int:
 
 def _check_input_rate(rate: Any) -> None:
     """ValueError unless ``rate`` is an integer rate the resampler and the models take."""
-    if (
-        isinstance(rate, bool)
-        or not isinstance(rate, (int, np.integer))
-        or not MIN_INPUT_RATE <= rate <= MAX_SAMPLE_RATE
-    ):
+    if not checks.is_integer(rate) or not MIN_INPUT_RATE <= rate <= MAX_SAMPLE_RATE:
         raise ValueError(
             f"input_sample_rate must be a positive integer rate in "
             f"{MIN_INPUT_RATE}..{MAX_SAMPLE_RATE} Hz (HEAR uses "

@@ -50,3 +50,81 @@ def pytest_runtest_makereport(item, call):
         reason = report.longrepr[-1] if isinstance(report.longrepr, tuple) else report.longrepr
         report.outcome = "failed"
         report.longrepr = f"skipped under PANNS_JAX_STRICT=1 (CI): {reason}"
+
+
+# ---------------------------------------------------------------- serving fixtures
+# Module-scoped: each test module gets its own copy, as if it declared them itself.
+
+
+@pytest.fixture(scope="module")
+def cnn6_checkpoint(tmp_path_factory):
+    """The golden recipe weights of Cnn6 as a panns_jax checkpoint directory."""
+    import serving_utils
+
+    return serving_utils.golden_checkpoint(tmp_path_factory, "Cnn6")
+
+
+@pytest.fixture(scope="module")
+def cnn6(cnn6_checkpoint):
+    from panns_jax.tagger import AudioTagger
+
+    return AudioTagger.load(cnn6_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def direct(cnn6):
+    """The Cnn6 model applied to one whole waveform, without the chunk scheduler."""
+    import serving_utils
+
+    return serving_utils.direct(cnn6)
+
+
+@pytest.fixture(scope="module")
+def long_wav(tmp_path_factory):
+    import serving_utils
+
+    return serving_utils.write_long_wav(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """A tiny checkpoint, its .pth and audio files (serving_utils.tiny_env)."""
+    import serving_utils
+
+    return serving_utils.tiny_env(tmp_path_factory)
+
+
+# ---------------------------------------------------------------- zoo fixtures
+
+
+@pytest.fixture(scope="module")
+def served_files():
+    """The released files a test mirror serves (written by torch.save)."""
+    import zoo_mirror
+
+    return zoo_mirror.release_files()
+
+
+@pytest.fixture(scope="module")
+def server(served_files):
+    """A mirror of the released files on 127.0.0.1, stopped after the module."""
+    import zoo_mirror
+
+    with zoo_mirror.serving(served_files) as httpd:
+        yield httpd
+
+
+@pytest.fixture
+def zoo_env(tmp_path, server, served_files, monkeypatch):
+    """The zoo pointed at ``server``, with its cache in ``tmp_path``."""
+    import zoo_mirror
+
+    return zoo_mirror.point_the_zoo_at(server, served_files, tmp_path, monkeypatch)
+
+
+@pytest.fixture(scope="module")
+def wav(tmp_path_factory):
+    """An audio file of odd length for the zoo's tag runs."""
+    import zoo_mirror
+
+    return zoo_mirror.write_wav(str(tmp_path_factory.mktemp("zoo_audio") / "odd.wav"))

@@ -22,21 +22,6 @@ WAV, SR, TOL = S.WAV, S.SR, S.TOL
 
 
 @pytest.fixture(scope="module")
-def cnn6_checkpoint(tmp_path_factory):
-    return S.golden_checkpoint(tmp_path_factory, "Cnn6")
-
-
-@pytest.fixture(scope="module")
-def direct(cnn6_checkpoint):
-    return S.direct(AudioTagger.load(cnn6_checkpoint))
-
-
-@pytest.fixture(scope="module")
-def long_wav(tmp_path_factory):
-    return S.write_long_wav(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
 def long_reference(direct, long_wav):
     """The model applied directly to each chunk's sample range of the whole decoded file."""
     full = audio.load_audio(long_wav, SR)

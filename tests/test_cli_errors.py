@@ -35,11 +35,6 @@ from panns_jax.cli import convert as convert_cli
 LABELS, OVERRIDES, OVERRIDES_JSON = S.LABELS, S.OVERRIDES, S.OVERRIDES_JSON
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    return S.tiny_env(tmp_path_factory)
-
-
 # -------------------------------------------------------- table: refused before any work
 
 # (id, argv with {root}/{ckpt} placeholders, message). All exit 2, change nothing on

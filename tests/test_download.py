@@ -24,27 +24,6 @@ from panns_jax import cli, download, zoo
 torch = pytest.importorskip("torch", reason="the served checkpoints are written by torch.save")
 
 
-@pytest.fixture(scope="module")
-def served_files():
-    return M.release_files()
-
-
-@pytest.fixture(scope="module")
-def server(served_files):
-    with M.serving(served_files) as httpd:
-        yield httpd
-
-
-@pytest.fixture
-def zoo_env(tmp_path, server, served_files, monkeypatch):
-    return M.point_the_zoo_at(server, served_files, tmp_path, monkeypatch)
-
-
-@pytest.fixture(scope="module")
-def wav(tmp_path_factory):
-    return M.write_wav(str(tmp_path_factory.mktemp("download_audio") / "odd.wav"))
-
-
 def test_dropped_connection_resumes_with_range_and_the_right_digest(zoo_env, server, served_files):
     size = len(served_files[M.LEGACY_FILE])
     server.drops[M.LEGACY_FILE] = 1

@@ -233,11 +233,6 @@ def test_validation_uses_the_golden_rule():
 # ----------------------------------------------------------- the command's refusals
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    return S.tiny_env(tmp_path_factory)
-
-
 def test_shape_options_and_outputs_are_checked_before_loading(env, capsys, monkeypatch):
     def no_model(*args, **kwargs):
         raise AssertionError("a model was loaded before the arguments were validated")

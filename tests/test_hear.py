@@ -14,21 +14,6 @@ from panns_jax.tagger import AudioTagger
 WAV, SR = S.WAV, S.SR
 
 
-@pytest.fixture(scope="module")
-def cnn6_checkpoint(tmp_path_factory):
-    return S.golden_checkpoint(tmp_path_factory, "Cnn6")
-
-
-@pytest.fixture(scope="module")
-def direct(cnn6_checkpoint):
-    return S.direct(AudioTagger.load(cnn6_checkpoint))
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    return S.tiny_env(tmp_path_factory)
-
-
 def test_hear_api(cnn6_checkpoint, direct):
     import jax.numpy as jnp
 

@@ -30,11 +30,6 @@ def golden(tmp_path_factory):
     return get
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    return S.tiny_env(tmp_path_factory)
-
-
 def _recording() -> np.ndarray:
     """Golden `batch` row 0 (5 s of a real recording) then row 1 (chirp + noise): 10 s."""
     batch = G.inputs()["batch"]

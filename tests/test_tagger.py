@@ -17,31 +17,6 @@ from panns_jax.tagger import AudioTagger, aggregate_chunks
 SR = S.SR
 
 
-@pytest.fixture(scope="module")
-def cnn6_checkpoint(tmp_path_factory):
-    return S.golden_checkpoint(tmp_path_factory, "Cnn6")
-
-
-@pytest.fixture(scope="module")
-def cnn6(cnn6_checkpoint):
-    return AudioTagger.load(cnn6_checkpoint)
-
-
-@pytest.fixture(scope="module")
-def direct(cnn6):
-    return S.direct(cnn6)
-
-
-@pytest.fixture(scope="module")
-def long_wav(tmp_path_factory):
-    return S.write_long_wav(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    return S.tiny_env(tmp_path_factory)
-
-
 def test_chunks_equal_the_model_on_their_sample_ranges(cnn6, direct, long_wav, monkeypatch):
     full = audio.load_audio(long_wav, SR)
     assert len(full) == 180 * SR

@@ -21,13 +21,12 @@ import glob
 import json
 import os
 import sys
-import uuid
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from panns_jax import audio, checks, loader, sed
-from panns_jax.fileio import staged
+from panns_jax.fileio import staged, write_probe
 from panns_jax.scheduler import ChunkedOutput
 from panns_jax.tagger import (
     DEFAULT_WINDOW_S,
@@ -259,10 +258,8 @@ def _check_writable_dir(directory: str, what: str) -> None:
     directory = directory or "."
     if not os.path.isdir(directory):
         raise ValueError(f"{what}: directory {directory} does not exist; create it first")
-    probe = os.path.join(directory, f".panns_jax-probe-{uuid.uuid4().hex[:12]}")
     try:
-        os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
-        os.remove(probe)
+        write_probe(directory)
     except OSError as err:
         raise ValueError(f"{what}: cannot write in {directory} ({_os_error(err)})") from None
 
