@@ -435,9 +435,15 @@ def test_demo_classes_are_separable_on_log_spectra():
     assert np.mean(aps) > 0.85, aps
 
 
-def _tfds_finds(names, imports: str) -> dict:
-    """In a fresh interpreter after ``imports``: which of ``names`` tfds.builder finds."""
+def _tfds_finds(names, imports: str, data_dir) -> dict:
+    """In a fresh interpreter after ``imports``: which of ``names`` tfds.builder finds.
+
+    TFDS also finds a dataset that is only prepared (files in its data dir, no builder
+    registered), so the interpreter looks at an empty ``data_dir``: what it finds there was
+    registered by ``imports``.
+    """
     import json
+    import os
     import subprocess
     import sys
 
@@ -450,20 +456,24 @@ def _tfds_finds(names, imports: str) -> dict:
         "print(json.dumps(found))\n"
     )
     out = subprocess.run(
-        [sys.executable, "-c", code, *names], capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", code, *names],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "TFDS_DATA_DIR": str(data_dir)},
     )
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def test_importing_the_builders_module_registers_every_builder():
+def test_importing_the_builders_module_registers_every_builder(tmp_path):
     from panns_jax.data import builders
 
     assert set(builders.NAMES) == {"audioset", "esc50", "gtzan_genres", "ravdess", "panns_demo"}
-    assert _tfds_finds(builders.NAMES, "import panns_jax.data.builders") == {
+    assert _tfds_finds(builders.NAMES, "import panns_jax.data.builders", tmp_path) == {
         name: True for name in builders.NAMES
     }
     # Negative control: the package alone imports no builder, so TFDS knows none of them.
-    assert _tfds_finds(builders.NAMES, "import panns_jax.data") == {
+    assert _tfds_finds(builders.NAMES, "import panns_jax.data", tmp_path) == {
         name: False for name in builders.NAMES
     }
