@@ -108,8 +108,13 @@ def to_state_dict(
     *,
     include_frontend: bool = True,
     num_batches_tracked: int = 0,
+    dtype: Any = np.float32,
 ) -> Dict[str, np.ndarray]:
-    """Our ``{'params', 'batch_stats'}`` -> an original-PANNs state_dict of numpy arrays."""
+    """Our ``{'params', 'batch_stats'}`` -> an original-PANNs state_dict of numpy arrays.
+
+    The arrays are ``dtype``: float32 as the original's checkpoints hold them, or float64
+    to read a float64 run in the original's layout without rounding it.
+    """
     from panns_jax.models.transfer_head import Transfer
 
     if isinstance(model, Transfer):  # Its base/ and fc_hidden* keys fit no original model.
@@ -126,7 +131,7 @@ def to_state_dict(
             value = np.asarray(value)
             if path[-1] == "kernel":
                 value = _kernel_to_torch(value)
-            state[_torch_key(collection, path)] = np.ascontiguousarray(value.astype(np.float32))
+            state[_torch_key(collection, path)] = np.ascontiguousarray(value.astype(dtype))
             if collection == "batch_stats" and path[-1] == "mean":
                 state[".".join(path[:-1] + ("num_batches_tracked",))] = np.array(
                     num_batches_tracked, dtype=np.int64

@@ -90,11 +90,15 @@ def mel_filterbank(
     return matrix
 
 
+def _hann_window64(n: int) -> np.ndarray:
+    k = np.arange(n, dtype=np.float64)
+    return 0.5 - 0.5 * np.cos(2.0 * np.pi * k / n)
+
+
 @functools.lru_cache(maxsize=None)
 def hann_window(n: int) -> np.ndarray:
-    """Periodic Hann window (``scipy.signal.get_window('hann', n, fftbins=True)``)."""
-    k = np.arange(n, dtype=np.float64)
-    window = (0.5 - 0.5 * np.cos(2.0 * np.pi * k / n)).astype(np.float32)
+    """Periodic Hann window (``scipy.signal.get_window('hann', n, fftbins=True)``), float32."""
+    window = _hann_window64(n).astype(np.float32)
     window.setflags(write=False)
     return window
 
@@ -107,7 +111,7 @@ def windowed_dft_basis(n_fft: int) -> Tuple[np.ndarray, np.ndarray]:
     """
     n = np.arange(n_fft, dtype=np.float64)
     k = np.arange(n_fft // 2 + 1, dtype=np.float64)[:, None]
-    window = hann_window(n_fft).astype(np.float64)
+    window = _hann_window64(n_fft)  # Rounded once with the product, as the original's.
     angle = 2.0 * np.pi * k * n / n_fft
     return window * np.cos(angle), -window * np.sin(angle)
 
