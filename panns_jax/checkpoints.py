@@ -1,9 +1,11 @@
-"""Model checkpoints: a directory with the variables (orbax) and what built them (JSON).
+"""Model checkpoints: a directory with the variables and what built them (JSON).
 
     DIR/panns_jax.json   {"format": 1, "model": "Cnn14", "overrides": {...}, "step": 0,
                           "labels": null | [class names], "digest": "sha256:...",
                           "extra": {...}}
-    DIR/variables/       orbax checkpoint of {'params', 'batch_stats'}
+    DIR/variables/       orbax checkpoint of {'params', 'batch_stats'}: the weights
+    DIR/weights.bin      the same arrays in one file (:mod:`panns_jax.weightfile`)
+    DIR/verified.json    when the weights were last verified: each file's stat
 
 Written atomically: everything goes to a temporary sibling directory that is renamed
 into place only when complete, so a crash or an error never leaves a half checkpoint.
@@ -12,10 +14,23 @@ Replacing an existing checkpoint swaps the two directories in one ``renameat2``
 checkpoint, the old or the new one. Files and directories get the usual modes
 (``0o666`` / ``0o777`` less the umask), not ``mkdtemp``'s private ``0o700``.
 
-Integrity: ``digest`` is a SHA-256 of every weight (path, dtype, shape, bytes),
-checked on load, so a flipped bit is an error rather than NaN probabilities.
-``panns_jax.json`` is validated (keys, types, overrides that build the model,
-weights whose shapes fit it) with one-line errors naming the file.
+Integrity: ``digest`` is a SHA-256 of every weight (path, dtype, shape, bytes), so a
+flipped bit is an error rather than NaN probabilities. ``panns_jax.json`` is validated
+(keys, types, overrides that build the model, weights whose shapes fit it) with one-line
+errors naming the file. Verifying costs a full read of the orbax data, the digest and a
+trace of the model, so it is done once per change of the files: ``verified.json`` records
+the digest it checked and the size, times (``mtime``, ``ctime``), inode and device of
+``panns_jax.json``, ``weights.bin`` and every file under ``variables/``. While all of them
+are as recorded, :func:`load` reads ``weights.bin`` alone (one read, no hash). When any of
+them changed (a copy, an edit, a truncation), or the record is missing, the orbax data is
+read and every check runs: the digest of the orbax weights and of ``weights.bin``, and the
+shapes; a damaged file of either is one :class:`CheckpointError` line. The record is then
+written again, in the checkpoint directory, or where that is read-only in the directory
+:func:`load` is given as ``records`` (the loader's: ``verified/`` in the user cache). A
+change that keeps a file's size, times and inode is not seen (``ctime`` cannot be set back
+by hand); a file written within :data:`RACY_NS` of the record is never trusted by it.
+Checkpoints written before ``weights.bin`` existed load through orbax, and their record
+skips the digest and shapes.
 """
 
 from __future__ import annotations
@@ -26,15 +41,21 @@ import json
 import os
 import re
 import shutil
+import time
 import uuid
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import numpy as np
 
-from panns_jax import fileio
+from panns_jax import fileio, weightfile
 
 METADATA_FILE = "panns_jax.json"
 VARIABLES_DIR = "variables"
+WEIGHTS_FILE = "weights.bin"
+STAMP_FILE = "verified.json"
+# A file changed less than this after a record was taken could keep its recorded times
+# (file times tick coarsely), so such a record is not trusted.
+RACY_NS = 20_000_000
 FORMAT_VERSION = 1
 COLLECTIONS = ("params", "batch_stats")
 
@@ -115,18 +136,29 @@ def is_model_checkpoint(path: str) -> bool:
     return os.path.isfile(os.path.join(path, METADATA_FILE))
 
 
-def weights_digest(variables: Mapping[str, Any]) -> str:
-    """``sha256:<hex>`` of the ``params`` and ``batch_stats`` leaves: path, dtype, shape, bytes."""
+def _leaves(variables: Mapping[str, Any]) -> Iterator[Tuple[Tuple[str, ...], np.ndarray]]:
+    """``((collection, *path), array)`` of the ``params`` and ``batch_stats`` leaves, in the
+    digest's order (collections in :data:`COLLECTIONS` order, paths sorted as joined by /)."""
     import flax
 
-    digest = hashlib.sha256()
     for collection in COLLECTIONS:
-        flat = flax.traverse_util.flatten_dict(dict(variables.get(collection, {})), sep="/")
-        for path in sorted(flat):
-            value = np.ascontiguousarray(np.asarray(flat[path]))
-            digest.update(f"{collection}/{path}|{value.dtype.str}|{value.shape}\n".encode())
-            digest.update(value.tobytes())
+        flat = flax.traverse_util.flatten_dict(dict(variables.get(collection, {})))
+        for path in sorted(flat, key="/".join):
+            yield (collection, *path), np.asarray(flat[path])
+
+
+def _digest(leaves: Iterator[Tuple[Tuple[str, ...], np.ndarray]]) -> str:
+    digest = hashlib.sha256()
+    for key, value in leaves:
+        value = np.ascontiguousarray(value)
+        digest.update(f"{'/'.join(key)}|{value.dtype.str}|{value.shape}\n".encode())
+        digest.update(memoryview(value.reshape(-1).view(np.uint8)))
     return "sha256:" + digest.hexdigest()
+
+
+def weights_digest(variables: Mapping[str, Any]) -> str:
+    """``sha256:<hex>`` of the ``params`` and ``batch_stats`` leaves: path, dtype, shape, bytes."""
+    return _digest(_leaves(variables))
 
 
 def _make_dir(parent: str, prefix: str) -> str:
@@ -183,13 +215,16 @@ def save(path: str, checkpoint: ModelCheckpoint, *, overwrite: bool = False) -> 
         checkpointer = _this_process_checkpointer()
         checkpointer.save(os.path.join(staging, VARIABLES_DIR), variables)
         checkpointer.wait_until_finished()
+        leaves = list(_leaves(variables))
+        if all(weightfile.supported(value) for _, value in leaves):  # Not bfloat16 weights.
+            weightfile.write(os.path.join(staging, WEIGHTS_FILE), leaves)
         metadata = {
             "format": FORMAT_VERSION,
             "model": checkpoint.model,
             "overrides": _encode_overrides(checkpoint.overrides),
             "step": int(checkpoint.step),
             "labels": checkpoint.labels,
-            "digest": weights_digest(variables),
+            "digest": _digest(iter(leaves)),
         }
         if checkpoint.extra:
             metadata["extra"] = checkpoint.extra
@@ -197,6 +232,7 @@ def save(path: str, checkpoint: ModelCheckpoint, *, overwrite: bool = False) -> 
             json.dump(metadata, f, indent=2)
             f.flush()
             os.fsync(f.fileno())
+        _record_verified(staging, metadata["digest"], wait=True)
         fileio.replace_dir(staging, path)
     except BaseException as err:
         shutil.rmtree(staging, ignore_errors=True)
@@ -304,12 +340,15 @@ def _check_shapes(path: str, name: str, model: Any, variables: Mapping[str, Any]
                 )
 
 
-def load(path: str, *, verify: bool = True) -> ModelCheckpoint:
+def load(path: str, *, verify: bool = True, records: Optional[str] = None) -> ModelCheckpoint:
     """Read a checkpoint written by :func:`save` (variables as numpy arrays).
 
     Damaged metadata, weights that fail their digest, and overrides that do not fit the
-    weights each raise one :class:`CheckpointError` line (a ``ValueError``).
-    ``verify=False`` skips the digest and shape checks.
+    weights each raise one :class:`CheckpointError` line (a ``ValueError``). The checks
+    run once per change of the files (see the module docstring); ``verify=False`` skips
+    them, and reads ``weights.bin`` only where a record vouches for it, else orbax.
+    ``records`` is a directory for the records of checkpoints in read-only directories
+    (the loader gives ``verified/`` in the user cache).
     """
     path = os.path.abspath(path)
     if not is_model_checkpoint(path):
@@ -329,16 +368,7 @@ def load(path: str, *, verify: bool = True) -> ModelCheckpoint:
             f"{os.path.join(path, METADATA_FILE)}: {len(labels)} labels for "
             f"a {classes}-class model; fix 'labels' or re-create the checkpoint"
         )
-    variables = _restore_variables(path)
-    if verify:
-        expected = metadata.get("digest")
-        if expected is not None and weights_digest(variables) != expected:
-            raise CheckpointError(
-                f"{path}: the weights do not match the digest in "
-                f"{METADATA_FILE}: the files are damaged (e.g. a flipped bit); "
-                "restore the checkpoint from a copy"
-            )
-        _check_shapes(path, name, model, variables)
+    variables = _variables(path, metadata, model, verify, records)
     return ModelCheckpoint(
         model=name,
         variables=variables,
@@ -377,3 +407,147 @@ def _restore_variables(path: str) -> Dict[str, Any]:
             f"{message[:200]}); restore the checkpoint from a copy"
         ) from None
     return {k: v for k, v in variables.items()}
+
+
+# ----------------------------------------------------------------------------
+# Reading the weights: the verified fast file, or orbax with every check.
+# ----------------------------------------------------------------------------
+
+
+def _variables(
+    path: str, metadata: Mapping[str, Any], model: Any, verify: bool, records: Optional[str]
+) -> Dict[str, Any]:
+    """The weights of checkpoint ``path``: ``weights.bin`` while a record says the files are
+    the ones verified, else orbax's, checked (``verify``) and recorded."""
+    expected = metadata.get("digest")
+    if _verified(path, expected, records):
+        if os.path.isfile(os.path.join(path, WEIGHTS_FILE)):
+            return _read_weights_file(path)
+        return _restore_variables(path)
+    variables = _restore_variables(path)
+    if not verify:
+        return variables
+    got = weights_digest(variables)
+    if expected is not None and got != expected:
+        raise CheckpointError(
+            f"{path}: the weights do not match the digest in "
+            f"{METADATA_FILE}: the files are damaged (e.g. a flipped bit); "
+            "restore the checkpoint from a copy"
+        )
+    if os.path.isfile(os.path.join(path, WEIGHTS_FILE)):
+        copy = _read_weights_file(path)
+        if weights_digest(copy) != got:
+            raise CheckpointError(
+                f"{os.path.join(path, WEIGHTS_FILE)}: the weights do not match the digest in "
+                f"{METADATA_FILE}: the file is damaged (e.g. a flipped bit); restore the "
+                "checkpoint from a copy"
+            )
+    _check_shapes(path, metadata["model"], model, variables)
+    _record_verified(path, expected, records)
+    return variables
+
+
+def _read_weights_file(path: str) -> Dict[str, Any]:
+    """The variables in ``weights.bin``; a damaged file is one :class:`CheckpointError`."""
+    import flax
+
+    file = os.path.join(path, WEIGHTS_FILE)
+    try:
+        leaves = weightfile.read(file)
+    except weightfile.WeightFileError as err:
+        raise CheckpointError(f"{file}: {err}; restore the checkpoint from a copy") from None
+    flat = {key: value for key, value in leaves}
+    unknown = sorted("/".join(k) for k in flat if k[0] not in COLLECTIONS)
+    if unknown or len(flat) != len(leaves):
+        raise CheckpointError(
+            f"{file}: holds {unknown[0] if unknown else 'a repeated array'}, not a weight of "
+            f"{'/'.join(COLLECTIONS)}; restore the checkpoint from a copy"
+        )
+    return dict(flax.traverse_util.unflatten_dict(flat))
+
+
+def _stamped_files(path: str) -> Dict[str, List[int]]:
+    """``relative path -> [size, mtime_ns, ctime_ns, inode, device]`` of the files a record
+    covers: the metadata, ``weights.bin`` and everything under ``variables/``."""
+    names = [METADATA_FILE, WEIGHTS_FILE]
+    for root, dirs, files in os.walk(os.path.join(path, VARIABLES_DIR)):
+        dirs.sort()
+        names += sorted(os.path.relpath(os.path.join(root, f), path) for f in files)
+    found = {}
+    for name in names:
+        try:
+            st = os.stat(os.path.join(path, name))
+        except FileNotFoundError:
+            continue
+        found[name] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+    return found
+
+
+def _record_paths(path: str, records: Optional[str]) -> Iterator[str]:
+    """Where the record of ``path`` may be: in it, else (a read-only directory) in
+    ``records`` under a name made from its real path."""
+    yield os.path.join(path, STAMP_FILE)
+    if records:
+        key = hashlib.sha256(os.path.realpath(path).encode()).hexdigest()[:32]
+        yield os.path.join(records, key + ".json")
+
+
+def _racy_ns(files: Dict[str, List[int]]) -> int:
+    """How long after a record its files must be unchanged: :data:`RACY_NS`, or 2 s where
+    the file system keeps whole seconds only (every ctime a whole second)."""
+    if files and all(stat[2] % 1_000_000_000 == 0 for stat in files.values()):
+        return 2_000_000_000
+    return RACY_NS
+
+
+def _record(digest: Optional[str], files: Dict[str, List[int]], taken_ns: int) -> Dict[str, Any]:
+    # A layout of the weights that another model code expects is a new FORMAT_VERSION.
+    return {"digest": digest, "format": FORMAT_VERSION, "taken_ns": taken_ns, "files": files}
+
+
+def _verified(path: str, digest: Optional[str], records: Optional[str] = None) -> bool:
+    """Whether a record says that the files of ``path`` are the ones verified for ``digest``."""
+    files = None
+    for place in _record_paths(path, records):
+        try:
+            with open(place, encoding="utf-8") as f:
+                record = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if not isinstance(record, dict) or not isinstance(record.get("taken_ns"), int):
+            continue
+        files = _stamped_files(path) if files is None else files
+        newest = max((stat[2] for stat in files.values()), default=0)
+        taken = record["taken_ns"]
+        if record == _record(digest, files, taken) and newest < taken - _racy_ns(files):
+            return True
+    return False
+
+
+def _record_verified(
+    path: str, digest: Optional[str], records: Optional[str] = None, *, wait: bool = False
+) -> None:
+    """Record that the files of ``path`` hold weights verified for ``digest``.
+
+    Best effort: where neither the checkpoint directory nor ``records`` can be written,
+    the next load verifies again. A file changed less than :func:`_racy_ns` ago makes the
+    record untrustworthy; ``wait`` waits up to 40 ms for it (a fresh save), else nothing
+    is recorded.
+    """
+    files = _stamped_files(path)
+    newest = max((stat[2] for stat in files.values()), default=0)
+    racy, taken = _racy_ns(files), time.time_ns()
+    if newest >= taken - racy and wait and racy == RACY_NS:
+        time.sleep(min(RACY_NS * 2, newest + RACY_NS * 2 - taken) / 1e9)
+        taken = time.time_ns()
+    if newest >= taken - racy:  # Just changed (or a clock ahead of ours): not now.
+        return
+    text = json.dumps(_record(digest, files, taken))
+    for place in _record_paths(path, records):
+        try:
+            os.makedirs(os.path.dirname(place), exist_ok=True)
+            with fileio.staged(place) as staging, open(staging, "w", encoding="utf-8") as f:
+                f.write(text)
+            return
+        except OSError:
+            continue

@@ -40,10 +40,13 @@ from typing import Any, Dict, Iterator, Mapping, Optional, Tuple
 import flax.linen as nn
 import jax
 
-from panns_jax import checkpoints, convert, models, tasks, zoo
+from panns_jax import checkpoints, models, tasks, zoo
 from panns_jax.models import transfer_head
 
 DEFAULT_MODEL = "Cnn14"
+# Where, in the user cache, the records of verified checkpoints in read-only directories go
+# (the ``records`` of :func:`panns_jax.checkpoints.load`).
+RECORDS_DIR = "verified"
 KINDS = ("checkpoint", "pth", "zoo", "random")
 # How errors name the sources that record their own architecture. The first text says
 # why overrides are refused; the second begins the sentence that names the architecture.
@@ -197,7 +200,11 @@ def _recorded(source: str, kind: str, model: Optional[str], overrides: Dict[str,
     what, holds = (text.format(source=source) for text in _RECORDED[kind])
     if overrides:
         raise ValueError(f"{what}; --overrides applies to a .pth or a random model only")
-    checkpoint = checkpoints.load(source) if kind == "checkpoint" else zoo.load(source)
+    if kind == "checkpoint":  # A read-only directory's record goes to the user cache.
+        records = os.path.join(zoo.cache_dir(), RECORDS_DIR)
+        checkpoint = checkpoints.load(source, records=records)
+    else:
+        checkpoint = zoo.load(source)
     if model and model != checkpoint.model:
         raise ValueError(f"{holds} {checkpoint.model}, not {model}")
     return _finish(checkpoint, kind, source)
@@ -212,6 +219,8 @@ def _pth(source: str, model: Optional[str], overrides: Dict[str, Any]) -> Loaded
             f"{source}: not a panns_jax checkpoint directory; name the architecture "
             "of an original .pth with --model"
         )
+    from panns_jax import convert  # The .pth reader: not needed for our own checkpoints.
+
     state, step = convert.read_torch_checkpoint(source)
     checkpoint = convert.torch_to_checkpoint(state, model, step=step, overrides=overrides)
     return _finish(checkpoint, "pth", source)

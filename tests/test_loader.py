@@ -405,3 +405,45 @@ def test_negative_control_the_matrix_tells_the_kinds_apart(reference):
                 assert problem, (a, b)
     # The converted directory is the .pth, bit for bit.
     np.testing.assert_array_equal(embeddings["original_pth"], embeddings["converted_pth"])
+
+
+# ----------------------------------------------------------------------------
+# The loader's cost: a checkpoint verified before is one file read.
+# ----------------------------------------------------------------------------
+
+_LOAD_AND_REPORT = (
+    "import json, sys\n"
+    "from panns_jax import loader\n"
+    "module, variables, meta = loader.load(sys.argv[1])\n"
+    "heavy = ('orbax.checkpoint', 'tensorstore')\n"
+    "print(json.dumps(sorted(m for m in heavy if m in sys.modules)))\n"
+)
+
+
+def _heavy_modules_of_a_load(path: str, home: str) -> List[str]:
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", _LOAD_AND_REPORT, path],
+        env={**os.environ, "PANNS_JAX_HOME": home},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_a_checkpoint_verified_before_loads_without_orbax(kinds, tmp_path):
+    import shutil
+
+    copy = str(shutil.copytree(kinds["plain"].source, tmp_path / "copy"))
+    home = str(tmp_path / "home")
+    # Negative control: a copy is not what was verified: orbax reads and checks it once.
+    assert _heavy_modules_of_a_load(copy, home) == ["orbax.checkpoint", "tensorstore"]
+    assert _heavy_modules_of_a_load(copy, home) == []
+    again = loader.load(copy)
+    assert _leaves(again.variables).keys() == _leaves(kinds["plain"].variables).keys()
+    for key, value in _leaves(kinds["plain"].variables).items():
+        np.testing.assert_array_equal(_leaves(again.variables)[key], value)

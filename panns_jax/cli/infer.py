@@ -5,11 +5,18 @@
     panns-jax sed  rec.wav --checkpoint DIR --threshold 0.3 --output events.csv --plot-dir plots
     panns-jax embed audio_dir/ --checkpoint DIR --per-chunk --output emb.npz
     panns-jax tag  rec.wav --dtype bfloat16    # bf16 compute, float32 weights and front end
+    panns-jax tag  rec.wav --no-compilation-cache   # compile afresh (also: ..._CACHE=0)
 
 Every argument and output path is checked before a model is built or a sample computed;
 outputs are written whole or not at all (:func:`panns_jax.fileio.staged`). The computation
 is :mod:`panns_jax.tagger` and :mod:`panns_jax.sed`; this module only parses, checks and
 writes. Exit status: 0, 1 when any file failed, 2 on bad setup.
+
+These commands are programs, so they own JAX's process-wide settings: they turn on its
+persistent compilation cache (:mod:`panns_jax.compile_cache`, in the user cache beside the
+zoo) unless ``--no-compilation-cache`` or ``PANNS_JAX_COMPILATION_CACHE=0`` says otherwise,
+so that a second run on the same model and input shape loads its programs instead of
+compiling them.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tupl
 
 import numpy as np
 
-from panns_jax import audio, checks, loader, sed
+from panns_jax import audio, checks, compile_cache, loader, sed
 from panns_jax.fileio import staged, write_probe
 from panns_jax.scheduler import ChunkedOutput
 from panns_jax.tagger import (
@@ -99,6 +106,12 @@ def _add_common(parser: argparse.ArgumentParser, window_help: str, hop_help: str
         "--output", default=None, help="output file (see the format options), written when complete"
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    parser.add_argument(
+        "--no-compilation-cache",
+        action="store_true",
+        help="compile afresh instead of reusing compiled programs from the user cache "
+        f"(also {compile_cache.ENV}=0; default: cached in the zoo's cache dir, under xla/)",
+    )
 
 
 def add_commands(sub: Any) -> None:
@@ -157,9 +170,12 @@ def run(args: argparse.Namespace) -> int:
     try:  # Everything is checked before a model is built or a sample computed.
         check_arguments(args)
         check_outputs(args, files)
+        cached = not args.no_compilation_cache and compile_cache.wanted_by_environment()
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if cached:
+        _enable_compilation_cache()
     for message in input_errors:
         print(f"error: {message}", file=sys.stderr)
     try:
@@ -182,6 +198,17 @@ def run(args: argparse.Namespace) -> int:
         print(f"{len(names)} of {total} file(s) failed: {', '.join(names)}", file=sys.stderr)
         return 1
     return 0
+
+
+def _enable_compilation_cache() -> None:
+    """JAX's persistent compilation cache on; a cache that cannot be made is a warning."""
+    try:
+        compile_cache.enable()
+    except OSError as err:
+        print(
+            f"warning: no compilation cache ({_os_error(err)}); compiling afresh",
+            file=sys.stderr,
+        )
 
 
 def resolve_weights(args: argparse.Namespace) -> Tuple[Optional[str], Optional[str]]:
