@@ -5,7 +5,9 @@ RAVDESS (4), as the paper reports them (Kong et al. 2020, Sec. VI-D)::
     python -m panns_jax.crossval train --config=configs/esc50.py:strategy=freeze_l1,fold=2 ...
 
 It drives the training loop (:func:`panns_jax.train.train_and_evaluate`) once per held-out
-fold; what a strategy trains is :mod:`panns_jax.transfer`.
+fold; what a strategy trains is :mod:`panns_jax.transfer`. The sets with published
+train/test splits (DCASE 2019 Task 1, DCASE 2018 Task 2, MSoS) have no folds: ``cv`` refuses
+them in one line, and ``python -m panns_jax.main`` trains them.
 """
 
 from __future__ import annotations
@@ -23,9 +25,25 @@ from panns_jax import config_checks, recipe, train, transfer
 from panns_jax.recipe import ConfigError
 
 
+def count_folds(config: ml_collections.ConfigDict) -> int:
+    """The folds of the transfer set of ``config``.
+
+    Raises ConfigError for a set with published train/test splits instead of folds.
+    """
+    transfer_fields = config.get("transfer")
+    folds = transfer_fields.get("num_folds") if transfer_fields is not None else None
+    if not folds:
+        raise ConfigError(
+            f"{config.dataset} has no folds to cross-validate (it trains on split "
+            f"{config.train_split!r} and evaluates on {config.eval_split!r}): run "
+            "python -m panns_jax.main with this config instead"
+        )
+    return int(folds)
+
+
 def fold_config(config: ml_collections.ConfigDict, fold: int) -> ml_collections.ConfigDict:
     """``config`` training on every fold but ``fold`` and evaluating on ``fold``."""
-    num_folds = int(config.transfer.num_folds)
+    num_folds = count_folds(config)
     if not 1 <= fold <= num_folds:
         raise ConfigError(f"fold {fold} not in 1..{num_folds}")
     c = ml_collections.ConfigDict(config.to_dict())
@@ -48,7 +66,7 @@ def cross_validate(
     Writes and returns ``{'folds': {K: {accuracy, mAP, ...}}, 'mean': {...}}``
     (``workdir/cv_results.json``). ``sources`` as :func:`panns_jax.train.train_and_evaluate`.
     """
-    folds = list(folds or range(1, int(config.transfer.num_folds) + 1))
+    folds = list(folds or range(1, count_folds(config) + 1))
     fold_configs = {fold: fold_config(config, fold) for fold in folds}  # All refused early.
     config_checks.validate_config(fold_configs[folds[0]], workdir)
     per_fold: Dict[str, Dict[str, float]] = {}
@@ -113,7 +131,7 @@ def main() -> None:
                         cross_validate(
                             config,
                             workdir,
-                            folds=_folds(folds_flag.value, int(config.transfer.num_folds)),
+                            folds=_folds(folds_flag.value, count_folds(config)),
                         )
                     )
                 )

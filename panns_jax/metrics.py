@@ -1,4 +1,5 @@
-"""Evaluation metrics of the paper: mAP, mean AUC and d-prime (Kong et al. 2020, Sec. IV-D).
+"""Evaluation metrics of the paper: mAP, mean AUC and d-prime (Kong et al. 2020, Sec. IV-D),
+and the mAP@3 of DCASE 2018 Task 2 (Sec. VI-D, Table XV).
 
 Metrics are per class (``average=None`` in scikit-learn's terms), as in the original
 evaluation. AP is the step-wise (non-interpolated) average precision over distinct
@@ -71,6 +72,33 @@ def evaluate(scores: np.ndarray, targets: np.ndarray) -> Dict[str, np.ndarray]:
         "average_precision": ap,
         "auc": auc,
     }
+
+
+def map_at_k(scores: np.ndarray, labels: np.ndarray, k: int = 3) -> float:
+    """Mean average precision at ``k`` of single-label ``(N, C)`` scores (DCASE 2018 Task 2).
+
+    Each clip scores ``1 / rank`` of its one true label among the classes ranked by score,
+    or 0 past rank ``k``. ``labels`` holds the ``N`` class ids. Equal scores rank the lower
+    class id first, as a stable ``argsort(-scores)`` lists them. NaN for no clip.
+    """
+    scores, labels = np.asarray(scores, np.float64), np.asarray(labels)
+    if scores.ndim != 2 or labels.shape != scores.shape[:1]:
+        raise ValueError(f"scores {scores.shape} must be (N, C) and labels {labels.shape} (N,)")
+    if not (isinstance(k, (int, np.integer)) and k >= 1):
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+    if labels.size and (
+        not np.issubdtype(labels.dtype, np.integer)
+        or labels.min() < 0
+        or labels.max() >= scores.shape[1]
+    ):
+        raise ValueError(f"labels must be class ids in 0..{scores.shape[1] - 1}")
+    if not len(labels):
+        return float("nan")
+    rows = np.arange(len(labels))
+    true = scores[rows, labels][:, None]
+    before = (scores > true) | ((scores == true) & (np.arange(scores.shape[1]) < labels[:, None]))
+    rank = 1 + before.sum(axis=1)
+    return float(np.mean(np.where(rank <= k, 1.0 / rank, 0.0)))
 
 
 def write_per_class(

@@ -196,12 +196,18 @@ def _int_arg(value, name: str) -> int:
 def transfer_config(
     dataset: str,
     *,
-    num_folds: int,
     clip_seconds: float,
+    num_folds: Optional[int] = None,
+    splits: Optional[Sequence[str]] = None,
     arg: Optional[str] = None,
     model: str = "Cnn14",
 ) -> ml_collections.ConfigDict:
-    """A transfer run (Sec. V) on a single-label set with folds: ESC-50, GTZAN, RAVDESS.
+    """A transfer run (Sec. V) on one of the paper's single-label transfer sets.
+
+    A set with folds (ESC-50, GTZAN, RAVDESS: ``num_folds``) is one split whose folds select
+    the training and held-out clips. A set with published splits (DCASE 2019 Task 1, DCASE
+    2018 Task 2, MSoS: ``splits=(train, test)``) trains on the first and evaluates on the
+    second; it has no folds, so ``fold=`` and cross-validation are refused.
 
     The pretrained model is ``config.transfer.checkpoint``, a placeholder to fill with
     ``--config.transfer.checkpoint=DIR_OR_PTH`` (see ``panns_jax/transfer.py``).
@@ -214,9 +220,11 @@ def transfer_config(
     with Adam at lr 1e-4 (AMSGrad here, as in the pretraining), batch 32, mixup on the
     log-mel, uniform sampling and softmax cross-entropy on one label per clip.
     """
+    if (num_folds is None) == (splits is None):
+        raise ValueError(f"{dataset}: give transfer_config either num_folds or splits")
     args = parse_arg(arg)
     strategy = args.pop("strategy", "finetune")
-    fold = _int_arg(args.pop("fold", 1), "fold")
+    fold = args.pop("fold", None)
     steps = _int_arg(args.pop("steps", 10_000), "steps")
     if steps < 1:
         raise ConfigError(f"steps must be a positive number of training steps, got {steps}")
@@ -224,13 +232,22 @@ def transfer_config(
         raise ConfigError("transfer configs take no runlocal/head argument")
     if strategy not in STRATEGIES:
         raise ConfigError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-    if not 1 <= fold <= num_folds:
-        raise ConfigError(f"fold must be in 1..{num_folds}, got {fold}")
     c = base_config(model, ",".join(f"{k}={v}" for k, v in args.items()))
     c.dataset = f"{dataset}/{args.get('sr', '32k')}"
-    c.train_split = c.eval_split = "train"  # One split; folds select train / held-out clips.
-    c.train_folds = tuple(f for f in range(1, num_folds + 1) if f != fold)
-    c.eval_folds = (fold,)
+    if splits is not None:
+        if fold is not None:
+            raise ConfigError(
+                f"fold={fold}: {dataset} has no folds; it trains on split {splits[0]!r} and "
+                f"evaluates on {splits[1]!r}: drop the fold argument"
+            )
+        c.train_split, c.eval_split = splits
+    else:
+        fold = _int_arg(1 if fold is None else fold, "fold")
+        if not 1 <= fold <= num_folds:
+            raise ConfigError(f"fold must be in 1..{num_folds}, got {fold}")
+        c.train_split = c.eval_split = "train"  # One split; folds select train / held-out clips.
+        c.train_folds = tuple(f for f in range(1, num_folds + 1) if f != fold)
+        c.eval_folds = (fold,)
     c.clip_seconds = clip_seconds
     c.task = "singlelabel"
     c.balanced = args.get("sampling", "full") == "balanced"
@@ -242,8 +259,11 @@ def transfer_config(
     c.transfer.strategy = strategy
     c.transfer.checkpoint = ml_collections.config_dict.placeholder(str)
     c.transfer.hidden_size = ml_collections.config_dict.placeholder(int)  # Freeze_L3 width.
-    c.transfer.num_folds = num_folds
-    c.transfer.fold = fold
+    # None for a set with published splits: it has no folds to cross-validate over.
+    c.transfer.num_folds = ml_collections.config_dict.placeholder(int)
+    c.transfer.fold = ml_collections.config_dict.placeholder(int)
+    if num_folds is not None:
+        c.transfer.num_folds, c.transfer.fold = num_folds, fold
     return c
 
 

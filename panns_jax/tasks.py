@@ -42,8 +42,14 @@ class Task:
         return metrics.evaluate(scores, targets)
 
     def summary(self, result: Mapping[str, Any]) -> str:
-        """The ``summary_keys`` of an evaluation as one line, e.g. ``mAP 0.4312  mAUC ...``."""
-        return "  ".join(f"{k} {float(result[k]):.4f}" for k in self.summary_keys)
+        """The ``summary_keys`` of an evaluation as one line, e.g. ``mAP 0.4312  mAUC ...``.
+
+        Raises KeyError for a result without ``best_metric``, which is no result of this
+        task; the other keys are printed where the result has them.
+        """
+        if self.best_metric not in result:
+            raise KeyError(f"not a {self.name} result: it has no {self.best_metric!r}")
+        return "  ".join(f"{k} {float(result[k]):.4f}" for k in self.summary_keys if k in result)
 
 
 class MultiLabelTask(Task):
@@ -56,16 +62,18 @@ class MultiLabelTask(Task):
 
 
 class SingleLabelTask(Task):
-    """One class per clip (ESC-50, GTZAN, RAVDESS): softmax cross-entropy on the logits.
+    """One class per clip (the paper's six transfer sets): softmax cross-entropy on the logits.
 
-    Accuracy counts the top-scoring class being a label of the clip. mAP, mAUC and d' are
-    reported beside it, per class one against the rest.
+    Accuracy counts the top-scoring class being a label of the clip. ``map_at_3``, the
+    metric of DCASE 2018 Task 2 (:func:`panns_jax.metrics.map_at_k`), scores the rank of
+    the clip's label within the top 3. mAP, mAUC and d' are reported beside them, per class
+    one against the rest.
     """
 
     name = SINGLELABEL
     output = "softmax"
     best_metric = "accuracy"
-    summary_keys = ("accuracy", "mAP", "mAUC", "d_prime")
+    summary_keys = ("accuracy", "map_at_3", "mAP", "mAUC", "d_prime")
 
     def loss(self, outputs: Dict[str, jax.Array], targets: jax.Array) -> jax.Array:
         logits = outputs["logits"].astype(jnp.float32)
@@ -79,6 +87,7 @@ class SingleLabelTask(Task):
         scores, targets = np.asarray(scores), np.asarray(targets)
         top = np.argmax(scores, axis=1)
         result["accuracy"] = float(np.mean(targets[np.arange(len(top)), top] > 0.5))
+        result["map_at_3"] = metrics.map_at_k(scores, np.argmax(targets, axis=1), k=3)
         return result
 
 

@@ -469,7 +469,17 @@ def _tfds_finds(names, imports: str, data_dir) -> dict:
 def test_importing_the_builders_module_registers_every_builder(tmp_path):
     from panns_jax.data import builders
 
-    assert set(builders.NAMES) == {"audioset", "esc50", "gtzan_genres", "ravdess", "panns_demo"}
+    assert set(builders.NAMES) == {
+        "audioset",
+        "esc50",
+        "gtzan_genres",
+        "ravdess",
+        "dcase2019_task1",
+        "dcase2018_task2",
+        "msos",
+        "panns_demo",
+        "custom_audio",
+    }
     assert _tfds_finds(builders.NAMES, "import panns_jax.data.builders", tmp_path) == {
         name: True for name in builders.NAMES
     }

@@ -1,12 +1,13 @@
 """Datasets for panns_jax: TFDS builders and the tf.data training pipeline.
 
 The builders register with TFDS under the names `audioset`, `esc50`, `gtzan_genres`,
-`ravdess` and `panns_demo` once their module is imported: `import panns_jax.data.builders`
-registers all of them, and so does using any name below, or `get_builder`. Their configs
+`ravdess`, `dcase2019_task1`, `dcase2018_task2`, `msos` and `panns_demo` once their module is
+imported: `import panns_jax.data.builders` registers all of them, and so does using any name
+below, or `get_builder`. Their configs
 are '32k' (the default), '16k' and '8k', and panns_demo's are 'default' (2 s) and '10s'.
 All write ArrayRecord files in source order, with the features `audio` (int16 [samples]),
 `labels` (multi-label ids) or `label` (ClassLabel), `audio_id` (str), and `fold` where the
-set has folds.
+set has folds (the transfer sets with published 'train' and 'test' splits have none).
 
 The modules have one job each:
 
@@ -39,6 +40,9 @@ _EXPORTS = {
     "Esc50": ("transfer", "Esc50"),
     "GtzanGenres": ("transfer", "GtzanGenres"),
     "Ravdess": ("transfer", "Ravdess"),
+    "Dcase2019Task1": ("transfer", "Dcase2019Task1"),
+    "Dcase2018Task2": ("transfer", "Dcase2018Task2"),
+    "Msos": ("transfer", "Msos"),
     "Source": ("sources", "Source"),
     "ArraySource": ("sources", "ArraySource"),
     "TfdsSource": ("sources", "TfdsSource"),

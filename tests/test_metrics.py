@@ -1,0 +1,78 @@
+"""mAP@k (panns_jax.metrics.map_at_k) against a loop over its definition, and the single-label
+task reporting it. (mAP, AUC and d' against scikit-learn are in test_train.py.)"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from panns_jax import metrics, tasks
+
+
+def _map_at_k_by_definition(scores, labels, k):
+    """For each clip: its classes listed by score, high to low (equal scores: lower class id
+    first); 1 / position of the true label when within the first k, else 0. The mean."""
+    total = 0.0
+    for row, label in zip(scores, labels):
+        ranked = sorted(range(len(row)), key=lambda c: (-row[c], c))
+        top = ranked[:k]
+        total += 1.0 / (top.index(label) + 1) if label in top else 0.0
+    return total / len(labels)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 5])
+@pytest.mark.parametrize("seed", range(4))
+def test_map_at_k_equals_its_definition_with_and_without_ties(seed, k):
+    rng = np.random.default_rng(seed)
+    n, c = 50, 7
+    labels = rng.integers(0, c, n)
+    continuous = rng.random((n, c))
+    coarse = np.round(rng.random((n, c)) * 3) / 3  # Four levels: many equal scores.
+    coarse[: n // 5] = 0.5  # Rows of all-equal scores: the rank is the class id + 1.
+    for scores in (continuous, coarse):
+        want = _map_at_k_by_definition(scores, labels, k)
+        assert metrics.map_at_k(scores, labels, k=k) == pytest.approx(want, rel=1e-12)
+
+
+def test_map_at_k_known_values_and_a_negative_control():
+    scores = np.array([[0.1, 0.7, 0.2], [0.5, 0.3, 0.2], [0.2, 0.3, 0.5], [0.4, 0.4, 0.2]])
+    # True label at rank 1, 2, 3 and (a tie with class 0, listed first) 2.
+    labels = np.array([1, 1, 0, 1])
+    assert metrics.map_at_k(scores, labels, k=3) == pytest.approx((1 + 1 / 2 + 1 / 3 + 1 / 2) / 4)
+    assert metrics.map_at_k(scores, labels, k=1) == pytest.approx(1 / 4)  # Accuracy.
+    assert metrics.map_at_k(scores, labels, k=2) == pytest.approx((1 + 1 / 2 + 0 + 1 / 2) / 4)
+    # Negative control: the definition tells a wrong implementation apart, e.g. one scoring
+    # every top-k hit as 1 (top-k accuracy) instead of 1 / rank.
+    rng = np.random.default_rng(9)
+    scores, labels = rng.random((40, 6)), rng.integers(0, 6, 40)
+    ranks = 1 + (scores > scores[np.arange(40), labels][:, None]).sum(1)
+    top3_accuracy = float(np.mean(ranks <= 3))
+    assert not np.isclose(top3_accuracy, _map_at_k_by_definition(scores, labels, 3))
+    assert metrics.map_at_k(scores, labels, k=3) != pytest.approx(top3_accuracy)
+    assert np.isnan(metrics.map_at_k(np.zeros((0, 3)), np.zeros(0, int)))
+
+
+@pytest.mark.parametrize(
+    "scores, labels, k, match",
+    [
+        (np.zeros(3), np.zeros(3, int), 3, "must be \\(N, C\\)"),
+        (np.zeros((3, 2)), np.zeros(2, int), 3, "must be \\(N, C\\)"),
+        (np.zeros((2, 2)), np.array([0, 2]), 3, "class ids in 0..1"),
+        (np.zeros((2, 2)), np.array([0.0, 1.0]), 3, "class ids"),
+        (np.zeros((2, 2)), np.array([0, 1]), 0, "positive integer"),
+    ],
+)
+def test_map_at_k_refuses_bad_arguments(scores, labels, k, match):
+    with pytest.raises(ValueError, match=match):
+        metrics.map_at_k(scores, labels, k=k)
+
+
+def test_the_single_label_task_reports_map_at_3():
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 5, 30)
+    scores = rng.random((30, 5))
+    result = tasks.get(tasks.SINGLELABEL).evaluate(scores, np.eye(5)[labels])
+    assert result["map_at_3"] == pytest.approx(_map_at_k_by_definition(scores, labels, 3))
+    assert result["accuracy"] == pytest.approx(metrics.map_at_k(scores, labels, k=1))
+    assert "map_at_3" in tasks.get(tasks.SINGLELABEL).summary(result)
+    assert "map_at_3" not in tasks.get(tasks.MULTILABEL).evaluate(scores, np.eye(5)[labels])
