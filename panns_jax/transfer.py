@@ -51,7 +51,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from panns_jax import checkpoints, loader, models, tasks
+from panns_jax import checkpoints, loader, models, tasks, zoo
 from panns_jax.models.transfer_head import HEAD_KEY as _HEAD_KEY
 from panns_jax.models.transfer_head import Transfer, head_spec
 from panns_jax.recipe import STRATEGIES, ConfigError
@@ -92,7 +92,8 @@ class PretrainedBase:
 
 def load_base(config: ml_collections.ConfigDict) -> PretrainedBase:
     """The base of a transfer run: ``config.transfer.checkpoint`` (a panns_jax checkpoint
-    directory or an original ``.pth``), or ``config.model`` untrained for ``scratch``."""
+    directory, an original ``.pth`` or a released model's name), or ``config.model``
+    untrained for ``scratch``."""
     strategy = strategy_of(config)
     path = config.transfer.get("checkpoint")
     if not path:
@@ -291,9 +292,10 @@ class TransferBuilder:
     def validate(self) -> None:
         if self.strategy != "scratch":
             path = self.config.transfer.get("checkpoint")
-            if path and not os.path.exists(path):
+            if path and not os.path.exists(path) and not zoo.is_zoo_name(path):
                 raise ConfigError(
-                    f"config.transfer.checkpoint {path}: no such checkpoint directory or .pth file"
+                    f"config.transfer.checkpoint {path}: no such checkpoint directory, "
+                    ".pth file or released model (panns-jax download --list)"
                 )
 
     def describe(self) -> str:

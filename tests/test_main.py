@@ -138,8 +138,8 @@ CASES = [  # (id, flags, expected message, after "error: ").
     (
         "missing pretrained",
         [ESC50 + ":strategy=freeze_l3", "--config.transfer.checkpoint=/nonexistent/best"],
-        r"config\.transfer\.checkpoint /nonexistent/best: no such checkpoint directory or "
-        r"\.pth file",
+        r"config\.transfer\.checkpoint /nonexistent/best: no such checkpoint directory, "
+        r"\.pth file or released model \(panns-jax download --list\)",
     ),
     (
         "unknown dataset",

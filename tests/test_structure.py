@@ -153,15 +153,18 @@ LAYERS = {
         set(),
     ),
     "models": (["models"], {"foundation"}),
-    "interop": ("checkpoints convert download loader pth zoo".split(), {"foundation", "models"}),
+    "interop": (
+        "checkpoints convert download loader pth weightfile zoo".split(),
+        {"foundation", "models"},
+    ),
     "data": (["data"], {"foundation"}),
     "training": (
-        "checkpointing config_checks crossval main model_builder multihost optim train "
-        "transfer".split(),
+        "checkpointing config_checks crossval finetune main model_builder multihost optim "
+        "train transfer".split(),
         {"foundation", "models", "interop", "data"},
     ),
     "serving": (
-        "export hear scheduler sed streaming tagger".split(),
+        "compile_cache export hear scheduler sed streaming tagger".split(),
         {"foundation", "models", "interop"},
     ),
 }

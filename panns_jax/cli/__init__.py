@@ -4,10 +4,11 @@
     panns-jax export ...              # panns_jax.cli.export (also python -m panns_jax.export)
     panns-jax stream FILE | --mic     # panns_jax.cli.stream
     panns-jax download NAME | --list  # panns_jax.cli.download: the model zoo
+    panns-jax finetune DATA ...       # panns_jax.cli.finetune: fine-tune on your own audio
 
 :func:`main` only dispatches. The export, stream and download modules parse their own
-arguments (``-h`` included) and are imported when run, so TensorFlow, sounddevice and the
-network stay out of tag / sed / embed.
+arguments (``-h`` included) and are imported when run, so TensorFlow, sounddevice, the
+network and the training loop stay out of tag / sed / embed.
 """
 
 from __future__ import annotations
@@ -23,12 +24,13 @@ DELEGATED_HELP = {
     "export": "export to ONNX / SavedModel / LiteRT (panns-jax export -h)",
     "stream": "streaming tagging of a file or microphone (panns-jax stream -h)",
     "download": "download, verify and convert released checkpoints (panns-jax download -h)",
+    "finetune": "fine-tune on your own labelled audio (panns-jax finetune -h)",
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``panns-jax`` parser: one subcommand each for tag, sed, embed, export, stream and
-    download."""
+    """The ``panns-jax`` parser: one subcommand each for tag, sed, embed, export, stream,
+    download and finetune."""
     parser = argparse.ArgumentParser(
         prog="panns-jax", description="PANNs audio tagging, SED and embeddings in JAX"
     )
@@ -40,8 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``panns-jax tag | sed | embed | export | stream | download``; returns the exit status
-    (1 when any file failed, 2 on bad setup)."""
+    """``panns-jax tag | sed | embed | export | stream | download | finetune``; returns the
+    exit status (1 when any file failed, 2 on bad setup)."""
     parser = build_parser()
     args, rest = parser.parse_known_args(None if argv is None else [str(a) for a in argv])
     if args.command in DELEGATED_HELP:
@@ -61,6 +63,10 @@ def _delegated(command: str) -> Callable[[Sequence[str]], int]:
         from panns_jax.cli import stream
 
         return stream.main
+    if command == "finetune":
+        from panns_jax.cli import finetune
+
+        return finetune.main
     from panns_jax.cli import download
 
     return download.main
