@@ -212,13 +212,21 @@ class Interpreter:
         self.sites: List[str] = []  # Where each one is (name stack), filled while tracing.
         self.resolved: List[Any] = []
 
-    def __call__(self, flat32: Sequence[Any], flat64: Sequence[Any]) -> Tuple[list, list, Any]:
+    def __call__(
+        self, flat32: List[Any], flat64: List[Any], consume: bool = False
+    ) -> Tuple[list, list, Any]:
         """The flat outputs of both copies, and for each deciding site (``sites``) whether
-        float32 resolved its operands, so that it took float64's decision."""
+        float32 resolved its operands, so that it took float64's decision.
+
+        With ``consume`` the two lists are emptied once read, so that op by op each input
+        is freed after its last use (a train step's inputs are the whole train state).
+        """
         self.decisions, self.sites, self.resolved = 0, [], []
-        out32, out64 = self._run(
-            self.closed.jaxpr, self.closed.consts, list(flat32), list(flat64), ""
-        )
+        in32, in64 = list(flat32), list(flat64)
+        if consume:
+            flat32.clear()
+            flat64.clear()
+        out32, out64 = self._run(self.closed.jaxpr, self.closed.consts, in32, in64, "")
         return out32, out64, jnp.stack(self.resolved) if self.resolved else jnp.zeros(0, bool)
 
     def _read(self, env, v, precision):
@@ -232,6 +240,8 @@ class Interpreter:
             env32[v], env64[v] = jnp.asarray(c), up(c)
         for v, x, y in zip(jaxpr.invars, in32, in64):
             env32[v], env64[v] = x, y
+        in32.clear()  # The environment holds the inputs now, and drops each after its use.
+        in64.clear()
         # Each value is dropped after its last use, so that op by op the interpreter holds
         # what a compiled step would, not every intermediate of both copies.
         last_use = {}

@@ -85,7 +85,9 @@ def test_jitted_step_matches_original(name):
     _check(name, jit=True)
 
 
-@pytest.mark.slow  # Op by op: minutes per model on 2 cores; in .ci/run's `-m slow` step.
+# Op by op: a minute (Cnn6) to two (Cnn14, at 19 GB) per model on 2 cores. .ci/run's `-m slow`
+# step runs the four smallest families; `python -m pytest -m slow` runs all eleven.
+@pytest.mark.slow
 @pytest.mark.parametrize("name", T.ORACLE_MODELS)
 def test_step_matches_original_without_jit(name):
     """Op by op (no jit): the path a user debugging with ``jax.disable_jit`` takes."""

@@ -250,7 +250,11 @@ def run_oracle_steps(
     initial = {d: torch_layout(variables, model, d) for d in (np.float32, np.float64)}
 
     def paired_step(state32, state64, batch32, batch64):
-        return interpreter(list(state32) + list(batch32), list(state64) + list(batch64))
+        # The state lists are the caller's to give away: op by op, each old state array is
+        # freed after its last use.
+        state32.extend(batch32)
+        state64.extend(batch64)
+        return interpreter(state32, state64, consume=True)
 
     start = time.perf_counter()
     with jax.enable_x64(True):
@@ -274,7 +278,7 @@ def _steps(step, out_tree, state32, batch32, batch64, steps: int) -> Dict[int, d
     states = {32: [jnp.array(x) for x in state32], 64: [F.up(x) for x in state32]}
     trace = {bits: {"losses": []} for bits in (32, 64)}
     for i in range(steps):
-        out32, out64, resolved = step(states[32], states[64], batch32, batch64)
+        out32, out64, resolved = step(states.pop(32), states.pop(64), batch32, batch64)
         for bits, out in ((32, out32), (64, out64)):
             new_state, metrics = jax.tree_util.tree_unflatten(out_tree, out)
             states[bits] = jax.tree_util.tree_leaves(new_state)
