@@ -76,3 +76,17 @@ def test_the_single_label_task_reports_map_at_3():
     assert result["accuracy"] == pytest.approx(metrics.map_at_k(scores, labels, k=1))
     assert "map_at_3" in tasks.get(tasks.SINGLELABEL).summary(result)
     assert "map_at_3" not in tasks.get(tasks.MULTILABEL).evaluate(scores, np.eye(5)[labels])
+
+
+def test_d_prime_is_scipys_probit():
+    """sqrt(2) * Phi^-1(AUC) as scipy.stats computes it, edges included; a wrong scale
+    (Phi^-1 without sqrt(2)) is far outside the tolerance."""
+    from scipy.stats import norm
+
+    aucs = np.concatenate([np.random.default_rng(0).uniform(0, 1, 200), [1e-12, 0.5, 1 - 1e-9]])
+    got = np.array([metrics.d_prime(a) for a in aucs])
+    want = np.sqrt(2.0) * norm.ppf(aucs)
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    assert metrics.d_prime(0.0) == -np.inf and metrics.d_prime(1.0) == np.inf
+    assert np.isnan(metrics.d_prime(float("nan")))
+    assert not np.allclose(norm.ppf(aucs[:-3]), want[:-3], rtol=1e-3)
