@@ -44,12 +44,12 @@ class Task:
     def summary(self, result: Mapping[str, Any]) -> str:
         """The ``summary_keys`` of an evaluation as one line, e.g. ``mAP 0.4312  mAUC ...``.
 
-        Raises KeyError for a result without ``best_metric``, which is no result of this
-        task; the other keys are printed where the result has them.
+        Raises KeyError, naming the key, for a result that is not one of this task's.
         """
-        if self.best_metric not in result:
-            raise KeyError(f"not a {self.name} result: it has no {self.best_metric!r}")
-        return "  ".join(f"{k} {float(result[k]):.4f}" for k in self.summary_keys if k in result)
+        missing = [k for k in self.summary_keys if k not in result]
+        if missing:
+            raise KeyError(f"not a {self.name} result: it has no {missing}")
+        return "  ".join(f"{k} {float(result[k]):.4f}" for k in self.summary_keys)
 
 
 class MultiLabelTask(Task):

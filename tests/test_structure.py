@@ -237,10 +237,12 @@ def test_builders_and_tasks_carry_what_the_loop_branches_on():
     assert not hasattr(train.make_optimizer(plain, registry).init({"w": 0.0}), "inner_states")
     assert hasattr(train.make_optimizer(transfer_run, frozen).init(params), "inner_states")
 
-    result = {"accuracy": 0.75, "mAP": 0.5, "mAUC": 0.625, "d_prime": 1.25}
+    result = {"accuracy": 0.75, "map_at_3": 0.8, "mAP": 0.5, "mAUC": 0.625, "d_prime": 1.25}
     single, multi = tasks.get(transfer_run.get("task")), tasks.get(plain.get("task"))
     assert (single.output, multi.output) == ("softmax", "sigmoid")
-    assert single.summary(result) == "accuracy 0.7500  mAP 0.5000  mAUC 0.6250  d_prime 1.2500"
+    assert single.summary(result) == (
+        "accuracy 0.7500  map_at_3 0.8000  mAP 0.5000  mAUC 0.6250  d_prime 1.2500"
+    )
     assert multi.summary(result) == "mAP 0.5000  mAUC 0.6250  d_prime 1.2500"
     with pytest.raises(KeyError):  # A multi-label result has no accuracy to print.
         single.summary({"mAP": 0.5})
