@@ -123,7 +123,7 @@ def _params64(params: dict) -> dict:
     return {k: promote(v) for k, v in params.items()}
 
 
-def window_patches(x, params, init):
+def _window_patches(x, params, init):
     """The windows of a ``reduce_window_*`` / ``select_and_scatter_add`` stacked on axis 0."""
     padding = params["padding"]
     xp = jax.lax.pad(x, jnp.asarray(init, x.dtype), [(lo, hi, 0) for lo, hi in padding])
@@ -147,7 +147,7 @@ def _window_choice(x32, x64, params, largest: bool):
     if any(d is not None and any(k != 1 for k in d) for d in dilations):
         raise NotImplementedError("a dilated max-pool window")
     init = -jnp.inf if largest else jnp.inf
-    return _pick(window_patches(x32, params, init), window_patches(x64, params, init), largest)
+    return _pick(_window_patches(x32, params, init), _window_patches(x64, params, init), largest)
 
 
 def _reduce_choice(x32, x64, axes, largest: bool):
@@ -284,14 +284,15 @@ class Interpreter:
         if inner is not None and name in CALLS:
             jaxpr = getattr(inner, "jaxpr", inner)
             return self._run(jaxpr, getattr(inner, "consts", ()), a, b, where)
+        own = any(scope in where for scope in self.own)
+        if not own and name in UNSUPPORTED and any(_is_float(x) for x in a):
+            raise NotImplementedError(f"{where}: {name} decides from floats; no replay rule")
         out32 = eqn.primitive.bind(*a, **params)
         out64 = eqn.primitive.bind(*b, **_params64(params))
         if not eqn.primitive.multiple_results:
             out32, out64 = [out32], [out64]
-        if any(scope in where for scope in self.own):
+        if own:
             return out32, out64
-        if name in UNSUPPORTED and any(_is_float(x) for x in a):
-            raise NotImplementedError(f"{where}: {name} decides from floats; no replay rule")
         decided = _decided(name, params, a, b, out32, out64)
         if decided is None:
             return out32, out64

@@ -8,7 +8,7 @@ import librosa
 import numpy as np
 import pytest
 import soundfile as sf
-import tensorflow_datasets as tfds
+from builder_utils import prepare
 
 from panns_jax import audio
 from panns_jax import data as pdata
@@ -28,14 +28,6 @@ def _pcm16(seed, n, channels=1):
 def _write(path, samples, sr, **kw):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     sf.write(path, samples, sr, **kw)
-
-
-def _prepare(builder_cls, data_dir, manual_dir, **kwargs):
-    builder = builder_cls(data_dir=str(data_dir), **kwargs)
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir))
-    )
-    return builder
 
 
 def _records(builder, split):
@@ -172,7 +164,7 @@ def audioset_manual(tmp_path_factory):
 @pytest.fixture(scope="module")
 def audioset_32k(audioset_manual, tmp_path_factory):
     root, _, _ = audioset_manual
-    return _prepare(pdata.Audioset, tmp_path_factory.mktemp("tfds"), root, max_bad_fraction=0.6)
+    return prepare(pdata.Audioset, tmp_path_factory.mktemp("tfds"), root, max_bad_fraction=0.6)
 
 
 def test_audioset_csv_values_and_labels(audioset_32k, audioset_manual):
@@ -234,7 +226,7 @@ def test_audioset_16k_resamples_packs(audioset_manual, tmp_path):
     pack_only = tmp_path / "manual"
     os.makedirs(pack_only)
     os.symlink(root / "hdf5s", pack_only / "hdf5s")
-    builder = _prepare(
+    builder = prepare(
         pdata.Audioset, tmp_path / "tfds", pack_only, config="16k", max_bad_fraction=0.5
     )
     assert list(builder.info.splits.keys()) == ["unbalanced_train"]
@@ -254,12 +246,12 @@ def test_audioset_16k_resamples_packs(audioset_manual, tmp_path):
 def test_build_fails_past_bad_fraction(audioset_manual, tmp_path):
     root, _, _ = audioset_manual
     with pytest.raises(common.TooManyBadExamplesError, match="skipped 4 of 7"):
-        _prepare(pdata.Audioset, tmp_path, root)  # default budget 5%
+        prepare(pdata.Audioset, tmp_path, root)  # default budget 5%
 
 
 def test_audioset_without_inputs_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="No AudioSet csv or HDF5"):
-        _prepare(pdata.Audioset, tmp_path / "d", tmp_path)
+        prepare(pdata.Audioset, tmp_path / "d", tmp_path)
 
 
 # ---------------------------------------------------------------------------
@@ -286,7 +278,7 @@ def test_esc50(tmp_path):
         w.writerow(["filename", "fold", "target", "category", "esc10", "src_file", "take"])
         for fn, fold, target, cat in rows:
             w.writerow([fn, fold, target, cat, False, fn[2:5], "A"])
-    builder = _prepare(pdata.Esc50, tmp_path / "tfds", tmp_path / "manual", max_bad_fraction=0.5)
+    builder = prepare(pdata.Esc50, tmp_path / "tfds", tmp_path / "manual", max_bad_fraction=0.5)
     got = _records(builder, "train")
     assert [(r["audio_id"].decode(), int(r["label"]), int(r["fold"])) for r in got] == [
         ("1-100-A-0.wav", 0, 1),
@@ -335,7 +327,7 @@ def test_gtzan(tmp_path):
     (root / "jazz" / "jazz.00054.wav").write_bytes(b"\x00" * 100)  # corrupt, as in Kaggle's copy
     for i in range(6):  # Keep the bad fraction at 2 / 10.
         _write(str(root / "pop" / f"pop.{i:05d}.wav"), _pcm16(40 + i, 441), 22050)
-    builder = _prepare(
+    builder = prepare(
         pdata.GtzanGenres, tmp_path / "tfds", tmp_path / "manual", max_bad_fraction=0.25
     )
     got = _records(builder, "train")
@@ -363,7 +355,7 @@ def test_ravdess(tmp_path):
     for i, name in enumerate(files):
         _write(str(manual / name), _pcm16(50 + i, 4800), 48000, subtype="PCM_16")
     _write(str(manual / "Actor_02" / "readme-not-a-clip.wav"), _pcm16(1, 10), 48000)
-    builder = _prepare(pdata.Ravdess, tmp_path / "tfds", manual, max_bad_fraction=0.3)
+    builder = prepare(pdata.Ravdess, tmp_path / "tfds", manual, max_bad_fraction=0.3)
     got = {r["audio_id"].decode(): r for r in _records(builder, "train")}
     assert len(got) == 3 and builder.bad_data_report["train"]["skipped"] == 1
     for name, (label, actor, fold, channel) in files.items():
@@ -388,7 +380,7 @@ _SMALL_DEMO = panns_demo.PannsDemoConfig(
 
 def test_demo_is_deterministic_and_multilabel(tmp_path):
     builders = [
-        _prepare(pdata.PannsDemo, tmp_path / str(i), tmp_path, config=_SMALL_DEMO) for i in range(2)
+        prepare(pdata.PannsDemo, tmp_path / str(i), tmp_path, config=_SMALL_DEMO) for i in range(2)
     ]
     a, b = (_records(x, "train") for x in builders)
     assert len(a) == 24 and len(_records(builders[0], "eval")) == 8

@@ -13,7 +13,7 @@ import librosa
 import numpy as np
 import pytest
 import soundfile as sf
-import tensorflow_datasets as tfds
+from builder_utils import prepare
 
 from panns_jax import data as pdata
 from panns_jax.data import transfer
@@ -41,14 +41,6 @@ def _table(path, header, rows, delimiter=","):
         writer = csv.writer(f, delimiter=delimiter, lineterminator="\n")
         writer.writerow(header)
         writer.writerows(rows)
-
-
-def _prepare(builder_cls, data_dir, manual_dir, **kwargs):
-    builder = builder_cls(data_dir=str(data_dir), **kwargs)
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir))
-    )
-    return builder
 
 
 def _records(builder, split):
@@ -187,7 +179,7 @@ def built(tmp_path_factory):
     ):
         manual = root / f"{cls.name}_manual"
         clips = make(manual)
-        builder = _prepare(cls, root / "tfds", manual, max_bad_fraction=budget)
+        builder = prepare(cls, root / "tfds", manual, max_bad_fraction=budget)
         result[cls.name] = (builder, clips)
     result["tfds"] = str(root / "tfds")
     return result
@@ -270,7 +262,7 @@ def test_a_logsheet_column_with_another_name_is_refused(tmp_path):
     )
     _table(sheet, ["Filename", "Event", "Category"], MSOS_EVALUATION)
     with pytest.raises(ValueError, match=r"no column \['File'\] in its header"):
-        _prepare(pdata.Msos, tmp_path / "tfds", tmp_path / "manual")
+        prepare(pdata.Msos, tmp_path / "tfds", tmp_path / "manual")
 
 
 @pytest.mark.parametrize(
@@ -286,10 +278,10 @@ def test_a_download_not_laid_out_as_published_is_a_clear_error(
 ):
     _wav(tmp_path / "elsewhere" / "audio" / "a.wav", _pcm16(1, 100), 44100)  # Wrong layout.
     with pytest.raises(FileNotFoundError, match=f"{missing}.*{instructions}"):
-        _prepare(cls, tmp_path / "tfds", tmp_path / "elsewhere")
+        prepare(cls, tmp_path / "tfds", tmp_path / "elsewhere")
     # Negative control of the layout check: the complete layout is found (and built).
     make(tmp_path / "full")
-    _prepare(cls, tmp_path / "tfds_full", tmp_path / "full", max_bad_fraction=0.5)
+    prepare(cls, tmp_path / "tfds_full", tmp_path / "full", max_bad_fraction=0.5)
 
 
 def test_msos_without_the_evaluation_labels_names_them(tmp_path):
@@ -301,7 +293,7 @@ def test_msos_without_the_evaluation_labels_names_them(tmp_path):
         / "Logsheet_EvaluationMaster.csv"
     )
     with pytest.raises(FileNotFoundError, match="Logsheet_EvaluationMaster.csv beside Evaluation/"):
-        _prepare(pdata.Msos, tmp_path / "tfds", tmp_path / "manual")
+        prepare(pdata.Msos, tmp_path / "tfds", tmp_path / "manual")
 
 
 # ----------------------------------------------------------------------------

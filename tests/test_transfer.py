@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from builder_utils import prepare
 
 from panns_jax import (
     checkpoints,
@@ -325,8 +326,6 @@ def fake_downloads(tmp_path_factory):
     the download (``../``, absolute) and folds 99 and -3, which the build must skip."""
     import csv
 
-    import tensorflow_datasets as tfds
-
     from panns_jax import data as pdata
     from panns_jax.data import transfer as tsets
 
@@ -365,10 +364,7 @@ def fake_downloads(tmp_path_factory):
         (pdata.Esc50, "esc50_manual", 0.3),
         (pdata.GtzanGenres, "gtzan_manual", None),
     ):
-        builder = cls(data_dir=tfds_dir, max_bad_fraction=budget)
-        builder.download_and_prepare(
-            download_config=tfds.download.DownloadConfig(manual_dir=str(root / manual))
-        )
+        builder = prepare(cls, tfds_dir, root / manual, max_bad_fraction=budget)
         builders[builder.name] = builder
 
     pretrained_model = models.get("Cnn10", **TINY, num_classes=10)  # The demo's 10 classes.
