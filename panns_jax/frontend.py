@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from typing import Any, Tuple
 
 import jax
@@ -71,21 +72,51 @@ class FrontendConfig:
             )
 
 
-@functools.lru_cache(maxsize=None)
-def mel_filterbank(
+# The paper's front ends at its three sample rates (32, 16 and 8 kHz, 64 mel bins): their
+# mel matrices ship as librosa computes them, so a command that tags at one of them never
+# imports librosa and scipy.signal (about a second). tests/test_frontend.py checks each file
+# against librosa's own output.
+SHIPPED_FILTERBANKS = (
+    (32000, 1024, 64, 50.0, 14000.0),
+    (16000, 512, 64, 50.0, 8000.0),
+    (8000, 256, 64, 50.0, 4000.0),
+)
+
+
+def filterbank_asset(sample_rate: int, n_fft: int, mel_bins: int, fmin: float, fmax: float) -> str:
+    """The path of the shipped mel matrix of these arguments (it exists for the
+    :data:`SHIPPED_FILTERBANKS` only)."""
+    name = f"mel_{sample_rate}_{n_fft}_{mel_bins}_{fmin:g}_{fmax:g}.npy"
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", name)
+
+
+def librosa_filterbank(
     sample_rate: int, n_fft: int, mel_bins: int, fmin: float, fmax: float
 ) -> np.ndarray:
-    """Slaney-scale, Slaney-normalised mel matrix ``(n_fft // 2 + 1, mel_bins)``.
-
-    Built once on the host with librosa (``htk=False, norm='slaney'``, as the
-    original) and used as ``mel = power @ M``.
-    """
+    """librosa's Slaney-scale, Slaney-normalised mel matrix (``htk=False, norm='slaney'``, as
+    the original), transposed to ``(n_fft // 2 + 1, mel_bins)``, float32."""
     import librosa  # Host-only; imported lazily to keep `import panns_jax` light.
 
     matrix = librosa.filters.mel(
         sr=sample_rate, n_fft=n_fft, n_mels=mel_bins, fmin=fmin, fmax=fmax, htk=False, norm="slaney"
     )
-    matrix = np.ascontiguousarray(matrix.T.astype(np.float32))
+    return np.ascontiguousarray(matrix.T.astype(np.float32))
+
+
+@functools.lru_cache(maxsize=None)
+def mel_filterbank(
+    sample_rate: int, n_fft: int, mel_bins: int, fmin: float, fmax: float
+) -> np.ndarray:
+    """Slaney-scale, Slaney-normalised mel matrix ``(n_fft // 2 + 1, mel_bins)``, read-only.
+
+    Built once on the host (the shipped file of :data:`SHIPPED_FILTERBANKS`, else
+    :func:`librosa_filterbank`) and used as ``mel = power @ M``.
+    """
+    args = (int(sample_rate), int(n_fft), int(mel_bins), float(fmin), float(fmax))
+    if args in SHIPPED_FILTERBANKS:
+        matrix = np.load(filterbank_asset(*args), allow_pickle=False)
+    else:
+        matrix = librosa_filterbank(*args)
     matrix.setflags(write=False)
     return matrix
 

@@ -245,3 +245,37 @@ def test_mixup_pairs_and_lambda_distribution():
     assert abs(lams.mean() - 0.5) < 0.01 and abs(lams.var() - 1 / 12) < 0.005  # Beta(1, 1).
     with pytest.raises(ValueError, match="even batch"):
         fe.mixup(jnp.ones((3, 2)), jnp.ones((1,)))
+
+
+@pytest.mark.parametrize("args", fe.SHIPPED_FILTERBANKS)
+def test_each_shipped_filterbank_is_librosas_to_the_last_float32_bit(args):
+    """A shipped matrix is librosa's float64 computation rounded to float32; another
+    librosa version may differ by round-off of float64, which moves a float32 value by at
+    most one unit in the last place."""
+    shipped = np.load(fe.filterbank_asset(*args), allow_pickle=False)
+    computed = fe.librosa_filterbank(*args)
+    assert shipped.dtype == np.float32 and shipped.shape == computed.shape
+    np.testing.assert_array_max_ulp(shipped, computed, maxulp=1)
+    assert fe.mel_filterbank(*args) is fe.mel_filterbank(*args)  # Read once.
+    np.testing.assert_array_equal(fe.mel_filterbank(*args), shipped)
+    # Negative control: another band edge moves the matrix by far more than a last bit.
+    sr, n_fft, bins, fmin, fmax = args
+    other = fe.librosa_filterbank(sr, n_fft, bins, fmin, fmax - 500)
+    with pytest.raises(AssertionError):
+        np.testing.assert_array_max_ulp(shipped, other, maxulp=1)
+
+
+def test_the_paper_front_end_needs_neither_librosa_nor_scipy():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from panns_jax import frontend as fe\n"
+        "fe.mel_filterbank(32000, 1024, 64, 50.0, 14000.0)\n"
+        "print(sorted(m for m in ('librosa', 'scipy.signal') if m in sys.modules))\n"
+        "fe.mel_filterbank(32000, 1024, 128, 50.0, 14000.0)\n"  # Not shipped: librosa.
+        "print('librosa' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["[]", "True"]
