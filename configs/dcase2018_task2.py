@@ -7,8 +7,9 @@ reports as ``map_at_3`` beside accuracy (``panns_jax.metrics.map_at_k``).
         --config.transfer.checkpoint=CKPT --workdir=DIR
 
 The paper trains on 4 s segments and averages a clip's segment predictions. Here training
-crops a random 4 s of each clip (shorter clips are zero-padded), and evaluation scores the
-first 4 s of each clip. The set has no folds, so ``fold=`` and ``crossval cv`` are refused.
+crops a random 4 s of each clip (shorter clips are zero-padded), and evaluation scores each
+clip by the mean of its 4 s segments' predictions (``config.eval_segments``). The set has no
+folds, so ``fold=`` and ``crossval cv`` are refused.
 """
 
 from typing import Optional
@@ -19,6 +20,4 @@ from panns_jax import recipe
 
 
 def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
-    return recipe.transfer_config(
-        "dcase2018_task2", splits=("train", "test"), clip_seconds=4.0, arg=arg
-    )
+    return recipe.transfer_set_config("dcase2018_task2", arg)

@@ -17,6 +17,4 @@ from panns_jax import recipe
 
 
 def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
-    return recipe.transfer_config(
-        "dcase2019_task1", splits=("train", "test"), clip_seconds=10.0, arg=arg
-    )
+    return recipe.transfer_set_config("dcase2019_task1", arg)

@@ -16,4 +16,4 @@ from panns_jax import recipe
 
 
 def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
-    return recipe.transfer_config("esc50", num_folds=5, clip_seconds=5.0, arg=arg)
+    return recipe.transfer_set_config("esc50", arg)

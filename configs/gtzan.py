@@ -13,4 +13,4 @@ from panns_jax import recipe
 
 
 def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
-    return recipe.transfer_config("gtzan_genres", num_folds=10, clip_seconds=30.0, arg=arg)
+    return recipe.transfer_set_config("gtzan", arg)

@@ -16,4 +16,4 @@ from panns_jax import recipe
 
 
 def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
-    return recipe.transfer_config("msos", splits=("train", "test"), clip_seconds=4.0, arg=arg)
+    return recipe.transfer_set_config("msos", arg)

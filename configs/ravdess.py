@@ -13,4 +13,4 @@ from panns_jax import recipe
 
 
 def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
-    return recipe.transfer_config("ravdess", num_folds=4, clip_seconds=5.0, arg=arg)
+    return recipe.transfer_set_config("ravdess", arg)

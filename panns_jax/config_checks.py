@@ -69,6 +69,12 @@ def _field_rules(config: ml_collections.ConfigDict) -> List[Rule]:
             "a number in (0, 1]",
         ),
         (
+            "clips_per_class",
+            _optional(_positive_int),
+            "None (all clips) or an integer >= 1",
+        ),
+        ("eval_segments", lambda v: isinstance(v, bool), "True or False"),
+        (
             "compute_dtype",
             _optional(lambda v: v in checks.COMPUTE_DTYPES),
             "'float32' or 'bfloat16'",

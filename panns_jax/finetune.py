@@ -24,7 +24,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from panns_jax import config_checks, fileio, loader, models, recipe, tasks, train, transfer
+from panns_jax import config_checks, fileio, loader, models, recipe, report, tasks, train, transfer
 from panns_jax.data import common, custom, pipeline
 from panns_jax.recipe import ConfigError
 
@@ -134,6 +134,7 @@ def make_config(
     config.dataset = custom.register(found, rate, max_bad_fraction)
     config.data_dir = data_dir
     config.task = found.task
+    config.eval_segments = True  # A recording longer than clip_seconds: its segments' mean.
     config.train_split, config.eval_split = "train", found.eval_split
     if found.partition != "folds":  # Splits of their own (a hold-out, a split column).
         config.train_folds = config.eval_folds = None
@@ -187,7 +188,8 @@ def class_names(config: ml_collections.ConfigDict) -> Tuple[str, ...]:
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
     """Check ``config``, build its data unless built, train it in ``workdir`` and write the
-    last evaluation (summary and per-class AP) to ``workdir/finetune_results.json``.
+    last evaluation (summary and per-class AP) to ``workdir/finetune_results.json``, with its
+    pictures (:func:`write_pictures`).
 
     A workdir resumes only a run on the same data (same files, same partition): rerun on
     changed data, the loop would resume the finished run and train nothing new.
@@ -208,12 +210,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
         test = evaluate_checkpoint(config, best, "test")
         summary["test"] = results_summary(config, test, split="test", checkpoint=best)
     _write_json(os.path.join(workdir, RESULTS_FILE), summary)
+    if jax.process_index() == 0:
+        write_pictures(summary, workdir)
     return summary
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, path: str, split: str) -> Dict[str, Any]:
     """The task's metrics of the checkpoint ``path`` on ``split`` of the config's data, each
-    recording cropped or padded to ``clip_seconds`` as the loop's evaluation does."""
+    recording scored by its segments of ``clip_seconds`` as the loop's evaluation does."""
     module, variables, meta = loader.load(path)
     task = tasks.get(config.task)
     batches = pipeline.make_eval_iterator(
@@ -221,16 +225,19 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, path: str, split: str
         split,
         batch_size=config.eval_batch_size,
         clip_samples=recipe.clip_samples(config, meta.sample_rate),
+        segments=bool(config.eval_segments),
+        with_record=True,
     )
     scores_of = jax.jit(lambda v, audio: task.scores(module.apply(v, audio)))
-    scores, targets = [], []
+    scores, targets, records = [], [], []
     for batch in batches:
         mask = np.asarray(batch["mask"])
         scores.append(np.asarray(scores_of(variables, batch["audio"]))[mask])
         targets.append(np.asarray(batch["labels"])[mask])
-    result = task.evaluate(np.concatenate(scores), np.concatenate(targets))
-    result["num_examples"] = int(sum(len(t) for t in targets))
-    return result
+        records.append(np.asarray(batch["record"])[mask])
+    return task.evaluate_rows(
+        np.concatenate(scores), np.concatenate(targets), np.concatenate(records)
+    )
 
 
 def _check_same_data(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -269,7 +276,7 @@ def results_summary(
     keys = tasks.get(config.task).summary_keys
     split = split or config.eval_split
     folds = config.get("eval_folds") if split == config.eval_split else None
-    return {
+    summary = {
         "task": config.task,
         "strategy": transfer.strategy_of(config),
         "eval_split": split,
@@ -279,6 +286,24 @@ def results_summary(
         **{k: _float(result[k]) for k in keys},
         "per_class": per_class,
     }
+    if "confusion_matrix" in result:  # Rows: true classes; columns: predicted ones.
+        summary["confusion_matrix"] = np.asarray(result["confusion_matrix"]).tolist()
+    return summary
+
+
+def write_pictures(summary: Mapping[str, Any], workdir: str) -> List[str]:
+    """The pictures of each evaluation of ``summary`` in ``workdir``: per-class AP and, for
+    a single-label task, the confusion matrix (``*_test.png`` for the test split)."""
+    written = []
+    for part, suffix in ((summary, ""), (summary.get("test"), "_test")):
+        if part:
+            ap = {name: v["average_precision"] for name, v in part["per_class"].items()}
+            title = f"{part['eval_split']} ({part['num_examples']} recordings)"
+            pictures = report.results_pngs(
+                workdir, ap, part.get("confusion_matrix"), suffix=suffix, title=title
+            )
+            written += list(pictures.values())
+    return written
 
 
 def _float(value: Any) -> Optional[float]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import statistics
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -85,6 +85,20 @@ def evaluate(scores: np.ndarray, targets: np.ndarray) -> Dict[str, np.ndarray]:
     }
 
 
+def confusion_matrix(
+    targets: Sequence[int], predictions: Sequence[int], num_classes: int
+) -> np.ndarray:
+    """Counts ``[true class, predicted class]`` (int64, ``num_classes`` square) of class ids."""
+    targets, predictions = np.asarray(targets, np.int64), np.asarray(predictions, np.int64)
+    if targets.shape != predictions.shape or targets.ndim != 1:
+        raise ValueError(f"targets {targets.shape} and predictions {predictions.shape} differ")
+    for name, ids in (("targets", targets), ("predictions", predictions)):
+        if ids.size and (ids.min() < 0 or ids.max() >= num_classes):
+            raise ValueError(f"{name} hold class ids outside 0..{num_classes - 1}")
+    flat = np.bincount(targets * num_classes + predictions, minlength=num_classes**2)
+    return flat.reshape(num_classes, num_classes)
+
+
 def map_at_k(scores: np.ndarray, labels: np.ndarray, k: int = 3) -> float:
     """Mean average precision at ``k`` of single-label ``(N, C)`` scores (DCASE 2018 Task 2).
 
@@ -123,3 +137,18 @@ def write_per_class(
             name = class_names[i] if class_names and i < len(class_names) else str(i)
             f.write(f'{i},"{name}",{ap:.6f},{auc:.6f}\n')
     return path
+
+
+def mean_by_record(values: np.ndarray, records: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """``(unique records, mean of values per record)``, records in order of first row.
+
+    The rows of one record are its segments (``pipeline.make_eval_iterator`` with ``segments``);
+    padding rows must be dropped first.
+    """
+    values, records = np.asarray(values), np.asarray(records)
+    unique, first, inverse = np.unique(records, return_index=True, return_inverse=True)
+    sums = np.zeros((len(unique),) + values.shape[1:], np.float64)
+    np.add.at(sums, inverse, values)
+    means = sums / np.bincount(inverse, minlength=len(unique)).reshape(-1, *[1] * (values.ndim - 1))
+    order = np.argsort(first)
+    return unique[order], means[order].astype(values.dtype)

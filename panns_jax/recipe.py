@@ -15,15 +15,17 @@ The files in ``configs/`` call :func:`base_config`. Config arguments
   emb=32|128|512|2048      embedding size (fc1 width)
   hop=N                    hop size in samples
   data_fraction=F          train on a seeded subset of this fraction of the training data
+  clips_per_class=N        train on N seeded clips of each class (single-label data)
   head=max|avg|att         decision-level (SED) head of Cnn14 (Cnn14_DecisionLevel*)
   runlocal                 tiny settings for a quick local smoke run
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import sys
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import ml_collections
 
@@ -97,6 +99,7 @@ def base_config(
         "hop",
         "head",
         "data_fraction",
+        "clips_per_class",
         "runlocal",
     }
     unknown = set(args) - known
@@ -117,6 +120,13 @@ def base_config(
     c.clip_seconds = 10.0
     c.balanced = args.get("sampling", "balanced") == "balanced"
     c.data_fraction = float(args.get("data_fraction", 1.0))  # Paper Sec. V: less training data.
+    # Paper Figs. 6-11: transfer accuracy against the number of training clips per class.
+    c.clips_per_class = ml_collections.config_dict.placeholder(int)
+    if "clips_per_class" in args:
+        c.clips_per_class = _int_arg(args["clips_per_class"], "clips_per_class")
+    # Score a recording longer than clip_seconds by the mean over its segments (DCASE 2018
+    # Task 2, Sec. VI-D); False: its first clip_seconds.
+    c.eval_segments = False
     c.batch_size = 32  # Paper: 32 clips per step (the loader delivers 64 with mixup).
     c.eval_batch_size = 32
     c.learning_rate = 1e-3  # Paper: Adam, lr 1e-3, AMSGrad.
@@ -265,6 +275,49 @@ def transfer_config(
     if num_folds is not None:
         c.transfer.num_folds, c.transfer.fold = num_folds, fold
     return c
+
+
+@dataclasses.dataclass(frozen=True)
+class TransferSet:
+    """The paper's protocol for one of its transfer sets (Sec. VI-D): the TFDS builder, the
+    clip length, and folds to cross-validate or published (train, test) splits.
+
+    ``configs/<name>.py`` and ``panns-jax probe <name>`` both read it from
+    :data:`TRANSFER_SETS`.
+    """
+
+    dataset: str
+    clip_seconds: float
+    num_folds: Optional[int] = None
+    splits: Optional[Tuple[str, str]] = None
+    eval_segments: bool = False  # Score a clip by its segments' mean (DCASE 2018 Task 2).
+
+
+TRANSFER_SETS = {
+    "esc50": TransferSet("esc50", 5.0, num_folds=5),
+    "gtzan": TransferSet("gtzan_genres", 30.0, num_folds=10),
+    "ravdess": TransferSet("ravdess", 5.0, num_folds=4),
+    "dcase2019_task1": TransferSet("dcase2019_task1", 10.0, splits=("train", "test")),
+    "dcase2018_task2": TransferSet(
+        "dcase2018_task2", 4.0, splits=("train", "test"), eval_segments=True
+    ),
+    "msos": TransferSet("msos", 4.0, splits=("train", "test")),
+}
+
+
+def transfer_set_config(name: str, arg: Optional[str] = None) -> ml_collections.ConfigDict:
+    """:func:`transfer_config` with the protocol of the transfer set ``name``
+    (:data:`TRANSFER_SETS`)."""
+    found = TRANSFER_SETS[name]
+    config = transfer_config(
+        found.dataset,
+        clip_seconds=found.clip_seconds,
+        num_folds=found.num_folds,
+        splits=found.splits,
+        arg=arg,
+    )
+    config.eval_segments = found.eval_segments
+    return config
 
 
 def mixup_alpha(config: ml_collections.ConfigDict) -> Optional[float]:

@@ -41,6 +41,18 @@ class Task:
     def evaluate(self, scores: np.ndarray, targets: np.ndarray) -> Dict[str, Any]:
         return metrics.evaluate(scores, targets)
 
+    def evaluate_rows(
+        self, scores: np.ndarray, targets: np.ndarray, records: Optional[np.ndarray] = None
+    ) -> Dict[str, Any]:
+        """:meth:`evaluate` and ``num_examples`` of scored rows; per recording when
+        ``records`` names each row's recording (its segments' scores averaged)."""
+        if records is not None:
+            _, scores = metrics.mean_by_record(scores, records)
+            _, targets = metrics.mean_by_record(targets, records)
+        result = self.evaluate(scores, targets)
+        result["num_examples"] = len(targets)
+        return result
+
     def summary(self, result: Mapping[str, Any]) -> str:
         """The ``summary_keys`` of an evaluation as one line, e.g. ``mAP 0.4312  mAUC ...``.
 
@@ -67,7 +79,7 @@ class SingleLabelTask(Task):
     Accuracy counts the top-scoring class being a label of the clip. ``map_at_3``, the
     metric of DCASE 2018 Task 2 (:func:`panns_jax.metrics.map_at_k`), scores the rank of
     the clip's label within the top 3. mAP, mAUC and d' are reported beside them, per class
-    one against the rest.
+    one against the rest, and the confusion matrix of the top-scoring classes.
     """
 
     name = SINGLELABEL
@@ -88,6 +100,9 @@ class SingleLabelTask(Task):
         top = np.argmax(scores, axis=1)
         result["accuracy"] = float(np.mean(targets[np.arange(len(top)), top] > 0.5))
         result["map_at_3"] = metrics.map_at_k(scores, np.argmax(targets, axis=1), k=3)
+        result["confusion_matrix"] = metrics.confusion_matrix(
+            np.argmax(targets, axis=1), top, targets.shape[1]
+        )
         return result
 
 

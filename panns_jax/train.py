@@ -15,7 +15,7 @@ import functools
 import json
 import os
 import time
-from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import flax
 import jax
@@ -313,18 +313,18 @@ def evaluate(
     Each host's examples count once, and padded rows are masked out. Every process calls it,
     since it gathers. Labels and mask travel as global arrays with the scores' sharding, so
     rows stay paired whatever the device order, and every host computes the same metrics.
+    Batches of segments (they hold 'record') are scored per recording (its segments' mean).
     """
-    scores, targets = [], []
+    rows: Dict[str, List[np.ndarray]] = {"scores": [], "labels": [], "record": []}
     for batch in eval_batches:
-        arrays = global_batch(mesh, {k: batch[k] for k in ("audio", "labels", "mask")})
+        local = {k: v for k, v in batch.items() if k in (*rows, "audio", "mask")}
+        arrays = global_batch(mesh, local)
         arrays["scores"] = eval_fn(state.params, state.batch_stats, arrays.pop("audio"))
         gathered = multihost_utils.process_allgather(arrays, tiled=True)
         mask = np.asarray(gathered["mask"])
-        scores.append(np.asarray(gathered["scores"])[mask])
-        targets.append(np.asarray(gathered["labels"])[mask])
-    result = task.evaluate(np.concatenate(scores), np.concatenate(targets))
-    result["num_examples"] = int(sum(len(t) for t in targets))
-    return result
+        for key in set(rows) & set(gathered):
+            rows[key].append(np.asarray(gathered[key])[mask])
+    return task.evaluate_rows(*(np.concatenate(v) if v else None for v in rows.values()))
 
 
 # ----------------------------------------------------------------------------

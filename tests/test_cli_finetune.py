@@ -47,6 +47,11 @@ def test_finetune_a_folder_per_class_then_tag_prints_the_folder_names(pretrained
     results = json.loads((runs / "birds" / "finetune_results.json").read_text())
     assert list(results["per_class"]) == list(CLASSES) and results["task"] == "singlelabel"
     assert 0 <= results["accuracy"] <= 1 and results["num_examples"] == 3
+    matrix = np.array(results["confusion_matrix"])  # True classes x predicted ones.
+    assert matrix.shape == (3, 3) and matrix.sum() == 3
+    assert np.trace(matrix) / 3 == pytest.approx(results["accuracy"])
+    for picture in ("confusion_matrix.png", "per_class_ap.png"):
+        assert (runs / "birds" / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     for kind in ("model", "best"):
         saved = checkpoints.load(os.path.join(workdir, kind))
@@ -253,9 +258,16 @@ def test_finetune_from_a_demo_pretrained_checkpoint_learns_a_synthetic_folder(tm
     ]
     assert cli.main([*args, "--workdir", workdir]) == 0
     results = json.loads(open(os.path.join(workdir, "finetune_results.json")).read())
-    print(capsys.readouterr().out)
+    out = capsys.readouterr().out
     assert results["num_examples"] == 12  # 4 of each class's 16 held out.
-    assert results["accuracy"] >= 0.9, results  # Chance: 1/3.
+    assert results["accuracy"] >= 0.9, out  # Chance: 1/3.
+
+    # The linear probe of the same pretrained embeddings separates the classes too.
+    probe = ["probe", data, "--model", checkpoint, "--holdout", "0.25", "--json"]
+    assert cli.main([*probe, "--cache-dir", str(tmp_path / "cache"), "--no-progress"]) == 0
+    probed = json.loads(capsys.readouterr().out)
+    (row,) = probed["rows"]
+    assert row["num_eval"] == 12 and row["logistic"]["accuracy"] >= 0.9, probed
 
 
 BAD_SETUP = {
@@ -308,15 +320,20 @@ def test_a_split_manifest_reports_valid_and_the_best_checkpoint_on_test(
     test = summary["test"]
     assert test["num_examples"] == 6 and list(test["per_class"]) == list(CLASSES)
 
-    # The same numbers from the test files' own first second, through the loader, one by one.
+    assert (tmp_path / "runs" / "split" / "confusion_matrix_test.png").is_file()
+    assert np.sum(test["confusion_matrix"]) == 6
+
+    # The same numbers from the test files themselves, through the loader, one by one: each
+    # 1.5 s recording scored by the mean of its two 1 s segments (0-1 s and 0.5-1.5 s).
     module, variables, _ = loader.load(os.path.join(workdir, "best"))
     task = tasks.get("singlelabel")
     scores, targets = [], []
     for name, kind, split in rows:
         if split == "test":
             samples = audio_io.float_to_int16(audio.load_audio(str(tmp_path / "DATA" / name), SR))
-            clip = samples[:SR].astype(np.float32) / 32768
-            scores.append(np.asarray(task.scores(module.apply(variables, clip[None])))[0])
+            x = samples.astype(np.float32) / 32768
+            segments = np.stack([x[:SR], x[len(x) - SR :]])
+            scores.append(np.asarray(task.scores(module.apply(variables, segments))).mean(0))
             targets.append(np.eye(3)[CLASSES.index(kind)])
     want = task.evaluate(np.stack(scores), np.stack(targets))
     assert test["accuracy"] == pytest.approx(want["accuracy"])

@@ -193,6 +193,15 @@ def test_configs_custom_makes_a_transfer_config_on_the_data(folders, tmp_path):
     assert c.transfer.strategy == "scratch" and c.transfer.checkpoint is None
     assert c.model == "Cnn10" and c.clip_seconds <= 2.0 and c.seed == 2
     assert custom.registered_scan(c.dataset).classes == CLASSES
+    assert c.eval_segments and c.clips_per_class is None
+    few = custom_config.get_config(f"data={root},strategy=scratch,model=Cnn10,clips_per_class=2")
+    assert few.clips_per_class == 2
+    from panns_jax.cli import finetune as finetune_cli
+
+    flags = finetune_cli.build_parser().parse_args(
+        [root, "--workdir", "w", "--clips-per-class", "2"]
+    )
+    assert "clips_per_class=2" in finetune_cli._arg(flags).split(",")
     with pytest.raises(ConfigError, match="needs data=DATA"):
         custom_config.get_config("strategy=finetune")
     with pytest.raises(ConfigError, match="holdout must be a number"):

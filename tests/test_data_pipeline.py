@@ -254,6 +254,83 @@ def test_eval_multi_host_shards(skewed):
     assert sorted(got) == list(range(n))
 
 
+def test_eval_segments_read_each_recording_whole_in_windows_of_the_clip_length(skewed):
+    source, labels = skewed
+    n, clip = source.num_examples, 200
+    lengths = 300 + (np.arange(n) % 3) * 150  # 300, 450, 600 samples: 2, 3, 3 segments.
+    ev = pipeline.make_eval_iterator(
+        source, batch_size=64, clip_samples=clip, process_index=0, process_count=1, segments=True
+    )
+    batches = list(ev)
+    mask = np.concatenate([b["mask"] for b in batches])
+    records = np.concatenate([b["record"] for b in batches])[mask]
+    audio = np.concatenate([b["audio"] for b in batches])[mask]
+    counts = -(-lengths // clip)
+    np.testing.assert_array_equal(records, np.repeat(np.arange(n), counts))
+    assert ev.num_examples == n and mask.sum() == counts.sum()
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    for r in [0, 1, 2, n - 1]:
+        src = _audio_for(r, lengths[r]).astype(np.float32) / 32768
+        windows = audio[starts[r] : starts[r] + counts[r]]
+        for k, window in enumerate(windows):
+            begin = min(k * clip, lengths[r] - clip)  # The last window ends at the end.
+            np.testing.assert_array_equal(window, src[begin : begin + clip])
+        if lengths[r] % clip:  # Negative control: a zero-padded last window differs.
+            padded = np.pad(src[(counts[r] - 1) * clip :], (0, counts[r] * clip - lengths[r]))
+            assert not np.array_equal(windows[-1], padded)
+    # Every host gets whole recordings and as many batches as the others.
+    got, sizes = [], set()
+    for host in range(3):
+        ev = pipeline.make_eval_iterator(
+            source,
+            batch_size=48,
+            clip_samples=clip,
+            process_index=host,
+            process_count=3,
+            segments=True,
+        )
+        sizes.add(len(ev))
+        got.append(np.concatenate([b["record"][b["mask"]] for b in ev]))
+    assert len(sizes) == 1
+    np.testing.assert_array_equal(np.concatenate(got), np.repeat(np.arange(n), counts))
+    assert not set(got[0]) & set(got[1])
+
+
+def test_clips_per_class_trains_on_exactly_n_seeded_clips_of_each_class():
+    labels = np.arange(60) % 3
+    labels[:12] = 0  # Classes of 28, 16 and 16 clips.
+    audio = [np.full(100, i, np.int16) for i in range(60)]
+    source = sources.ArraySource(audio, labels, num_classes=3)
+
+    def chosen(seed, n=5):
+        return sampling.per_class(np.arange(60), source.index, n, seed)
+
+    first = chosen(0)
+    assert np.bincount(labels[first], minlength=3).tolist() == [5, 5, 5]
+    assert (np.diff(first) > 0).all()
+    np.testing.assert_array_equal(chosen(0), first)
+    assert not np.array_equal(chosen(1), first)
+    it = pipeline.make_train_iterator(
+        source,
+        batch_size=6,
+        clip_samples=100,
+        balanced=False,
+        seed=0,
+        clips_per_class=5,
+        with_record=True,
+        process_index=0,
+        process_count=1,
+    )
+    drawn = {int(r) for _ in range(20) for r in next(it)["record"]}
+    it.close()
+    assert drawn == set(first.tolist())
+    with pytest.raises(sampling.SelectionError, match="class 'b' has 16 training clips, fewer"):
+        sampling.per_class(np.arange(60), source.index, 19, 0, names=["a", "b", "c"])
+    multi = sources.ArraySource(audio[:4], [[0], [0, 1], [1], [1]], num_classes=2)
+    with pytest.raises(sampling.SelectionError, match="single-label"):
+        sampling.per_class(np.arange(4), multi.index, 1, 0)
+
+
 def test_folds_filter():
     audio = np.zeros((20, 10), np.int16)
     labels = np.arange(20) % 4

@@ -5,6 +5,7 @@ their configs, and a short training run on one of them."""
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -356,13 +357,17 @@ def test_crossval_refuses_a_set_without_folds_in_one_line(tmp_path):
 # ----------------------------------------------------------------------------
 
 
-def test_dcase2018_task2_config_trains_and_reports_map_at_3(built, tmp_path):
-    """configs/dcase2018_task2.py on the fake build, shrunk to a tiny Cnn10 and 2 steps:
-    it trains on 'train', evaluates every clip of 'test' and reports mAP@3."""
-    from configs import dcase2018_task2
+@pytest.mark.parametrize("name", ["dcase2019_task1", "dcase2018_task2", "msos"])
+def test_each_config_trains_on_its_build_and_scores_every_test_clip(name, built, tmp_path, capsys):
+    """The set's config file on its fake build, shrunk to a tiny Cnn10 and 2 steps: it trains
+    on 'train', evaluates every clip of 'test' (DCASE 2018 Task 2: by the mean over 0.5 s
+    segments) and reports accuracy and mAP@3; the checkpoint names the set's classes."""
+    import importlib
+
     from panns_jax import checkpoints, train
 
-    c = dcase2018_task2.get_config("strategy=scratch,mixup=none")
+    module = importlib.import_module(f"configs.{name}")
+    c = module.get_config("strategy=scratch,mixup=none")
     c.model = "Cnn10"
     c.model_overrides.widths, c.model_overrides.embedding_size = (8, 16, 32, 64), 32
     c.data_dir = built["tfds"]
@@ -370,7 +375,24 @@ def test_dcase2018_task2_config_trains_and_reports_map_at_3(built, tmp_path):
     c.num_train_steps, c.eval_every, c.checkpoint_every, c.log_every = 2, 2, 2, 1
     c.num_devices = 1
     result = train.train_and_evaluate(c, str(tmp_path / "run"))
-    assert result["num_examples"] == len(DCASE2018_TEST) - 1
+    builder = built[name][0]
+    assert result["num_examples"] == builder.info.splits["test"].num_examples > 0
     assert 0 <= result["accuracy"] <= result["map_at_3"] <= 1  # mAP@3 credits ranks 2 and 3.
     saved = checkpoints.load(str(tmp_path / "run" / "model"))
-    assert saved.step == 2 and saved.labels == list(transfer.DCASE2018_CLASSES)
+    assert saved.step == 2
+    assert saved.labels == list(builder.info.features["label"].names)
+    assert c.eval_segments == (name == "dcase2018_task2")
+
+    # The linear probe of the trained model on the same build: fit on 'train', score 'test'.
+    from panns_jax import cli, recipe
+
+    args = ["probe", name, "--model", str(tmp_path / "run" / "model"), "--json"]
+    args += ["--data-dir", built["tfds"], "--cache-dir", str(tmp_path / "cache"), "--no-progress"]
+    capsys.readouterr()
+    assert cli.main(args) == 0
+    probed = json.loads(capsys.readouterr().out)
+    (row,) = probed["rows"]
+    assert (row["name"], row["num_eval"]) == ("test", result["num_examples"])
+    assert row["num_train"] == builder.info.splits["train"].num_examples
+    assert probed["classes"] == saved.labels
+    assert probed["clip_seconds"] == recipe.TRANSFER_SETS[name].clip_seconds

@@ -90,3 +90,38 @@ def test_d_prime_is_scipys_probit():
     assert metrics.d_prime(0.0) == -np.inf and metrics.d_prime(1.0) == np.inf
     assert np.isnan(metrics.d_prime(float("nan")))
     assert not np.allclose(norm.ppf(aucs[:-3]), want[:-3], rtol=1e-3)
+
+
+def test_confusion_matrix_counts_true_rows_and_predicted_columns():
+    targets = [0, 0, 1, 2, 2, 2]
+    predictions = [0, 1, 1, 2, 0, 2]
+    expected = np.array([[1, 1, 0], [0, 1, 0], [1, 0, 2]])
+    matrix = metrics.confusion_matrix(targets, predictions, 3)
+    np.testing.assert_array_equal(matrix, expected)
+    assert matrix.dtype == np.int64
+    swapped = metrics.confusion_matrix(predictions, targets, 3)  # Rows and columns trade places.
+    np.testing.assert_array_equal(swapped, expected.T)
+    assert not np.array_equal(swapped, matrix)
+    np.testing.assert_array_equal(metrics.confusion_matrix([], [], 2), np.zeros((2, 2)))
+    with pytest.raises(ValueError, match="outside 0..2"):
+        metrics.confusion_matrix([0, 3], [0, 0], 3)
+
+
+def test_singlelabel_evaluation_holds_the_confusion_matrix_of_its_top_classes():
+    scores = np.array([[0.7, 0.2, 0.1], [0.1, 0.5, 0.4], [0.3, 0.3, 0.4], [0.6, 0.3, 0.1]])
+    targets = np.eye(3)[[0, 2, 2, 1]]
+    result = tasks.get("singlelabel").evaluate(scores, targets)
+    np.testing.assert_array_equal(result["confusion_matrix"], [[1, 0, 0], [1, 0, 0], [0, 1, 1]])
+    assert result["accuracy"] == np.trace(result["confusion_matrix"]) / 4
+
+
+def test_mean_by_record_averages_the_rows_of_each_recording_in_first_seen_order():
+    values = np.array([[1.0, 0.0], [3.0, 2.0], [5.0, 5.0], [0.0, 4.0], [7.0, 1.0]], np.float32)
+    records = np.array([4, 4, 9, 2, 9])
+    got_records, means = metrics.mean_by_record(values, records)
+    np.testing.assert_array_equal(got_records, [4, 9, 2])
+    np.testing.assert_allclose(means, [[2.0, 1.0], [6.0, 3.0], [0.0, 4.0]])
+    assert means.dtype == np.float32
+    # Negative control: rows of other recordings must not mix in.
+    _, wrong = metrics.mean_by_record(values, np.array([4, 4, 9, 9, 2]))
+    assert not np.allclose(wrong, means)

@@ -311,3 +311,43 @@ def test_resume_onto_a_different_number_of_devices(data_dir, tmp_path):
         assert np.all(diff <= bound), f"{name}: {np.max(diff):.3g} > {np.min(bound):.3g}"
 
     jax.tree_util.tree_map_with_path(check, final.variables, reference.variables, restored)
+
+
+def test_evaluate_scores_a_recording_by_the_mean_of_its_segments():
+    """On 4 devices, the eval scores of recordings cut into segments are their segments'
+    mean; labels and counts are per recording. Negative control: the first segment alone."""
+    from panns_jax.data import pipeline, sources
+
+    rng = np.random.default_rng(0)
+    lengths = [250, 100, 420, 90, 300, 600, 120]
+    audio = [rng.uniform(-0.9, 0.9, n).astype(np.float32) for n in lengths]
+    labels = np.array([0, 1, 2, 0, 1, 2, 1])
+    source = sources.ArraySource(audio, labels, num_classes=3)
+    batches = pipeline.make_eval_iterator(
+        source, batch_size=8, clip_samples=100, segments=True, process_index=0, process_count=1
+    )
+    mesh = train.make_mesh(4)
+    weights = jnp.array([[1.0, -1.0, 0.5]])
+
+    def eval_fn(params, batch_stats, x):  # Any per-row function of the audio.
+        return jax.nn.softmax(jnp.mean(x, axis=1, keepdims=True) * 50 * weights)
+
+    class State:
+        params, batch_stats = {}, {}
+
+    task = tasks.get("singlelabel")
+    result = train.evaluate(jax.jit(eval_fn), State(), batches, mesh, task)
+    int16 = [samples for samples, _ in source.read(np.arange(7))]
+    want = []
+    for x in int16:
+        x = x.astype(np.float32) / 32768
+        starts = [min(k * 100, len(x) - 100) for k in range(-(-len(x) // 100))]
+        rows = np.stack([x[s : s + 100] for s in starts])
+        want.append(np.asarray(eval_fn(None, None, rows)).mean(axis=0))
+    expected = task.evaluate(np.stack(want), np.eye(3, dtype=np.float32)[labels])
+    assert result["num_examples"] == 7
+    assert result["accuracy"] == expected["accuracy"]
+    np.testing.assert_allclose(result["average_precision"], expected["average_precision"])
+    firsts = np.stack([np.asarray(eval_fn(None, None, x[None, :100] / 32768))[0] for x in int16])
+    first_only = task.evaluate(firsts, np.eye(3, dtype=np.float32)[labels])
+    assert not np.allclose(first_only["average_precision"], expected["average_precision"])

@@ -298,6 +298,34 @@ def test_configs_strategies_and_folds():
         transfer.load_base(esc50.get_config("strategy=finetune"))
 
 
+def test_clips_per_class_and_eval_segments_in_the_transfer_configs():
+    from configs import dcase2018_task2, esc50, msos
+    from panns_jax import config_checks
+    from panns_jax.data import inputs, sources
+
+    c = esc50.get_config("fold=2,clips_per_class=3")
+    assert c.clips_per_class == 3 and esc50.get_config().clips_per_class is None
+    assert dcase2018_task2.get_config().eval_segments and not msos.get_config().eval_segments
+    c.model_overrides.widths, c.transfer.checkpoint = (8, 16, 32, 64), "unused"
+    for bad in (0, -2):
+        changed = c.copy_and_resolve_references()
+        changed.clips_per_class = bad
+        with pytest.raises(config_checks.ConfigError, match="clips_per_class must be None"):
+            config_checks._check_fields(changed)
+    # Five folds of two classes, 10 clips of each: fold 2 held out leaves 8 per class.
+    labels = np.arange(20) % 2
+    folds = np.arange(20) // 4 + 1
+    source = sources.ArraySource(np.zeros((20, 160), np.int16), labels, 2, {"fold": folds})
+    source.class_names = ("dog", "rooster")
+    made = inputs.make_inputs(c, 32000, {"train": source})
+    np.testing.assert_array_equal(np.bincount(labels[made.train.records]), [3, 3])
+    assert not set(folds[made.train.records]) & {2}
+    made.train.close()
+    c.clips_per_class = 9
+    with pytest.raises(config_checks.ConfigError, match="class 'dog' has 8 training clips"):
+        inputs.make_inputs(c, 32000, {"train": source})
+
+
 # ----------------------------------------------------------------------------
 # The real entry points on TFDS builds of small fake downloads.
 # ----------------------------------------------------------------------------
@@ -592,3 +620,25 @@ def test_gtzan_cross_validation_through_the_transfer_cli(fake_downloads, tmp_pat
     want = 1 / (1 + np.exp(-(_embedding(fake_downloads, wave) @ fc["kernel"] + fc["bias"])))
     got = AudioTagger.load(path).predict(wave)["clipwise_output"][0]
     np.testing.assert_allclose(got, want, rtol=HEAD_RTOL)
+
+
+@pytest.mark.parametrize("name, folds", [("esc50", 5), ("gtzan", 10)])
+def test_probe_cross_validates_a_set_with_folds_by_its_name(name, folds, fake_downloads, capsys):
+    """``panns-jax probe esc50`` (and gtzan) on the fake builds: a row per fold, each fold's
+    recordings scored once, and the mean; the checkpoint's embeddings, the set's classes."""
+    from panns_jax import cli
+
+    root = fake_downloads["root"]
+    args = ["probe", name, "--model", fake_downloads["checkpoint"], "--json", "--no-progress"]
+    args += ["--data-dir", fake_downloads["tfds"], "--cache-dir", str(root / f"cache_{name}")]
+    capsys.readouterr()
+    assert cli.main(args) == 0
+    results = json.loads(capsys.readouterr().out)
+    builder = fake_downloads["builders"]["gtzan_genres" if name == "gtzan" else name]
+    total = builder.info.splits["train"].num_examples
+    assert [r["name"] for r in results["rows"]] == [f"fold {k}" for k in range(1, folds + 1)]
+    assert sum(r["num_eval"] for r in results["rows"]) == total
+    assert all(r["num_train"] + r["num_eval"] == total for r in results["rows"])
+    assert results["classes"] == list(builder.info.features["label"].names)
+    accuracy = [r["logistic"]["accuracy"] for r in results["rows"]]
+    assert results["mean"]["logistic"]["accuracy"] == pytest.approx(np.mean(accuracy))

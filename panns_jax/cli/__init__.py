@@ -5,6 +5,7 @@
     panns-jax stream FILE | --mic     # panns_jax.cli.stream
     panns-jax download NAME | --list  # panns_jax.cli.download: the model zoo
     panns-jax finetune DATA ...       # panns_jax.cli.finetune: fine-tune on your own audio
+    panns-jax probe DATA --model M    # panns_jax.cli.probe: linear-probe benchmark of embeddings
 
 :func:`main` only dispatches. The export, stream and download modules parse their own
 arguments (``-h`` included) and are imported when run, so TensorFlow, sounddevice, the
@@ -25,12 +26,13 @@ DELEGATED_HELP = {
     "stream": "streaming tagging of a file or microphone (panns-jax stream -h)",
     "download": "download, verify and convert released checkpoints (panns-jax download -h)",
     "finetune": "fine-tune on your own labelled audio (panns-jax finetune -h)",
+    "probe": "linear-probe benchmark of a model's embeddings (panns-jax probe -h)",
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``panns-jax`` parser: one subcommand each for tag, sed, embed, export, stream,
-    download and finetune."""
+    download, finetune and probe."""
     parser = argparse.ArgumentParser(
         prog="panns-jax", description="PANNs audio tagging, SED and embeddings in JAX"
     )
@@ -42,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``panns-jax tag | sed | embed | export | stream | download | finetune``; returns the
+    """``panns-jax tag | sed | embed | export | stream | download | finetune | probe``; returns the
     exit status (1 when any file failed, 2 on bad setup)."""
     parser = build_parser()
     args, rest = parser.parse_known_args(None if argv is None else [str(a) for a in argv])
@@ -67,6 +69,10 @@ def _delegated(command: str) -> Callable[[Sequence[str]], int]:
         from panns_jax.cli import finetune
 
         return finetune.main
+    if command == "probe":
+        from panns_jax.cli import probe
+
+        return probe.main
     from panns_jax.cli import download
 
     return download.main

@@ -54,6 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds per clip, cropped or padded (default: the longest recording, <= 10 s)",
     )
     parser.add_argument("--learning-rate", type=float, default=None, help="default 1e-4")
+    parser.add_argument(
+        "--clips-per-class",
+        type=int,
+        default=None,
+        help="train on this many seeded clips of each class (single-label data; default all)",
+    )
     parser.add_argument("--fold", type=int, default=None, help="held-out fold (fold column)")
     parser.add_argument("--holdout", type=float, default=0.1, help="validation fraction (0.1)")
     parser.add_argument("--seed", type=int, default=0)
@@ -122,5 +128,10 @@ class _OwnLines(pylogging.Filter):
 
 def _arg(args: argparse.Namespace) -> str:
     """transfer_config's arguments of the flags given."""
-    given = {"steps": args.steps, "fold": args.fold, "seed": args.seed}
+    given = {
+        "steps": args.steps,
+        "fold": args.fold,
+        "seed": args.seed,
+        "clips_per_class": args.clips_per_class,
+    }
     return ",".join(f"{k}={v}" for k, v in given.items() if v is not None)

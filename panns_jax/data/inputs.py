@@ -15,7 +15,7 @@ import ml_collections
 import numpy as np
 
 from panns_jax import recipe
-from panns_jax.data import pipeline, sources
+from panns_jax.data import pipeline, sampling, sources
 from panns_jax.recipe import ConfigError
 
 # Above this length, a builder's manual-download instructions are replaced by a pointer.
@@ -119,20 +119,26 @@ def make_inputs(
     check_folds(train_source, config.get("train_folds"), "train_folds", config.train_split)
     check_folds(eval_source, config.get("eval_folds"), "eval_folds", config.eval_split)
     samples = recipe.clip_samples(config, sample_rate)
-    train = pipeline.make_train_iterator(
-        train_source,
-        batch_size=recipe.examples_per_step(config),
-        clip_samples=samples,
-        balanced=config.balanced,
-        seed=config.seed,
-        folds=config.get("train_folds"),
-        fraction=config.get("data_fraction", 1.0),
-    )
+    try:
+        train = pipeline.make_train_iterator(
+            train_source,
+            batch_size=recipe.examples_per_step(config),
+            clip_samples=samples,
+            balanced=config.balanced,
+            seed=config.seed,
+            folds=config.get("train_folds"),
+            fraction=config.get("data_fraction", 1.0),
+            clips_per_class=config.get("clips_per_class"),
+            names=names,
+        )
+    except sampling.SelectionError as err:
+        raise ConfigError(f"config.clips_per_class={config.clips_per_class}: {err}") from None
     evaluation = pipeline.make_eval_iterator(
         eval_source,
         batch_size=config.eval_batch_size,
         clip_samples=samples,
         folds=config.get("eval_folds"),
+        segments=bool(config.get("eval_segments", False)),
     )
     return Inputs(train, evaluation, names)
 
@@ -141,7 +147,7 @@ def describe_shards(inputs: Inputs) -> str:
     """Which rows of each global batch, and which eval records, this process reads."""
     import jax
 
-    train, records = inputs.train, np.asarray(inputs.eval.records)
+    train, records = inputs.train, np.unique(inputs.eval.records)
     return (
         f"process {jax.process_index()}/{jax.process_count()} reads rows {train.row_offset}.."
         f"{train.row_offset + train.batch_size - 1} of each global batch of "

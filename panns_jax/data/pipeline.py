@@ -368,26 +368,31 @@ class EvalIterable:
         max_records_per_host: int,
         with_record: bool = False,
         num_parallel_calls: int = tf.data.AUTOTUNE,
+        starts: Optional[np.ndarray] = None,
     ):
         self.source, self.batch_size, self.clip_samples = source, batch_size, clip_samples
         self.records = records
+        # Row i reads records[i] from sample starts[i]: segments of a longer recording.
+        self.starts = np.zeros(len(records), np.int64) if starts is None else starts
         self.num_batches = -(-max_records_per_host // batch_size)
         self._with_record, self._npc = with_record, num_parallel_calls
         self._buffers = _BatchBuffers(keep=6)
 
     @property
     def num_examples(self) -> int:
-        return len(self.records)
+        """Distinct recordings (a recording cut into segments counts once)."""
+        return len(np.unique(self.records))
 
     def batch(self, i: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Batch i as (audio, labels, mask, records). Padding rows are zeros, with record -1."""
-        records = self.records[i * self.batch_size : (i + 1) * self.batch_size]
+        rows = slice(i * self.batch_size, (i + 1) * self.batch_size)
+        records, starts = self.records[rows], self.starts[rows]
         audio = self._buffers.empty((self.batch_size, self.clip_samples))
         labels = _assemble(
             self.source.examples(records),
             audio,
             self.source.num_classes,
-            lambda b, excess: 0,  # The first samples.
+            lambda b, excess: min(int(starts[b]), excess),
         )
         audio[len(records) :] = 0
         pad = self.batch_size - len(records)
@@ -440,6 +445,8 @@ def make_train_iterator(
     num_parallel_calls: int = tf.data.AUTOTUNE,
     with_record: bool = False,
     fraction: float = 1.0,
+    clips_per_class: Optional[int] = None,
+    names: Optional[Sequence[str]] = None,
 ) -> TrainIterator:
     """Endless training batches of this host: its rows of each global batch.
 
@@ -458,6 +465,9 @@ def make_train_iterator(
       with_record: also return 'record' (int64 [B], the record id) per example.
       fraction: train on this fraction of the examples, a subset fixed by
         `seed` (the paper's "amount of training data" ablation).
+      clips_per_class: train on exactly this many examples of each class, chosen by
+        `seed` (single-label data; the paper's Figs. 6-11). `names` (class names) make
+        its error name the class that has too few.
 
     Returns:
       A TrainIterator yielding {'audio': f32 [B, clip_samples] in [-1, 1),
@@ -468,6 +478,8 @@ def make_train_iterator(
     source = make_source(dataset, split, data_dir)
     records = sampling.select_records(source.index, folds=folds)  # Every host: all of it.
     records = sampling.subset(records, fraction, seed)
+    if clips_per_class is not None:
+        records = sampling.per_class(records, source.index, clips_per_class, seed, names)
     return TrainIterator(
         source,
         batch_size=batch_size,
@@ -494,12 +506,19 @@ def make_eval_iterator(
     process_index: Optional[int] = None,
     process_count: Optional[int] = None,
     with_record: bool = False,
+    segments: bool = False,
 ) -> EvalIterable:
     """Re-iterable evaluation batches of this host: each example once, in order.
 
     Batches are {'audio': f32 [B, L], 'labels': f32 [B, C], 'mask': bool [B]}. L is
     clip_samples (the first samples kept, zero-padded at the end), or the dataset's
     fixed clip length when clip_samples is None.
+
+    With ``segments``, a recording longer than L is read whole, as consecutive rows of L
+    samples (the last one ends where the recording ends), and the batches hold 'record'
+    (int64 [B], -1 on padding rows); :func:`panns_jax.metrics.mean_by_record` averages
+    the rows' outputs per recording. The paper evaluates DCASE 2018 Task 2 so, with 4 s
+    segments (Sec. VI-D).
     """
     process_index, process_count = _process(process_index, process_count)
     source = make_source(dataset, split, data_dir)
@@ -515,11 +534,35 @@ def make_eval_iterator(
     ]
     if not any(len(s) for s in shards):
         raise ValueError(f"No examples selected in {split}.")
+    starts = None
+    if segments:
+        plans = [segment_plan(source, s, clip_samples) for s in shards]
+        shards, starts = [p[0] for p in plans], plans[process_index][1]
     return EvalIterable(
         source,
         batch_size=_local_batch(batch_size, process_count),
         clip_samples=clip_samples,
         records=shards[process_index],
         max_records_per_host=max(len(s) for s in shards),
-        with_record=with_record,
+        with_record=with_record or segments,
+        starts=starts,
     )
+
+
+def segment_plan(
+    source: Source, records: np.ndarray, clip_samples: int
+) -> Tuple[np.ndarray, np.ndarray]:
+    """``(record, start)`` of every segment of ``clip_samples`` that covers each record.
+
+    A record of n samples has max(1, ceil(n / clip_samples)) segments; a start past
+    n - clip_samples is read from n - clip_samples, so no segment is mostly padding. Lengths
+    come from the source's fixed length, or else from one read of every record.
+    """
+    if source.fixed_length is not None:
+        lengths = np.full(len(records), source.fixed_length, np.int64)
+    else:
+        lengths = np.array([len(s) for s, _ in source.examples(records)], np.int64)
+    counts = np.maximum(1, -(-lengths // clip_samples))
+    firsts = np.repeat(np.cumsum(counts) - counts, counts)
+    starts = (np.arange(int(counts.sum())) - firsts) * clip_samples
+    return np.repeat(np.asarray(records, np.int64), counts), starts.astype(np.int64)

@@ -179,3 +179,39 @@ def subset(records: np.ndarray, fraction: float, seed: int) -> np.ndarray:
         return records
     keep = np.random.default_rng(seed).permutation(len(records))
     return records[np.sort(keep[: max(1, int(round(fraction * len(records))))])]
+
+
+class SelectionError(ValueError):
+    """A selection of training records the data cannot give (too few clips of a class)."""
+
+
+def per_class(
+    records: np.ndarray,
+    index: "ExampleIndex",
+    clips: int,
+    seed: int,
+    names: Optional[Sequence[str]] = None,
+) -> np.ndarray:
+    """A seeded choice of exactly ``clips`` records of each class, in record order.
+
+    The paper's curves of accuracy against training clips per class (Figs. 6-11) train on
+    such subsets. Defined for single-label data, where the classes partition the records;
+    SelectionError for multi-label records or a class with fewer than ``clips`` records.
+    """
+    if clips < 1:
+        raise ValueError(f"clips per class must be >= 1, got {clips}")
+    counts = np.diff(index.offsets)[records]
+    if np.any(counts != 1):
+        raise SelectionError("clips per class needs one label per clip (single-label data)")
+    labels = index.flat_labels[index.offsets[records]]
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for label in np.unique(labels):
+        members = records[labels == label]
+        if len(members) < clips:
+            name = repr(names[label]) if names is not None else int(label)
+            raise SelectionError(
+                f"class {name} has {len(members)} training clips, fewer than {clips}"
+            )
+        chosen.append(rng.choice(members, clips, replace=False))
+    return np.sort(np.concatenate(chosen))
