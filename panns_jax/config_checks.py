@@ -122,6 +122,30 @@ def _check_model_fits(config: ml_collections.ConfigDict) -> None:
     model_builder.for_config(config).validate()
 
 
+# Every registered model takes clips of 1 s and more (Res1dNet31/51 need 1 s; the others
+# 0.5 s): shorter clips are traced abstractly to find out, longer ones cost nothing.
+SAFE_CLIP_SECONDS = 1.0
+
+
+def check_clip_fits(module: Any, seconds: float, what: str, name: str) -> None:
+    """ConfigError, naming ``what``, when clips of ``seconds`` are too short for the pooling
+    of ``module`` (architecture ``name``): its layers would reduce time to nothing."""
+    if seconds >= SAFE_CLIP_SECONDS:
+        return
+    import jax
+    import jax.numpy as jnp
+
+    samples = max(1, int(round(seconds * models.sample_rate(module))))
+    audio = jax.ShapeDtypeStruct((1, samples), jnp.float32)
+    try:
+        jax.eval_shape(lambda x: module.init(jax.random.key(0), x), audio)
+    except (ValueError, TypeError):
+        raise ConfigError(
+            f"{what}: clips of {seconds:g} s are too short for {name}'s pooling; use at "
+            f"least {SAFE_CLIP_SECONDS:g} s"
+        ) from None
+
+
 def _check_fold_fields(config: ml_collections.ConfigDict) -> None:
     """``train_folds`` / ``eval_folds``: non-empty lists of fold numbers within the set's folds."""
     transfer = config.get("transfer")
@@ -192,6 +216,12 @@ def validate_config(config: ml_collections.ConfigDict, workdir: Optional[str] = 
             f"config.dataset must be a TFDS dataset name, got {config.get('dataset')!r}"
         )
     _check_model_fits(config)
+    check_clip_fits(
+        models.get(config.model, **dict(config.get("model_overrides") or {})),
+        config.clip_seconds,
+        f"config.clip_seconds={config.clip_seconds:g}",
+        config.model,
+    )
     _check_fold_fields(config)
     _check_batch_divides(config)
     if workdir is not None:

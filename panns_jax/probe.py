@@ -24,7 +24,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 
 import numpy as np
 
-from panns_jax import fileio, finetune, loader, metrics, recipe, report, tasks, zoo
+from panns_jax import config_checks, fileio, finetune, loader, metrics, recipe, report, tasks, zoo
 from panns_jax.data import common, custom, inputs, pipeline, sources
 from panns_jax.recipe import ConfigError
 
@@ -520,6 +520,8 @@ def run(
         seed=seed,
         max_bad_fraction=max_bad_fraction,
     )
+    what = f"--clip-seconds {described.clip_seconds:g}"
+    config_checks.check_clip_fits(loaded.module, described.clip_seconds, what, loaded.metadata.name)
     path = cache_path(cache_dir, model_key(model, arch, overrides), described, rate)
     state: Dict[str, Any] = {}
 

@@ -276,6 +276,7 @@ BAD_SETUP = {
     "no_such_model": (["--model", "nowhere/ckpt"], "--model nowhere/ckpt: no such checkpoint"),
     "fold_without_fold_column": (["--fold", "2"], "has no fold column"),
     "bad_batch_size": (["--batch-size", "0"], "config.batch_size must be an integer >= 1"),
+    "clip_too_short": (["--clip-seconds", "0.1"], r"clips of 0\.1 s are too short for Cnn10"),
     "scratch_overrides_unfit": (
         ["--strategy", "scratch", "--model", "Cnn10", "--overrides", '{"wings": 2}'],
         "--overrides do not fit Cnn10",

@@ -479,3 +479,37 @@ def test_importing_the_builders_module_registers_every_builder(tmp_path):
     assert _tfds_finds(builders.NAMES, "import panns_jax.data", tmp_path) == {
         name: False for name in builders.NAMES
     }
+
+
+def test_ravdess_trains_through_its_config_and_probes_by_name(tmp_path, capsys):
+    """RAVDESS from a fake download of 8 actors (2 per speaker-independent fold) and two
+    emotions: configs/ravdess.py trains on folds 2-4 and scores fold 1; ``panns-jax probe
+    ravdess`` cross-validates the 4 folds."""
+    import json
+
+    from configs import ravdess
+    from panns_jax import checkpoints, cli, train
+
+    manual = tmp_path / "manual"
+    for i, actor in enumerate((1, 2, 7, 8, 13, 14, 19, 20)):
+        for emotion in (1, 5):
+            name = f"Actor_{actor:02d}/03-01-{emotion:02d}-01-01-01-{actor:02d}.wav"
+            _write(str(manual / name), _pcm16(10 * i + emotion, 4800), 48000, subtype="PCM_16")
+    prepare(pdata.Ravdess, tmp_path / "tfds", manual)
+    c = ravdess.get_config("strategy=scratch,mixup=none,fold=1")
+    c.model = "Cnn10"
+    c.model_overrides.widths, c.model_overrides.embedding_size = (8, 16, 32, 64), 32
+    c.data_dir, c.clip_seconds, c.batch_size, c.eval_batch_size = str(tmp_path / "tfds"), 0.5, 2, 4
+    c.num_train_steps, c.eval_every, c.checkpoint_every, c.log_every = 2, 2, 2, 1
+    c.num_devices = 1
+    result = train.train_and_evaluate(c, str(tmp_path / "run"))
+    assert result["num_examples"] == 4  # Actors 1 and 2, two emotions each.
+    model = str(tmp_path / "run" / "model")
+    assert checkpoints.load(model).labels[4] == "angry"  # Emotion 05.
+
+    capsys.readouterr()
+    args = ["probe", "ravdess", "--model", model, "--data-dir", str(tmp_path / "tfds"), "--json"]
+    assert cli.main([*args, "--cache-dir", str(tmp_path / "cache"), "--no-progress"]) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert [(r["num_train"], r["num_eval"]) for r in results["rows"]] == [(12, 4)] * 4
+    assert results["clip_seconds"] == 5.0 and results["mean"]["knn"]["accuracy"] is not None

@@ -157,6 +157,7 @@ def test_multi_label_scores_map_and_draws_per_class_ap(pretrained, folders, tmp_
         "output_inside",
         "bad_manifest",
         "transfer_not_built",
+        "clip_too_short",
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(pretrained, folders, tmp_path, capsys, case):
@@ -174,6 +175,10 @@ def test_bad_input_is_one_line_and_writes_nothing(pretrained, folders, tmp_path,
             "lies inside",
         ),
         "bad_manifest": ([bad, "--model", pretrained], "no file column"),
+        "clip_too_short": (
+            [data, "--model", pretrained, "--clip-seconds", "0.1"],
+            "--clip-seconds 0.1: clips of 0.1 s are too short for Cnn10",
+        ),
         "transfer_not_built": (
             ["esc50", "--model", pretrained, "--data-dir", str(work / "tfds")],
             "esc50",
