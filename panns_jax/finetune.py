@@ -77,18 +77,31 @@ def resolve_model(
         except (TypeError, ValueError) as err:
             raise ConfigError(f"--overrides do not fit {model}: {err}") from None
         return model, overrides, None, rate
-    is_pth = os.path.isfile(model) and model.endswith((".pth", ".pt"))
+    meta = load_model(model, arch, overrides).metadata
+    return meta.name, overrides if is_pth_path(model) else {}, model, meta.sample_rate
+
+
+def is_pth_path(model: str) -> bool:
+    """Whether ``model`` names an original ``.pth`` file (whose architecture ``--arch`` says)."""
+    return os.path.isfile(model) and model.endswith((".pth", ".pt"))
+
+
+def load_model(
+    model: str, arch: Optional[str] = None, overrides: Optional[Mapping[str, Any]] = None
+) -> loader.Loaded:
+    """``(module, variables, metadata)`` of ``--model``: a zoo name, a checkpoint directory or
+    a ``.pth`` of architecture ``arch``; a ConfigError line naming it when it cannot load."""
+    is_pth = is_pth_path(model)
     try:
-        meta = loader.load(
+        return loader.load(
             model,
             model=(arch or DEFAULT_MODEL) if is_pth else None,
             overrides=overrides if is_pth else None,
-        ).metadata
+        )
     except (OSError, ValueError, ImportError) as err:  # One line each, naming the model.
         text = (str(err).splitlines() or [type(err).__name__])[0]
         named = text if text.startswith(model) else f"{model}: {text}"
         raise ConfigError(f"--model {named}") from None
-    return meta.name, overrides if is_pth else {}, model, meta.sample_rate
 
 
 def make_config(

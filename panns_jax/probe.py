@@ -66,24 +66,6 @@ class Data:
 # ----------------------------------------------------------------------------
 
 
-def load_model(
-    model: str, arch: Optional[str] = None, overrides: Optional[Mapping[str, Any]] = None
-) -> loader.Loaded:
-    """``(module, variables, metadata)`` of ``model`` (a zoo name, a checkpoint directory or a
-    ``.pth`` of architecture ``arch``); ConfigError, one line naming it, when it cannot load."""
-    is_pth = os.path.isfile(model) and model.endswith((".pth", ".pt"))
-    try:
-        return loader.load(
-            model,
-            model=(arch or finetune.DEFAULT_MODEL) if is_pth else None,
-            overrides=overrides if is_pth else None,
-        )
-    except (OSError, ValueError, ImportError) as err:
-        text = (str(err).splitlines() or [type(err).__name__])[0]
-        named = text if text.startswith(model) else f"{model}: {text}"
-        raise ConfigError(f"--model {named}") from None
-
-
 def model_key(model: str, arch: Optional[str], overrides: Optional[Mapping[str, Any]]) -> str:
     """What identifies the weights of ``model``: a zoo name, or a path's real path with the
     size and modification time of each of its files (a retrained checkpoint is new)."""
@@ -509,7 +491,7 @@ def run(
     if os.path.exists(data):
         data_dir = data_dir or os.path.join(cache_dir, "data")
         finetune.check_outputs_outside(data, output_dir, cache_dir, data_dir)
-    loaded = load_model(model, arch, overrides)
+    loaded = finetune.load_model(model, arch, overrides)
     rate = loaded.metadata.sample_rate
     described = describe_data(
         data,

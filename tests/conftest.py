@@ -97,6 +97,27 @@ def env(tmp_path_factory):
     return serving_utils.tiny_env(tmp_path_factory)
 
 
+# ---------------------------------------------------------------- transfer fixtures
+
+
+@pytest.fixture(scope="module")
+def tiny_pretrained(tmp_path_factory):
+    """A tiny Cnn10 checkpoint (10 classes, random weights) standing in for a pretrained one:
+    what ``finetune`` and ``probe`` start from in their tests."""
+    import jax
+
+    from panns_jax import checkpoints, models
+
+    tiny = {"widths": (8, 16, 32, 64), "embedding_size": 32}
+    path = str(tmp_path_factory.mktemp("pretrained") / "ckpt")
+    model = models.get("Cnn10", **tiny, num_classes=10)
+    variables = jax.device_get(models.init(model, jax.random.key(5), 32000))
+    checkpoints.save(
+        path, checkpoints.ModelCheckpoint("Cnn10", variables, {**tiny, "num_classes": 10})
+    )
+    return path
+
+
 # ---------------------------------------------------------------- zoo fixtures
 
 

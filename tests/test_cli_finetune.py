@@ -9,12 +9,11 @@ import os
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 from custom_data_utils import CLASSES, class_folders, manifest, sound, tree, write_audio
 
-from panns_jax import checkpoints, cli, loader, models
+from panns_jax import checkpoints, cli, loader
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SR = 32000
@@ -22,23 +21,13 @@ TINY = {"widths": (8, 16, 32, 64), "embedding_size": 32}
 QUICK = ["--steps", "3", "--batch-size", "4", "--clip-seconds", "1"]
 
 
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
-    """A tiny Cnn10 checkpoint (10 classes, random weights) standing in for a pretrained one."""
-    path = str(tmp_path_factory.mktemp("pretrained") / "ckpt")
-    model = models.get("Cnn10", **TINY, num_classes=10)
-    variables = jax.device_get(models.init(model, jax.random.key(5), SR))
-    checkpoints.save(
-        path, checkpoints.ModelCheckpoint("Cnn10", variables, {**TINY, "num_classes": 10})
-    )
-    return path
-
-
-def test_finetune_a_folder_per_class_then_tag_prints_the_folder_names(pretrained, tmp_path, capsys):
+def test_finetune_a_folder_per_class_then_tag_prints_the_folder_names(
+    tiny_pretrained, tmp_path, capsys
+):
     data, runs = str(tmp_path / "DATA"), tmp_path / "runs"
     written = class_folders(data)
     workdir = str(runs / "birds")
-    args = ["finetune", data, "--model", pretrained, "--strategy", "freeze_l1", *QUICK]
+    args = ["finetune", data, "--model", tiny_pretrained, "--strategy", "freeze_l1", *QUICK]
     assert cli.main([*args, "--workdir", workdir]) == 0
     out = capsys.readouterr().out
     assert "accuracy" in out and "on 3 valid recordings" in out
@@ -87,7 +76,7 @@ def test_finetune_a_folder_per_class_then_tag_prints_the_folder_names(pretrained
     assert "is not empty and holds no fine-tuning run" in capsys.readouterr().err
 
 
-def test_configs_custom_trains_a_multilabel_manifest_through_main(pretrained, tmp_path):
+def test_configs_custom_trains_a_multilabel_manifest_through_main(tiny_pretrained, tmp_path):
     """``python -m panns_jax.main --config=configs/custom.py:data=MANIFEST,...``: a manifest
     with several labels per file and a split column; mAP at the end."""
     rng = np.random.default_rng(4)
@@ -99,7 +88,7 @@ def test_configs_custom_trains_a_multilabel_manifest_through_main(pretrained, tm
         rows.append((f"{i}.flac", ";".join(kinds), split))
     path = manifest(str(tmp_path / "DATA" / "labels.csv"), rows, ("file", "label", "split"))
     workdir = tmp_path / "run"
-    arg = f"data={path},strategy=finetune,model={pretrained},steps=2,clip_seconds=1"
+    arg = f"data={path},strategy=finetune,model={tiny_pretrained},steps=2,clip_seconds=1"
     flags = ["--config.batch_size=4", "--config.num_devices=1", "--config.log_every=1"]
     flags += [f"--config.data_dir={tmp_path / 'records'}", f"--workdir={workdir}"]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
@@ -202,7 +191,7 @@ BAD_DATA = {
 
 
 @pytest.mark.parametrize("case", sorted(BAD_DATA))
-def test_bad_data_is_one_line_exit_2_and_nothing_written(case, pretrained, tmp_path, capsys):
+def test_bad_data_is_one_line_exit_2_and_nothing_written(case, tiny_pretrained, tmp_path, capsys):
     import re
 
     make, message = BAD_DATA[case]
@@ -210,7 +199,7 @@ def test_bad_data_is_one_line_exit_2_and_nothing_written(case, pretrained, tmp_p
     given = make(data) or data
     before = tree(str(tmp_path))
     workdir = str(tmp_path / "runs" / "x")
-    code = cli.main(["finetune", given, "--model", pretrained, *QUICK, "--workdir", workdir])
+    code = cli.main(["finetune", given, "--model", tiny_pretrained, *QUICK, "--workdir", workdir])
     err = capsys.readouterr().err
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
@@ -285,14 +274,14 @@ BAD_SETUP = {
 
 
 @pytest.mark.parametrize("case", sorted(BAD_SETUP))
-def test_bad_setup_is_one_line_exit_2_and_nothing_written(case, pretrained, tmp_path, capsys):
+def test_bad_setup_is_one_line_exit_2_and_nothing_written(case, tiny_pretrained, tmp_path, capsys):
     import re
 
     flags, message = BAD_SETUP[case]
     data = str(tmp_path / "DATA")
     class_folders(data, per_class=3)
     before = tree(str(tmp_path))
-    args = ["finetune", data, "--model", pretrained, "--steps", "2", *flags]
+    args = ["finetune", data, "--model", tiny_pretrained, "--steps", "2", *flags]
     assert cli.main([*args, "--workdir", str(tmp_path / "runs" / "x")]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and re.search(message, lines[0]), lines
@@ -300,7 +289,7 @@ def test_bad_setup_is_one_line_exit_2_and_nothing_written(case, pretrained, tmp_
 
 
 def test_a_split_manifest_reports_valid_and_the_best_checkpoint_on_test(
-    pretrained, tmp_path, capsys
+    tiny_pretrained, tmp_path, capsys
 ):
     from panns_jax import audio, tasks
     from panns_jax.data import audio_io
@@ -313,7 +302,7 @@ def test_a_split_manifest_reports_valid_and_the_best_checkpoint_on_test(
         rows.append((f"{i}.wav", kind, split))
     path = manifest(str(tmp_path / "DATA" / "labels.tsv"), rows, ("file", "label", "split"), True)
     workdir = str(tmp_path / "runs" / "split")
-    args = ["finetune", path, "--model", pretrained, "--strategy", "finetune", *QUICK]
+    args = ["finetune", path, "--model", tiny_pretrained, "--strategy", "finetune", *QUICK]
     assert cli.main([*args, "--workdir", workdir]) == 0
     out = capsys.readouterr().out
     assert "on 3 valid recordings" in out and "on 6 test recordings (best)" in out
@@ -357,7 +346,7 @@ def test_model_is_a_zoo_name_downloaded_once_and_transferred(zoo_env, tmp_path, 
     assert "Cnn6_mAP=0.343.pth" in cached, cached
 
 
-def test_outputs_inside_a_folder_of_classes_are_refused(pretrained, tmp_path, capsys):
+def test_outputs_inside_a_folder_of_classes_are_refused(tiny_pretrained, tmp_path, capsys):
     """Inside DATA, the workdir or the records would read as a class on the next scan."""
     data = str(tmp_path / "DATA")
     class_folders(data, per_class=3)
@@ -366,7 +355,7 @@ def test_outputs_inside_a_folder_of_classes_are_refused(pretrained, tmp_path, ca
         ["--workdir", os.path.join(data, "run")],
         ["--workdir", str(tmp_path / "w"), "--data-dir", os.path.join(data, "noise", "records")],
     ):
-        assert cli.main(["finetune", data, "--model", pretrained, *where]) == 2
+        assert cli.main(["finetune", data, "--model", tiny_pretrained, *where]) == 2
         (line,) = capsys.readouterr().err.strip().splitlines()
         assert "inside" in line and "choose a folder outside the data" in line
     assert tree(str(tmp_path)) == before

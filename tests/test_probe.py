@@ -8,28 +8,13 @@ import json
 import os
 import sys
 
-import jax
 import numpy as np
 import pytest
 from custom_data_utils import CLASSES, class_folders, manifest, tree
 
-from panns_jax import checkpoints, cli, models, probe
+from panns_jax import cli, probe
 
-SR = 32000
-TINY = {"widths": (8, 16, 32, 64), "embedding_size": 32}
 PNG = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
-    """A tiny Cnn10 checkpoint (10 classes, random weights) standing in for a pretrained one."""
-    path = str(tmp_path_factory.mktemp("pretrained") / "ckpt")
-    model = models.get("Cnn10", **TINY, num_classes=10)
-    variables = jax.device_get(models.init(model, jax.random.key(5), SR))
-    checkpoints.save(
-        path, checkpoints.ModelCheckpoint("Cnn10", variables, {**TINY, "num_classes": 10})
-    )
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -55,11 +40,20 @@ def _json_numbers(row: dict) -> list:
 
 
 def test_hold_out_separates_tones_from_noise_and_the_cache_is_reused(
-    pretrained, folders, tmp_path, capsys, monkeypatch
+    tiny_pretrained, folders, tmp_path, capsys, monkeypatch
 ):
     data, _ = folders
     cache = tmp_path / "cache"
-    args = ["probe", data, "--model", pretrained, "--cache-dir", str(cache), "--holdout", "0.34"]
+    args = [
+        "probe",
+        data,
+        "--model",
+        tiny_pretrained,
+        "--cache-dir",
+        str(cache),
+        "--holdout",
+        "0.34",
+    ]
     calls = []
     embed_split = probe.embed_split
     monkeypatch.setattr(
@@ -92,7 +86,7 @@ def test_hold_out_separates_tones_from_noise_and_the_cache_is_reused(
 
 
 def test_fold_column_gives_a_row_per_fold_and_the_mean_with_pictures(
-    pretrained, folders, tmp_path, capsys
+    tiny_pretrained, folders, tmp_path, capsys
 ):
     data, written = folders
     rows = [
@@ -100,7 +94,7 @@ def test_fold_column_gives_a_row_per_fold_and_the_mean_with_pictures(
     ]
     labels = manifest(os.path.join(data, "folds.csv"), rows, ["file", "label", "fold"])
     out = tmp_path / "results"
-    args = ["probe", labels, "--model", pretrained, "--cache-dir", str(tmp_path / "cache")]
+    args = ["probe", labels, "--model", tiny_pretrained, "--cache-dir", str(tmp_path / "cache")]
     assert cli.main([*args, "--clip-seconds", "1", "--output-dir", str(out), "--json"]) == 0
     results = json.loads(capsys.readouterr().out)
     assert [r["name"] for r in results["rows"]] == ["fold 1", "fold 2", "fold 3"]
@@ -124,7 +118,7 @@ def test_fold_column_gives_a_row_per_fold_and_the_mean_with_pictures(
     assert table["fold 2"] == _json_numbers(results["rows"][1])
 
 
-def test_multi_label_scores_map_and_draws_per_class_ap(pretrained, folders, tmp_path, capsys):
+def test_multi_label_scores_map_and_draws_per_class_ap(tiny_pretrained, folders, tmp_path, capsys):
     data, written = folders
     rows = [
         (p, kind if i % 3 else f"{kind};noise", "train" if i < 8 else "valid")
@@ -134,7 +128,7 @@ def test_multi_label_scores_map_and_draws_per_class_ap(pretrained, folders, tmp_
     ]
     labels = manifest(os.path.join(data, "multi.csv"), rows, ["file", "label", "split"])
     out = tmp_path / "results"
-    args = ["probe", labels, "--model", pretrained, "--cache-dir", str(tmp_path / "cache")]
+    args = ["probe", labels, "--model", tiny_pretrained, "--cache-dir", str(tmp_path / "cache")]
     assert cli.main([*args, "--clip-seconds", "1", "--output-dir", str(out), "--json"]) == 0
     results = json.loads(capsys.readouterr().out)
     assert results["task"] == "multilabel" and "confusion_matrix" not in results
@@ -160,27 +154,27 @@ def test_multi_label_scores_map_and_draws_per_class_ap(pretrained, folders, tmp_
         "clip_too_short",
     ],
 )
-def test_bad_input_is_one_line_and_writes_nothing(pretrained, folders, tmp_path, capsys, case):
+def test_bad_input_is_one_line_and_writes_nothing(tiny_pretrained, folders, tmp_path, capsys, case):
     data, _ = folders
     work = tmp_path / "work"
     work.mkdir()
     bad = manifest(str(work / "bad.csv"), [("a.wav", "x")], ["path", "label"])
     cache = ["--cache-dir", str(work / "cache")]
     argv, expected = {
-        "no_data": ([str(work / "nothing"), "--model", pretrained], "no such folder"),
-        "unknown_set": (["esc51", "--model", pretrained], "esc50, gtzan"),
+        "no_data": ([str(work / "nothing"), "--model", tiny_pretrained], "no such folder"),
+        "unknown_set": (["esc51", "--model", tiny_pretrained], "esc50, gtzan"),
         "missing_model": ([data, "--model", str(work / "none")], "--model"),
         "output_inside": (
-            [data, "--model", pretrained, "--output-dir", os.path.join(data, "out")],
+            [data, "--model", tiny_pretrained, "--output-dir", os.path.join(data, "out")],
             "lies inside",
         ),
-        "bad_manifest": ([bad, "--model", pretrained], "no file column"),
+        "bad_manifest": ([bad, "--model", tiny_pretrained], "no file column"),
         "clip_too_short": (
-            [data, "--model", pretrained, "--clip-seconds", "0.1"],
+            [data, "--model", tiny_pretrained, "--clip-seconds", "0.1"],
             "--clip-seconds 0.1: clips of 0.1 s are too short for Cnn10",
         ),
         "transfer_not_built": (
-            ["esc50", "--model", pretrained, "--data-dir", str(work / "tfds")],
+            ["esc50", "--model", tiny_pretrained, "--data-dir", str(work / "tfds")],
             "esc50",
         ),
     }[case]
@@ -193,11 +187,13 @@ def test_bad_input_is_one_line_and_writes_nothing(pretrained, folders, tmp_path,
     assert tree(str(tmp_path)) == before and tree(data) == data_before
 
 
-def test_missing_scikit_learn_names_the_extra(pretrained, folders, tmp_path, capsys, monkeypatch):
+def test_missing_scikit_learn_names_the_extra(
+    tiny_pretrained, folders, tmp_path, capsys, monkeypatch
+):
     monkeypatch.setitem(sys.modules, "sklearn", None)  # `import sklearn` raises ImportError.
     data, _ = folders
     before = tree(str(tmp_path))
-    assert cli.main(["probe", data, "--model", pretrained, "--cache-dir", str(tmp_path)]) == 2
+    assert cli.main(["probe", data, "--model", tiny_pretrained, "--cache-dir", str(tmp_path)]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line == "error: panns-jax probe needs scikit-learn: pip install 'panns-jax[probe]'"
     assert tree(str(tmp_path)) == before
@@ -225,7 +221,7 @@ def test_segments_are_averaged_per_recording():
     np.testing.assert_array_equal(arrays["fold"], [1, 2])
 
 
-def test_a_transfer_set_by_name_trains_on_train_and_scores_test(pretrained, tmp_path, capsys):
+def test_a_transfer_set_by_name_trains_on_train_and_scores_test(tiny_pretrained, tmp_path, capsys):
     """MSoS built from a small fake download (tests/test_data_transfer.py): its protocol's
     splits and 4 s segments, its class names."""
     from builder_utils import prepare
@@ -237,7 +233,7 @@ def test_a_transfer_set_by_name_trains_on_train_and_scores_test(pretrained, tmp_
     _msos(tmp_path / "manual")
     prepare(pdata.Msos, tmp_path / "tfds", tmp_path / "manual", max_bad_fraction=0.5)
     capsys.readouterr()  # TFDS's build messages.
-    args = ["probe", "msos", "--model", pretrained, "--data-dir", str(tmp_path / "tfds")]
+    args = ["probe", "msos", "--model", tiny_pretrained, "--data-dir", str(tmp_path / "tfds")]
     assert cli.main([*args, "--cache-dir", str(tmp_path / "cache"), "--json"]) == 0
     results = json.loads(capsys.readouterr().out)
     assert results["dataset"] == "msos/32k" and results["clip_seconds"] == 4.0

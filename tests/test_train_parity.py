@@ -71,7 +71,14 @@ def _check(name: str, jit: bool) -> None:
 
 # The slowest to compile or run are marked slow to keep the README's suite under 20 minutes;
 # .ci/run runs them anyway (`-m slow` on this file).
-SLOW_TO_COMPILE = ("MobileNetV2", "ResNet22", "Res1dNet31")
+SLOW_TO_COMPILE = (
+    "MobileNetV2",
+    "ResNet22",
+    "Res1dNet31",
+    "Wavegram_Logmel_Cnn14",
+    "Cnn14_DecisionLevelAtt",
+    "Cnn14_mixup_time_domain",
+)
 
 
 @pytest.mark.parametrize(

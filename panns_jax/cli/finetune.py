@@ -31,19 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("data", help="folder of class folders, or a CSV/TSV manifest")
     parser.add_argument("--workdir", required=True, help="where checkpoints and results go")
-    parser.add_argument(
-        "--model",
-        default="Cnn14",
-        help="pretrained model: a zoo name (downloaded once), a panns_jax checkpoint directory "
-        "or an original .pth; with --strategy scratch also an architecture (default Cnn14)",
-    )
-    parser.add_argument("--arch", default=None, help="architecture of a .pth (default Cnn14)")
-    parser.add_argument(
-        "--overrides",
-        type=checkpoints.parse_overrides,
-        default=None,
-        help="JSON object of architecture arguments of a .pth or a scratch model",
-    )
+    add_model_arguments(parser, "; with --strategy scratch also an architecture")
     parser.add_argument("--strategy", choices=recipe.STRATEGIES, default="finetune")
     parser.add_argument("--steps", type=int, default=None, help="training steps (default 10000)")
     parser.add_argument("--batch-size", type=int, default=None, help="clips per step (32)")
@@ -75,6 +63,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="where the decoded records are built (default: panns_jax_data beside --workdir)",
     )
     return parser
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, scratch: str = "") -> None:
+    """``--model NAME_OR_CHECKPOINT``, ``--arch`` and ``--overrides``, as ``finetune`` and
+    ``probe`` take them; ``scratch`` says what else ``--model`` may name."""
+    parser.add_argument(
+        "--model",
+        default="Cnn14",
+        help="pretrained model: a zoo name (downloaded once), a panns_jax checkpoint directory "
+        f"or an original .pth{scratch} (default Cnn14)",
+    )
+    parser.add_argument("--arch", default=None, help="architecture of a .pth (default Cnn14)")
+    parser.add_argument(
+        "--overrides",
+        type=checkpoints.parse_overrides,
+        default=None,
+        help="JSON object of architecture arguments of a .pth (or of a scratch model)",
+    )
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -19,7 +19,7 @@ import json
 import sys
 from typing import Optional, Sequence
 
-from panns_jax import checkpoints
+from panns_jax.cli import finetune
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,19 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "data", metavar="DATA_OR_DATASET", help="folder of class folders, manifest, or set name"
     )
-    parser.add_argument(
-        "--model",
-        default="Cnn14",
-        help="a zoo name (downloaded once), a panns_jax checkpoint directory or an original "
-        ".pth (default Cnn14)",
-    )
-    parser.add_argument("--arch", default=None, help="architecture of a .pth (default Cnn14)")
-    parser.add_argument(
-        "--overrides",
-        type=checkpoints.parse_overrides,
-        default=None,
-        help="JSON object of architecture arguments of a .pth",
-    )
+    finetune.add_model_arguments(parser)
     parser.add_argument("--json", action="store_true", help="print the JSON results")
     parser.add_argument(
         "--output-dir", default=None, help="write probe_results.json and pictures here"
