@@ -95,6 +95,17 @@ def test_a_second_tag_process_compiles_nothing_and_off_compiles_again(env, tmp_p
     assert _entries(tmp_path) == written
 
 
+def test_a_second_stream_process_compiles_nothing(env, tmp_path):
+    argv = ["stream", env["root"] / "good.wav", "--checkpoint", env["ckpt"]]
+    on = {"PANNS_JAX_COMPILATION_CACHE": "1"}
+    first = _run(tmp_path, "cli", argv, **on)
+    assert first["code"] == 0 and first["compiles"] >= 1 and not first["hits"]
+    second = _run(tmp_path, "cli", argv, **on)
+    assert second["compiles"] == 0 and second["hits"] == first["compiles"], second
+    off = _run(tmp_path, "cli", argv + ["--no-compilation-cache"], **on)  # Negative control.
+    assert off["dir"] is None and off["compiles"] == first["compiles"] and not off["hits"]
+
+
 def test_the_library_leaves_the_cache_off_and_enable_turns_it_on(env, tmp_path):
     args = [env["root"] / "good.wav", env["ckpt"]]
     plain = _run(tmp_path, "library", args)

@@ -106,6 +106,11 @@ def _add_common(parser: argparse.ArgumentParser, window_help: str, hop_help: str
         "--output", default=None, help="output file (see the format options), written when complete"
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    add_cache_argument(parser)
+
+
+def add_cache_argument(parser: argparse.ArgumentParser) -> None:
+    """``--no-compilation-cache``, as every command that runs a model declares it."""
     parser.add_argument(
         "--no-compilation-cache",
         action="store_true",
@@ -175,7 +180,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if cached:
-        _enable_compilation_cache()
+        enable_compilation_cache()
     for message in input_errors:
         print(f"error: {message}", file=sys.stderr)
     try:
@@ -200,7 +205,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _enable_compilation_cache() -> None:
+def enable_compilation_cache() -> None:
     """JAX's persistent compilation cache on; a cache that cannot be made is a warning."""
     try:
         compile_cache.enable()

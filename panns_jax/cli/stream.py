@@ -21,7 +21,8 @@ from typing import Any, Iterator, List, Optional, Sequence
 
 import numpy as np
 
-from panns_jax import audio, checks, loader
+from panns_jax import audio, checks, compile_cache, loader
+from panns_jax.cli import infer
 from panns_jax.streaming import DEFAULT_HOP, DEFAULT_SED_WINDOW, DEFAULT_WINDOW, StreamingTagger
 
 DEFAULT_RANDOM_MODEL = "MobileNetV1"  # `stream` without --checkpoint or --model: a fast one.
@@ -62,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--frames", action="store_true", help="also print the top class of every frame"
     )
+    infer.add_cache_argument(parser)
     return parser
 
 
@@ -74,6 +76,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     notes: List[str] = []
     try:
         check_arguments(args)
+        if not args.no_compilation_cache and compile_cache.wanted_by_environment():
+            infer.enable_compilation_cache()
         tagger = _tagger(args)
         block = max(1, int(round(args.block * tagger.sample_rate)))
         blocks = _blocks(args, tagger.sample_rate, block, notes)
