@@ -148,15 +148,7 @@ class AudioTagger:
     def _fits(self, num_samples: int) -> bool:
         """Whether the model takes ``num_samples`` (shape-checked by tracing, cached)."""
         if num_samples not in self._fit_cache:
-            try:
-                jax.eval_shape(
-                    self.model.apply,
-                    self.variables,
-                    jax.ShapeDtypeStruct((1, num_samples), jnp.float32),
-                )
-                self._fit_cache[num_samples] = True
-            except ValueError:
-                self._fit_cache[num_samples] = False
+            self._fit_cache[num_samples] = models.takes_length(self.model, num_samples)
         return self._fit_cache[num_samples]
 
     @functools.cached_property

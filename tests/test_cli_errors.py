@@ -403,3 +403,26 @@ def test_full_disk_is_one_line_and_leaves_nothing(env, tmp_path):
         f"error: cannot write {out}: File too large ({tmp_path}); nothing was written"
     )
     assert sorted(os.listdir(tmp_path)) == ["model.pth"]
+
+
+def test_a_failed_save_filters_only_orbax_reports_of_abandoned_writes(caplog):
+    """After a failed save, orbax's write tasks that nobody retrieved may be reported when
+    collected, as late as the interpreter's exit: those reports are dropped, nothing else."""
+    import logging
+
+    def fail():
+        raise OSError(27, "File too large")
+
+    asyncio_logger = logging.getLogger("asyncio")
+    before = list(asyncio_logger.filters)
+    try:
+        with pytest.raises(OSError):
+            convert_cli._quiet_orbax(fail)
+        assert asyncio_logger.level == logging.NOTSET  # The level is restored.
+        with caplog.at_level(logging.ERROR, logger="asyncio"):
+            abandoned = "future: <Task coro=<NumpyHandler._open_and_write() at orbax/...>>"
+            asyncio_logger.error("Task exception was never retrieved\n%s", abandoned)
+            asyncio_logger.error("Task exception was never retrieved\nfuture: <Task mine>")
+        assert [r.getMessage().splitlines()[-1] for r in caplog.records] == ["future: <Task mine>"]
+    finally:
+        asyncio_logger.filters[:] = before

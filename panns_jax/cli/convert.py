@@ -164,10 +164,26 @@ def _quiet_orbax(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any
     sys.excepthook = sys.unraisablehook = threading.excepthook = lambda *a: None
     try:
         return function(*args, **kwargs)
+    except BaseException:
+        # The failed save's other write tasks report "Task exception was never retrieved"
+        # when they are collected, which may be as late as the interpreter's exit.
+        asyncio_logger = logging.getLogger("asyncio")
+        if not any(isinstance(f, _AbandonedOrbaxWrites) for f in asyncio_logger.filters):
+            asyncio_logger.addFilter(_AbandonedOrbaxWrites())
+        raise
     finally:
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
         sys.excepthook, sys.unraisablehook, threading.excepthook = hooks
+
+
+class _AbandonedOrbaxWrites(logging.Filter):
+    """Drops asyncio's report of an orbax write task whose failure nobody retrieved: the
+    save's own error is already reported, in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        return not ("exception was never retrieved" in text and "orbax" in text)
 
 
 if __name__ == "__main__":

@@ -103,6 +103,17 @@ def init(
     return dict(jax.jit(lambda r: model.init(r, dummy, train=False))(rng))
 
 
+def takes_length(model: nn.Module, num_samples: int) -> bool:
+    """Whether ``model`` takes waveforms of ``num_samples``: shorter ones leave its pooling no
+    time to reduce. Traced abstractly (``jax.eval_shape``); nothing is computed."""
+    audio = jax.ShapeDtypeStruct((1, num_samples), jnp.float32)
+    try:
+        jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), audio)
+    except (ValueError, TypeError):  # A zero-size reduction or a negative dimension.
+        return False
+    return True
+
+
 def count_params(params: Any) -> int:
     """Number of scalars in a parameter tree."""
     return int(sum(x.size for x in jax.tree_util.tree_leaves(params)))
