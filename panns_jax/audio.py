@@ -40,6 +40,22 @@ AUDIO_EXTENSIONS = (
     ".mkv",
     ".snd",
 )
+# Of those, the formats libsndfile reads itself: a file of them that it cannot read is a bad
+# file, not one for another decoder.
+SOUNDFILE_EXTENSIONS = (
+    ".wav",
+    ".flac",
+    ".ogg",
+    ".oga",
+    ".opus",
+    ".au",
+    ".aif",
+    ".aiff",
+    ".aifc",
+    ".w64",
+    ".caf",
+    ".snd",
+)
 
 # Samples decoded at a time when streaming, counted at the OUTPUT rate: a file that
 # declares a low rate is read in proportionally fewer frames, so resampling up never

@@ -5,9 +5,10 @@
     tagger = AudioTagger.load("Cnn14")
     tagger.tag("rec.wav")             # a later process with the same model and shape: no compile
 
-The ``panns-jax tag | sed | embed`` commands turn it on by default; ``--no-compilation-cache``
-or ``PANNS_JAX_COMPILATION_CACHE=0`` turns it off. It changes process-wide JAX settings, so
-library code never turns it on: a program that uses panns_jax calls :func:`enable` itself.
+The ``panns-jax tag | sed | embed | stream`` commands turn it on by default;
+``--no-compilation-cache`` or ``PANNS_JAX_COMPILATION_CACHE=0`` turns it off. It changes
+process-wide JAX settings, so library code never turns it on: a program that uses panns_jax
+calls :func:`enable` itself.
 
 Every compiled program is written (JAX's default skips those compiled in under a second,
 which is all of ours on a CPU), and the directory is capped at :data:`MAX_BYTES`, least

@@ -112,14 +112,16 @@ def _check_model_name(config: ml_collections.ConfigDict) -> None:
         )
 
 
-def _check_model_fits(config: ml_collections.ConfigDict) -> None:
-    """The overrides fit the model, and the model builder's own fields are valid."""
+def _check_model_fits(config: ml_collections.ConfigDict) -> Any:
+    """The overrides fit the model, and the model builder's own fields are valid; the
+    module the config names."""
     try:  # Cheap: builds the module without tracing, so unknown overrides fail here.
-        models.get(config.model, **dict(config.get("model_overrides") or {}))
+        module = models.get(config.model, **dict(config.get("model_overrides") or {}))
     except (TypeError, ValueError) as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise ConfigError(f"config.model_overrides do not fit {config.model}: {reason}") from None
     model_builder.for_config(config).validate()
+    return module
 
 
 # Every registered model takes clips of 1 s and more (Res1dNet31/51 need 1 s; the others
@@ -209,9 +211,8 @@ def validate_config(config: ml_collections.ConfigDict, workdir: Optional[str] = 
         raise ConfigError(
             f"config.dataset must be a TFDS dataset name, got {config.get('dataset')!r}"
         )
-    _check_model_fits(config)
     check_clip_fits(
-        models.get(config.model, **dict(config.get("model_overrides") or {})),
+        _check_model_fits(config),
         config.clip_seconds,
         f"config.clip_seconds={config.clip_seconds:g}",
         config.model,

@@ -242,15 +242,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, path: str, split: str
         with_record=True,
     )
     scores_of = jax.jit(lambda v, audio: task.scores(module.apply(v, audio)))
-    scores, targets, records = [], [], []
-    for batch in batches:
-        mask = np.asarray(batch["mask"])
-        scores.append(np.asarray(scores_of(variables, batch["audio"]))[mask])
-        targets.append(np.asarray(batch["labels"])[mask])
-        records.append(np.asarray(batch["record"])[mask])
-    return task.evaluate_rows(
-        np.concatenate(scores), np.concatenate(targets), np.concatenate(records)
-    )
+    return task.evaluate_rows(*pipeline.eval_rows(batches, lambda x: scores_of(variables, x)))
 
 
 def _check_same_data(config: ml_collections.ConfigDict, workdir: str) -> None:

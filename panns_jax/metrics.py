@@ -139,16 +139,22 @@ def write_per_class(
     return path
 
 
-def mean_by_record(values: np.ndarray, records: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-    """``(unique records, mean of values per record)``, records in order of first row.
+def mean_by_record(records: np.ndarray, *values: np.ndarray) -> Tuple[np.ndarray, ...]:
+    """``(unique records, the mean of each of values per record...)``, records in order of
+    their first row; the means keep each array's dtype.
 
-    The rows of one record are its segments (``pipeline.make_eval_iterator`` with ``segments``);
-    padding rows must be dropped first.
+    The rows of one record are its segments (``pipeline.make_eval_iterator`` with
+    ``segments``); padding rows must be dropped first. A record's labels are equal on all its
+    rows, so their mean is the record's labels.
     """
-    values, records = np.asarray(values), np.asarray(records)
+    records = np.asarray(records)
     unique, first, inverse = np.unique(records, return_index=True, return_inverse=True)
-    sums = np.zeros((len(unique),) + values.shape[1:], np.float64)
-    np.add.at(sums, inverse, values)
-    means = sums / np.bincount(inverse, minlength=len(unique)).reshape(-1, *[1] * (values.ndim - 1))
     order = np.argsort(first)
-    return unique[order], means[order].astype(values.dtype)
+    counts = np.bincount(inverse, minlength=len(unique))
+    means = []
+    for value in map(np.asarray, values):
+        sums = np.zeros((len(unique),) + value.shape[1:], np.float64)
+        np.add.at(sums, inverse, value)
+        mean = sums / counts.reshape(-1, *[1] * (value.ndim - 1))
+        means.append(mean[order].astype(value.dtype))
+    return (unique[order], *means)

@@ -207,15 +207,9 @@ def embed_split(
     batches = pipeline.make_eval_iterator(
         source, split, batch_size=batch_size, clip_samples=clip_samples, segments=True
     )
-    rows, labels, records = [], [], []
-    for batch in tqdm(batches, desc=f"embedding {split}", unit="batch", disable=not progress):
-        mask = np.asarray(batch["mask"])
-        rows.append(embed(np.asarray(batch["audio"]))[mask])
-        labels.append(np.asarray(batch["labels"])[mask])
-        records.append(np.asarray(batch["record"])[mask])
-    records_all = np.concatenate(records)
-    unique, embedding = metrics.mean_by_record(np.concatenate(rows), records_all)
-    _, multi_hot = metrics.mean_by_record(np.concatenate(labels), records_all)  # Equal rows.
+    shown = tqdm(batches, desc=f"embedding {split}", unit="batch", disable=not progress)
+    rows, labels, records = pipeline.eval_rows(shown, embed)
+    unique, embedding, multi_hot = metrics.mean_by_record(records, rows, labels)
     folds = getattr(source.index, "columns", {}).get("fold")
     return {
         "embedding": embedding.astype(np.float32),
@@ -225,26 +219,24 @@ def embed_split(
     }
 
 
-def embeddings(
-    path: str,
-    compute: Callable[[str], Dict[str, np.ndarray]],
-    splits: Sequence[str],
-) -> Tuple[Dict[str, Dict[str, np.ndarray]], bool]:
-    """``({split: embed_split's arrays}, whether they came from the cache)``: read from the
-    ``.npz`` at ``path``, or made with ``compute(split)`` and written there atomically."""
-    if os.path.isfile(path):
-        try:
-            with np.load(path) as stored:
-                found = {s: {k: stored[f"{s}.{k}"] for k in _KEYS} for s in splits}
-            return found, True
-        except (OSError, ValueError, KeyError):
-            pass  # A damaged or older cache file is made anew.
-    made = {split: compute(split) for split in splits}
+def read_cache(path: str, splits: Sequence[str]) -> Optional[Dict[str, Dict[str, np.ndarray]]]:
+    """``{split: embed_split's arrays}`` from the ``.npz`` at ``path``; None when there is none,
+    or a damaged or older one (it is then made anew)."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        with np.load(path) as stored:
+            return {s: {k: stored[f"{s}.{k}"] for k in _KEYS} for s in splits}
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def write_cache(path: str, arrays: Mapping[str, Mapping[str, np.ndarray]]) -> None:
+    """Store ``{split: embed_split's arrays}`` at ``path`` in one rename."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    flat = {f"{s}.{k}": v for s, arrays in made.items() for k, v in arrays.items()}
+    flat = {f"{s}.{k}": v for s, split in arrays.items() for k, v in split.items()}
     with fileio.staged(path) as staging, open(staging, "wb") as f:
         np.savez(f, **flat)
-    return made, False
 
 
 # ----------------------------------------------------------------------------
@@ -505,23 +497,23 @@ def run(
     what = f"--clip-seconds {described.clip_seconds:g}"
     config_checks.check_clip_fits(loaded.module, described.clip_seconds, what, loaded.metadata.name)
     path = cache_path(cache_dir, model_key(model, arch, overrides), described, rate)
-    state: Dict[str, Any] = {}
-
-    def compute(split: str) -> Dict[str, np.ndarray]:
-        if not state:
-            state["builder"] = open_builder(described)
-            state["embed"] = embed_function(loaded)
+    arrays = read_cache(path, described.splits)
+    cached = arrays is not None
+    if arrays is None:  # Decode the data (own data once) and embed every split.
+        builder, embed = open_builder(described), embed_function(loaded)
         samples = int(round(described.clip_seconds * rate))
-        return embed_split(
-            state["embed"],
-            state["builder"],
-            split,
-            clip_samples=samples,
-            batch_size=batch_size,
-            progress=progress,
-        )
-
-    arrays, cached = embeddings(path, compute, described.splits)
+        arrays = {
+            split: embed_split(
+                embed,
+                builder,
+                split,
+                clip_samples=samples,
+                batch_size=batch_size,
+                progress=progress,
+            )
+            for split in described.splits
+        }
+        write_cache(path, arrays)
     results = probe(described, arrays, seed=seed)
     results.update(model=model, embedding_cache=path, cached=cached)
     if output_dir:

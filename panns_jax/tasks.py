@@ -47,8 +47,7 @@ class Task:
         """:meth:`evaluate` and ``num_examples`` of scored rows; per recording when
         ``records`` names each row's recording (its segments' scores averaged)."""
         if records is not None:
-            _, scores = metrics.mean_by_record(scores, records)
-            _, targets = metrics.mean_by_record(targets, records)
+            _, scores, targets = metrics.mean_by_record(records, scores, targets)
         result = self.evaluate(scores, targets)
         result["num_examples"] = len(targets)
         return result

@@ -118,10 +118,10 @@ def test_singlelabel_evaluation_holds_the_confusion_matrix_of_its_top_classes():
 def test_mean_by_record_averages_the_rows_of_each_recording_in_first_seen_order():
     values = np.array([[1.0, 0.0], [3.0, 2.0], [5.0, 5.0], [0.0, 4.0], [7.0, 1.0]], np.float32)
     records = np.array([4, 4, 9, 2, 9])
-    got_records, means = metrics.mean_by_record(values, records)
+    got_records, means = metrics.mean_by_record(records, values)
     np.testing.assert_array_equal(got_records, [4, 9, 2])
     np.testing.assert_allclose(means, [[2.0, 1.0], [6.0, 3.0], [0.0, 4.0]])
     assert means.dtype == np.float32
     # Negative control: rows of other recordings must not mix in.
-    _, wrong = metrics.mean_by_record(values, np.array([4, 4, 9, 9, 2]))
+    _, wrong = metrics.mean_by_record(np.array([4, 4, 9, 9, 2]), values)
     assert not np.allclose(wrong, means)

@@ -175,7 +175,7 @@ def run(args: argparse.Namespace) -> int:
     try:  # Everything is checked before a model is built or a sample computed.
         check_arguments(args)
         check_outputs(args, files)
-        cached = not args.no_compilation_cache and compile_cache.wanted_by_environment()
+        cached = wants_compilation_cache(args)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -203,6 +203,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"{len(names)} of {total} file(s) failed: {', '.join(names)}", file=sys.stderr)
         return 1
     return 0
+
+
+def wants_compilation_cache(args: argparse.Namespace) -> bool:
+    """Whether the command caches compiled programs: not ``--no-compilation-cache``, and the
+    environment allows it (ValueError for a bad switch value)."""
+    return not args.no_compilation_cache and compile_cache.wanted_by_environment()
 
 
 def enable_compilation_cache() -> None:

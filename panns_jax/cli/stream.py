@@ -21,7 +21,7 @@ from typing import Any, Iterator, List, Optional, Sequence
 
 import numpy as np
 
-from panns_jax import audio, checks, compile_cache, loader
+from panns_jax import audio, checks, loader
 from panns_jax.cli import infer
 from panns_jax.streaming import DEFAULT_HOP, DEFAULT_SED_WINDOW, DEFAULT_WINDOW, StreamingTagger
 
@@ -76,7 +76,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     notes: List[str] = []
     try:
         check_arguments(args)
-        if not args.no_compilation_cache and compile_cache.wanted_by_environment():
+        if infer.wants_compilation_cache(args):
             infer.enable_compilation_cache()
         tagger = _tagger(args)
         block = max(1, int(round(args.block * tagger.sample_rate)))

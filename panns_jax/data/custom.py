@@ -44,7 +44,6 @@ DEFAULT_HOLDOUT = 0.1
 MANIFEST_EXTENSIONS = (".csv", ".tsv", ".txt")
 # What scan() probes. Formats libsndfile reads are checked here; the others (m4a, webm, ...)
 # decode through librosa's backends, which only the build runs.
-_SOUNDFILE_EXTENSIONS = ".wav .flac .ogg .oga .opus .au .aif .aiff .aifc .w64 .caf .snd".split()
 _MAX_NAMED = 5  # Skipped files named in an error.
 
 
@@ -151,7 +150,7 @@ def _probe(path: str) -> Optional[float]:
     except Exception as err:  # pylint: disable=broad-except
         extension = os.path.splitext(path)[1].lower()
         mp3 = extension == ".mp3" and "MP3" in sf.available_formats()  # libsndfile >= 1.1
-        if extension in _SOUNDFILE_EXTENSIONS or mp3:
+        if extension in audio.SOUNDFILE_EXTENSIONS or mp3:
             why = str(err).split("': ", 1)[-1]  # libsndfile's reason, without the path.
             raise common.BadExample(f"bad audio: not readable ({why})") from None
         return None

@@ -549,6 +549,20 @@ def make_eval_iterator(
     )
 
 
+def eval_rows(
+    batches: Iterable[Batch], fn: Callable[[np.ndarray], Any]
+) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(fn(audio), labels, record)`` of every real row of ``batches`` (padding dropped), from
+    eval batches that hold 'record' (``with_record`` or ``segments``), in one process."""
+    outputs, labels, records = [], [], []
+    for batch in batches:
+        mask = np.asarray(batch["mask"])
+        outputs.append(np.asarray(fn(batch["audio"]))[mask])
+        labels.append(np.asarray(batch["labels"])[mask])
+        records.append(np.asarray(batch["record"])[mask])
+    return np.concatenate(outputs), np.concatenate(labels), np.concatenate(records)
+
+
 def segment_plan(
     source: Source, records: np.ndarray, clip_samples: int
 ) -> Tuple[np.ndarray, np.ndarray]:
