@@ -35,6 +35,7 @@ skips the digest and shapes.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -191,6 +192,26 @@ def _this_process_checkpointer():
     )
 
 
+def _discard(staging: str, checkpointer: Any, quiet: float = 0.5, limit: float = 30.0) -> None:
+    """Remove the staging directory of a failed save, and keep it removed.
+
+    When one of orbax's writes fails, the others may still be in flight: the checkpointer
+    is closed first (it waits for its own thread), but tensorstore's writes run on threads
+    of their own and can create files in ``staging`` after the error surfaced, even while
+    it is being removed. So it is removed again until it has stayed absent for ``quiet``
+    seconds, ``limit`` seconds at most; the error path alone pays this.
+    """
+    if checkpointer is not None:
+        with contextlib.suppress(Exception):  # It re-raises the write's error.
+            checkpointer.close()
+    deadline = time.monotonic() + limit
+    while True:
+        shutil.rmtree(staging, ignore_errors=True)
+        time.sleep(quiet)
+        if not os.path.lexists(staging) or time.monotonic() > deadline:
+            return
+
+
 def save(path: str, checkpoint: ModelCheckpoint, *, overwrite: bool = False) -> str:
     """Write ``checkpoint`` to directory ``path`` atomically; returns the absolute path.
 
@@ -210,6 +231,7 @@ def save(path: str, checkpoint: ModelCheckpoint, *, overwrite: bool = False) -> 
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     staging = _make_dir(parent, f".{os.path.basename(path)}.tmp-")
+    checkpointer = None
     try:
         variables = {k: v for k, v in checkpoint.variables.items() if k in COLLECTIONS}
         checkpointer = _this_process_checkpointer()
@@ -235,7 +257,7 @@ def save(path: str, checkpoint: ModelCheckpoint, *, overwrite: bool = False) -> 
         _record_verified(staging, metadata["digest"], wait=True)
         fileio.replace_dir(staging, path)
     except BaseException as err:
-        shutil.rmtree(staging, ignore_errors=True)
+        _discard(staging, checkpointer)
         code = re.search(r"os_error_code='(\d+)'", str(err))
         if not isinstance(err, OSError) and code:
             # tensorstore reports a full disk (ENOSPC), a size limit... as a ValueError

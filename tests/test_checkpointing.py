@@ -11,6 +11,8 @@ import logging
 import os
 import re
 import shutil
+import threading
+import time
 
 import jax
 import jax.numpy as jnp
@@ -662,3 +664,38 @@ def test_weights_of_a_dtype_the_file_cannot_hold_stay_in_orbax_alone(tmp_path, t
         loaded = checkpoints.load(path).variables
         assert _same(loaded, checkpoint.variables)
         assert flax_flat(loaded)[("params", "fc1", "bias")].dtype == ml_dtypes.bfloat16
+
+
+class _LateWriter:
+    """A checkpointer whose save fails while one of its writes is still in flight: that
+    write lands in the staging directory after the error, as tensorstore's threads can."""
+
+    def __init__(self, delay):
+        self.delay, self.landed, self.thread = delay, threading.Event(), None
+
+    def save(self, directory, _):
+        def late_write():
+            time.sleep(self.delay)
+            os.makedirs(directory, exist_ok=True)
+            with open(os.path.join(directory, "late"), "w") as f:
+                f.write("x")
+            self.landed.set()
+
+        self.thread = threading.Thread(target=late_write)
+        self.thread.start()
+        raise OSError(27, "File too large")
+
+    def close(self):
+        pass  # Like orbax's close, it cannot wait for tensorstore's own threads.
+
+
+def test_a_failed_save_leaves_nothing_even_when_a_write_lands_after_the_error(
+    tmp_path, tiny_variables, monkeypatch
+):
+    writer = _LateWriter(delay=0.05)
+    monkeypatch.setattr(checkpoints, "_this_process_checkpointer", lambda: writer)
+    with pytest.raises(OSError, match="File too large"):
+        checkpoints.save(str(tmp_path / "out"), _checkpoint(tiny_variables, 0))
+    writer.thread.join()
+    assert writer.landed.is_set()  # The write did land after the error: removing once fails.
+    assert os.listdir(tmp_path) == []
