@@ -134,6 +134,8 @@ def _first_step(config, num_devices):
     )
 
 
+# Slow (a minute each, several processes or eight devices); .ci/run's `-m slow` step runs it.
+@pytest.mark.slow
 def test_eight_devices_give_the_same_loss_as_one(tmp_path):
     """8 devices compute the step of 1, up to the order of the gradient's reductions.
 
@@ -226,6 +228,8 @@ def _run_main(workdir, data_dir, steps, wait=True):
     return process
 
 
+# Slow (a minute each, several processes or eight devices); .ci/run's `-m slow` step runs it.
+@pytest.mark.slow
 def test_killed_and_resumed_run_equals_uninterrupted(data_dir, tmp_path):
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
     _run_main(straight, data_dir, 12)
@@ -267,6 +271,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, m
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3"]
 
 
+# Slow (a minute each, several processes or eight devices); .ci/run's `-m slow` step runs it.
+@pytest.mark.slow
 def test_resume_onto_a_different_number_of_devices(data_dir, tmp_path):
     """A checkpoint written by 8 devices resumes on 2 and continues the same run.
 

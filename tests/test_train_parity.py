@@ -94,6 +94,9 @@ def _check(name: str, jit: bool) -> None:
 # The slowest to compile or run are marked slow to keep the README's suite under 20 minutes;
 # .ci/run runs them anyway (`-m slow` on this file).
 SLOW_TO_COMPILE = (
+    "Cnn14",
+    "DaiNet19",
+    "MobileNetV1",
     "MobileNetV2",
     "ResNet22",
     "Res1dNet31",
