@@ -18,30 +18,8 @@ from typing import Any, BinaryIO, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 
-# The one list of audio file extensions: what `panns-jax tag DIR` picks up and what the dataset
-# builders index. soundfile decodes most directly; the rest goes through librosa/audioread.
-AUDIO_EXTENSIONS = (
-    ".wav",
-    ".flac",
-    ".ogg",
-    ".oga",
-    ".opus",
-    ".mp3",
-    ".m4a",
-    ".aac",
-    ".au",
-    ".aif",
-    ".aiff",
-    ".aifc",
-    ".w64",
-    ".caf",
-    ".webm",
-    ".mp4",
-    ".mkv",
-    ".snd",
-)
-# Of those, the formats libsndfile reads itself: a file of them that it cannot read is a bad
-# file, not one for another decoder.
+# The formats libsndfile reads itself: a file of them that it cannot read is a bad file, not
+# one for another decoder.
 SOUNDFILE_EXTENSIONS = (
     ".wav",
     ".flac",
@@ -56,6 +34,9 @@ SOUNDFILE_EXTENSIONS = (
     ".caf",
     ".snd",
 )
+# The one list of audio file extensions: what `panns-jax tag DIR` picks up and what the dataset
+# builders index. soundfile decodes those above; the rest goes through librosa/audioread.
+AUDIO_EXTENSIONS = SOUNDFILE_EXTENSIONS + (".mp3", ".m4a", ".aac", ".webm", ".mp4", ".mkv")
 
 # Samples decoded at a time when streaming, counted at the OUTPUT rate: a file that
 # declares a low rate is read in proportionally fewer frames, so resampling up never

@@ -32,6 +32,7 @@ import numpy as np
 import optax
 
 from panns_jax import convert, frontend, model_builder, models, recipe, tasks, train
+from panns_jax.models import layers
 
 TRAIN_ORACLE = G.GOLDEN / "train"
 # golden/train/README.md: every family and every mixup placement.
@@ -119,7 +120,6 @@ def load_oracle(name: str) -> Dict[str, np.ndarray]:
 # It is read back from the oracle itself (:func:`oracle_mixing_weights`).
 MIXING_SOURCE = ("LeeNet11", "conv_block1")  # Mixup on the waveform, then one conv + BN.
 MIXING_ULPS = 4  # float32 candidates tried on each side of float32(1 − stored λi).
-BN_MOMENTUM = 0.1  # PyTorch's: running = (1 − m) * running + m * unbiased batch statistic.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,7 +160,9 @@ def oracle_mixing_weights() -> MixingFit:
     key = f"{block}.bn1.running_var"
     idx = oracle[f"idx/{key}"]
     initial = np.asarray(state[key], np.float64)[idx]
-    batch_var = (oracle[f"f64/step1/val/{key}"] - (1 - BN_MOMENTUM) * initial) / BN_MOMENTUM
+    # running = m * running + (1 - m) * unbiased batch variance (layers.BN_MOMENTUM = 0.9).
+    momentum = layers.BN_MOMENTUM
+    batch_var = (oracle[f"f64/step1/val/{key}"] - momentum * initial) / (1 - momentum)
     x = np.pad(oracle["x"].astype(np.float64), ((0, 0), (1, 1)))  # Conv k3, stride 3, pad 1.
     frames = (oracle["x"].shape[1] - 1) // 3 + 1
     taps = np.stack([x[:, 3 * np.arange(frames) + j] for j in range(3)], -1)
