@@ -89,7 +89,8 @@ def main() -> None:
                 k: v_
                 for k, v_ in model.apply(v, x).items()
                 if k in ("clipwise_output", "embedding")
-            }
+            },
+            **models.jit_options(model),  # As the tagger, the CLI and the HEAR API compile it.
         )
         for batch in args.batches:
             clips = np.random.default_rng(0).uniform(-0.5, 0.5, (batch, samples)).astype(np.float32)

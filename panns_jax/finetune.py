@@ -241,7 +241,9 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, path: str, split: str
         segments=bool(config.eval_segments),
         with_record=True,
     )
-    scores_of = jax.jit(lambda v, audio: task.scores(module.apply(v, audio)))
+    scores_of = jax.jit(
+        lambda v, audio: task.scores(module.apply(v, audio)), **models.jit_options(module)
+    )
     return task.evaluate_rows(*pipeline.eval_rows(batches, lambda x: scores_of(variables, x)))
 
 

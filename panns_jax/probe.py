@@ -16,6 +16,7 @@ and score each evaluation split. The metrics are the task's (:mod:`panns_jax.tas
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -179,10 +180,12 @@ def embed_function(loaded: loader.Loaded) -> Callable[[np.ndarray], np.ndarray]:
     import jax
     import jax.numpy as jnp
 
+    from panns_jax import models
+
     module, variables, meta = loaded
     key = meta.outputs.embedding
 
-    @jax.jit
+    @functools.partial(jax.jit, **models.jit_options(module))
     def apply(v: Any, audio: jax.Array) -> jax.Array:
         out = module.apply(v, audio)[key]
         return jnp.mean(out, axis=1) if out.ndim == 3 else out

@@ -102,8 +102,9 @@ class AudioTagger:
         self.frame_hop_samples = module.frontend.hop_size
         checks.labels_fit(metadata.labels, getattr(module, "num_classes", 527))
         self.labels = list(metadata.labels)
-        self._forward = jax.jit(self._apply, static_argnames="keys")
-        self._forward_all = jax.jit(lambda v, x: _as_float32(module.apply(v, x)))
+        options = models.jit_options(module)
+        self._forward = jax.jit(self._apply, static_argnames="keys", **options)
+        self._forward_all = jax.jit(lambda v, x: _as_float32(module.apply(v, x)), **options)
         self._fit_cache: Dict[int, bool] = {}
 
     @classmethod

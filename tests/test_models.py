@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from panns_jax import models
-from panns_jax.models import layers, profile
+from panns_jax.models import layers, profile, transfer_head
 
 SMALL = dict(num_classes=5)
 
@@ -202,3 +202,30 @@ def test_summary_cli_prints_params_and_multiply_adds():
     assert "trainable_params: 4837455" in out.splitlines()
     ops = [line for line in out.splitlines() if line.startswith("multiply_adds: ")]
     assert len(ops) == 1 and int(ops[0].split(": ")[1]) == 21985715343
+
+
+_NO_LIBRARY_FUSIONS = {"compiler_options": {"xla_cpu_experimental_ynn_fusion_type": ""}}
+
+
+def test_jit_options_turn_library_fusions_off_for_all_but_the_mobilenets():
+    for name in ("Cnn14", "Cnn6", "ResNet22", "LeeNet24", "Wavegram_Logmel_Cnn14"):
+        assert models.jit_options(models.get(name)) == _NO_LIBRARY_FUSIONS, name
+    for name in ("MobileNetV1", "MobileNetV2"):
+        assert models.jit_options(models.get(name)) == {}, name
+    for base, want in (("Cnn10", _NO_LIBRARY_FUSIONS), ("MobileNetV2", {})):
+        transfer = transfer_head.Transfer(base=models.get(base), num_classes=3)
+        assert models.jit_options(transfer) == want, base
+
+
+def test_jit_options_take_effect_in_the_compiled_forward():
+    """The option reaches XLA: no YNNPACK fusion is left where the default makes several."""
+    model = models.get("Cnn10", widths=(8, 16, 32, 64), embedding_size=32, num_classes=5)
+    variables = models.init(model, jax.random.key(0), 32000)
+    audio = jnp.zeros((2, 32000), jnp.float32)
+
+    def compiled(**options):
+        forward = jax.jit(lambda v, x: model.apply(v, x)["clipwise_output"], **options)
+        return forward.lower(variables, audio).compile().as_text()
+
+    assert compiled().count("__ynn_fusion") >= 2  # The default this option turns off.
+    assert "__ynn_fusion" not in compiled(**models.jit_options(model))

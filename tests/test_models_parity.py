@@ -24,7 +24,8 @@ def golden_dir():
 def _apply(name: str, state: dict, **overrides):
     model = models.get(name, **overrides)
     variables = convert.from_state_dict(state, model, name=name)
-    forward = jax.jit(lambda v, x: model.apply(v, x))
+    # Compiled as the tagger, the CLI and the HEAR API compile it.
+    forward = jax.jit(lambda v, x: model.apply(v, x), **models.jit_options(model))
     return {case: jax.device_get(forward(variables, G.inputs()[case])) for case in ("batch", "odd")}
 
 

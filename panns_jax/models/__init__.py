@@ -11,6 +11,7 @@ keyword arguments of a few families, never copied classes.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Dict, List, Optional, Tuple
 
 import flax.linen as nn
@@ -117,3 +118,36 @@ def takes_length(model: nn.Module, num_samples: int) -> bool:
 def count_params(params: Any) -> int:
     """Number of scalars in a parameter tree."""
     return int(sum(x.size for x in jax.tree_util.tree_leaves(params)))
+
+
+# XLA:CPU (jax 0.10) hands convolutions and their elementwise neighbours to YNNPACK by
+# default. At inference XLA's own kernels are faster for every family but the depthwise
+# MobileNets (batch 8 x 10 s, 2 cores, benchmarks/inference.py): Cnn14 1.05-1.13x, Cnn6
+# 1.05-1.09x, LeeNet24 1.2x, Wavegram-Logmel-Cnn14 1.16x. Training steps are left as
+# they are: there YNNPACK is faster for Cnn14, ResNet22 and the MobileNets.
+_NO_CPU_LIBRARY_FUSIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+
+@functools.lru_cache(maxsize=None)
+def _compiler_takes_options() -> bool:
+    """Whether this jax and XLA compile with ``_NO_CPU_LIBRARY_FUSIONS`` (one tiny compile)."""
+    try:
+        jit = jax.jit(lambda x: x + 1, compiler_options=dict(_NO_CPU_LIBRARY_FUSIONS))
+        jit.lower(jnp.float32(0)).compile()
+    except Exception:  # noqa: BLE001 - an older jax (TypeError) or XLA (unknown option).
+        return False
+    return True
+
+
+def jit_options(model: nn.Module) -> Dict[str, Any]:
+    """Keyword arguments for ``jax.jit`` of ``model``'s inference forward.
+
+    On CPU they turn XLA's library fusions off for models that run faster without them
+    (their class's ``cpu_library_fusions``); elsewhere, and where this jax does not know
+    the option, there are none. They change one compilation, never the process.
+    """
+    if getattr(model, "cpu_library_fusions", False) or jax.default_backend() != "cpu":
+        return {}
+    if not _compiler_takes_options():
+        return {}
+    return {"compiler_options": dict(_NO_CPU_LIBRARY_FUSIONS)}

@@ -58,8 +58,10 @@ class Network(nn.Module):
 
     The class attribute ``uses_logmel`` says whether the original holds STFT and mel
     buffers (read by ``panns_jax.convert``), and ``declared_outputs`` what apply returns
-    (``models.outputs``). Families override both where they differ, and the default
-    ``embedding_size`` where theirs is not 2048.
+    (``models.outputs``). ``cpu_library_fusions`` says whether XLA:CPU should hand the
+    network's convolutions to its kernel libraries at inference (``models.jit_options``).
+    Families override these where they differ, and the default ``embedding_size`` where
+    theirs is not 2048.
     """
 
     embedding_size: int = 2048
@@ -69,6 +71,7 @@ class Network(nn.Module):
 
     uses_logmel = True
     declared_outputs = CLIP_OUTPUTS
+    cpu_library_fusions = False
 
 
 class LogmelNetwork(Network):

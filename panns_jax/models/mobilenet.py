@@ -146,6 +146,9 @@ class MobileNet(layers.LogmelNetwork):
     as in the original.
     """
 
+    # YNNPACK's depthwise convolutions make inference 1.1-1.3x faster (models.jit_options).
+    cpu_library_fusions = True
+
     version: int = 1
     embedding_size: int = 1024
 

@@ -55,6 +55,11 @@ class Transfer(nn.Module):
         return getattr(self.base, "uses_logmel", True)
 
     @property
+    def cpu_library_fusions(self) -> bool:
+        """The base's (``models.jit_options``)."""
+        return getattr(self.base, "cpu_library_fusions", False)
+
+    @property
     def declared_outputs(self) -> Any:
         """The base's (``models.outputs``): the head replaces only the clip scores."""
         return self.base.declared_outputs
