@@ -5,7 +5,8 @@
 
 Both sides run eval-mode forwards of ``--seconds`` clips with the same weights (random;
 converted with ``panns_jax.convert.to_state_dict``): panns_jax through
-``jax.jit(model.apply)`` with only ``clipwise_output`` and ``embedding`` returned,
+``jax.jit(model.apply, **models.jit_options(model))`` (as the tagger compiles it) with only
+``clipwise_output`` and ``embedding`` returned,
 PyTorch under ``torch.inference_mode()`` (benchmarks/torch_baselines.py, checked against
 the golden outputs by tests/test_torch_baselines.py). Reported: clips/s of the best of
 ``--repeats`` timed runs after a warm-up (and compilation), the two sides interleaved run

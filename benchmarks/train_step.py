@@ -32,6 +32,11 @@ transposes eat the gain in a whole step), and the conv gradients of the largest 
 weight-gradient product split per core (1.4x faster in isolation), a swapped (freq, time)
 conv layout, XLA flags (xnnpack/onednn/ynn fusion types, fast math, scheduler), bfloat16.
 The CPU goal (>= 1.0x) is not met.
+
+XLA:CPU's YNNPACK fusions (on by default in jax 0.10.2) speed these steps up; with them off
+(``xla_cpu_experimental_ynn_fusion_type=""``, 2-core AMD EPYC, 8 x 5 s) the steps took
+1.07-1.53x longer for every family but Cnn6 (1.06x faster). Inference turns them off for
+the non-MobileNets instead (``panns_jax.models.jit_options``); training keeps the default.
 """
 
 from __future__ import annotations
