@@ -124,7 +124,7 @@ def count_params(params: Any) -> int:
 # default. At inference XLA's own kernels are faster for every family but the depthwise
 # MobileNets (batch 8 x 10 s, 2 cores, benchmarks/inference.py): Cnn14 1.05-1.13x, Cnn6
 # 1.05-1.09x, LeeNet24 1.2x, Wavegram-Logmel-Cnn14 1.16x. Training steps are left as
-# they are: there YNNPACK is faster for Cnn14, ResNet22 and the MobileNets.
+# they are: there YNNPACK is faster for every family but Cnn6 (benchmarks/train_step.py).
 _NO_CPU_LIBRARY_FUSIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
