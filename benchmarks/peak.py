@@ -11,15 +11,24 @@ nominal clock under most hypervisors; turbo is ignored). FMA units per core are 
 /proc/cpuinfo: 2 is right for Intel server cores since Haswell (AVX2) and Skylake-SP Gold
 6xxx/Platinum (AVX-512), and for AMD Zen 2-4 (Zen 4 runs AVX-512 on two 256-bit units,
 so it peaks at AVX2's width: pass --vector-bits 256); some Xeon Silver/Gold 5xxx parts
-have 1 AVX-512 unit (pass --fma-units 1).
+have 1 AVX-512 unit (pass --fma-units 1). Under a hypervisor the clock is often the nominal
+one while the cores run at their boost clock, so a derived peak can be off either way.
+
+``matmul_ceiling`` measures instead: the float32 GFLOP/s of one large square matrix product
+(4096 x 4096, best of 5 after a warm-up) as XLA:CPU compiles it, with and without its
+YNNPACK fusions, and as numpy's BLAS and PyTorch (when installed) run it. The fastest is the
+practical ceiling the benchmarks report shares of: a network whose forward runs near it,
+front end, BatchNorm and pooling included, has little to gain from a faster matrix kernel
+on this CPU; only fewer operations would make it faster.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Dict, Optional
 
 
 @dataclass
@@ -86,6 +95,62 @@ def cpu_peak(fma_units: int = 2, vector_bits: Optional[int] = None) -> Peak:
     )
 
 
+def _gflops(product: Callable[[], object], size: int, repeats: int) -> float:
+    product()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        product()
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best / 1e9
+
+
+def matmul_ceiling(size: int = 4096, repeats: int = 5) -> Dict[str, float]:
+    """GFLOP/s of a float32 ``size`` x ``size`` matrix product, by implementation, best first."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    a, b = (rng.standard_normal((size, size), dtype=np.float32) for _ in range(2))
+    rates = {"numpy": _gflops(lambda: a @ b, size, repeats)}
+    device_a, device_b = jax.device_put(a), jax.device_put(b)
+    variants = {"XLA": {}}
+    if jax.default_backend() == "cpu":
+        variants["XLA, YNNPACK off"] = {
+            "compiler_options": {"xla_cpu_experimental_ynn_fusion_type": ""}
+        }
+    for label, options in variants.items():
+        try:
+            product = jax.jit(jnp.dot, **options)
+            rates[label] = _gflops(
+                lambda: product(device_a, device_b).block_until_ready(), size, repeats
+            )
+        except Exception:  # A jax whose XLA does not know the option: measure the default only.
+            continue
+    try:
+        import torch
+    except ImportError:
+        pass
+    else:
+        torch_a, torch_b = torch.from_numpy(a), torch.from_numpy(b)
+        rates["PyTorch"] = _gflops(lambda: torch_a @ torch_b, size, repeats)
+    return dict(sorted(rates.items(), key=lambda item: -item[1]))
+
+
+def describe_ceiling(rates: Dict[str, float]) -> str:
+    """One line: the measured ceiling and what each implementation reached."""
+    best = next(iter(rates.values()))
+    each = ", ".join(f"{name} {rate:.0f}" for name, rate in rates.items())
+    return f"float32 matmul ceiling {best:.0f} GFLOP/s measured (4096^2, best of 5: {each})"
+
+
+def shares(gflops: float, peak_gflops: float, ceiling_gflops: Optional[float]) -> str:
+    """``gflops`` with its share of the derived peak and, when measured, of the matmul ceiling."""
+    text = f"{gflops:7.1f} ({gflops / peak_gflops:4.0%}"
+    return text + (f", {gflops / ceiling_gflops:4.0%})" if ceiling_gflops else ")")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--fma-units",
@@ -107,3 +172,4 @@ if __name__ == "__main__":
     add_arguments(parser)
     args = parser.parse_args()
     print(cpu_peak(args.fma_units, args.vector_bits).describe())
+    print(describe_ceiling(matmul_ceiling()))

@@ -120,6 +120,9 @@ def main() -> None:
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch baseline")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     parser.add_argument(
+        "--no-ceiling", action="store_true", help="skip measuring the CPU's matmul ceiling (~20 s)"
+    )
+    parser.add_argument(
         "--peak-tflops",
         type=float,
         default=None,
@@ -158,10 +161,16 @@ def main() -> None:
         )
     )
     print(peak_text)
+    ceiling = None
+    if not args.no_ceiling and device.platform == "cpu":
+        rates = peak.matmul_ceiling()
+        ceiling = next(iter(rates.values()))
+        print(peak.describe_ceiling(rates))
     print(load_line())
+    column = "GFLOP/s (peak, ceiling)" if ceiling else "GFLOP/s (peak)"
     print(
         f"{'model':22s} {'panns_jax':>11s} {'PyTorch':>11s} {'ratio':>6s}  "
-        f"{'ours GFLOP/s (peak)':>20s} {'torch GFLOP/s (peak)':>21s}"
+        f"{'ours ' + column:>28s}  {'torch ' + column:>29s}"
     )
     for name in args.models:
         model = models.get(name)
@@ -179,11 +188,10 @@ def main() -> None:
             line += f"{theirs:7.2f} c/s {ours / theirs:5.2f}x  "
         else:
             line += f"{'-':>11s} {'-':>6s}  "
-        achieved = flops / times["jax"] / 1e9
-        line += f"{achieved:9.1f} ({achieved / peak_gflops:5.1%})"
+        line += f"{peak.shares(flops / times['jax'] / 1e9, peak_gflops, ceiling):>28s}"
         if "torch" in times:
-            achieved = flops / times["torch"] / 1e9
-            line += f" {achieved:10.1f} ({achieved / peak_gflops:5.1%})"
+            torch_rate = flops / times["torch"] / 1e9
+            line += f"  {peak.shares(torch_rate, peak_gflops, ceiling):>29s}"
         print(line, flush=True)
     print(load_line())
 
