@@ -21,8 +21,9 @@ a quiet machine, both sides use every core.
 On the 2-core AMD EPYC (Zen 4) development machine, batch 8 x 10 s, four runs within 15
 minutes (ceiling 198-209 GFLOP/s): Cnn14 at 88-94% of the ceiling, Cnn6 at 93-98%, PyTorch
 at 66-80%; ratios Cnn14 1.18-1.40x, Cnn6 1.22-1.27x. Where a forward runs at the ceiling,
-its ratio is set by how far below it PyTorch runs: Cnn6's 1.3x would take a forward faster
-than the machine's fastest matrix product.
+its ratio is set by how far below it PyTorch runs; Cnn6's 1.3x takes convolution kernels
+faster than XLA's, which top out near the ceiling (oneDNN's direct ones exceed it by ~17%
+on deep maps: benchmarks/peak.py).
 """
 
 from __future__ import annotations

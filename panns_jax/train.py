@@ -34,6 +34,7 @@ from panns_jax import (
     frontend,
     metrics,
     model_builder,
+    models,
     multihost,
     optim,
     recipe,
@@ -287,10 +288,13 @@ def compile_steps(
         out_shardings=(sharded, NamedSharding(mesh, P())),
         donate_argnums=0,
     )
+    # Evaluation compiles the forward as inference does (models.jit_options); the train step
+    # keeps XLA's defaults, faster for training (benchmarks/train_step.py).
     scores = jax.jit(
         make_eval_step(model, task),
         in_shardings=(sharded.params, sharded.batch_stats, rows),
         out_shardings=rows,
+        **models.jit_options(model),
     )
     batch = {"audio": spec(per_step, samples), "labels": spec(per_step, classes)}
     params, stats = abstract.params, abstract.batch_stats

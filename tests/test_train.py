@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from train_config import logged_losses as _losses
 
-from panns_jax import checkpoints, metrics, model_builder, optim, recipe, tasks, train
+from panns_jax import checkpoints, metrics, model_builder, models, optim, recipe, tasks, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -132,6 +132,24 @@ def _first_step(config, num_devices):
         jax.device_get(state.params),
         jax.device_get(new_state.params),
     )
+
+
+def test_evaluation_compiles_as_inference_and_training_keeps_the_defaults():
+    """The eval step carries models.jit_options (no YNNPACK fusion on CPU for a Cnn10); the
+    train step keeps XLA's default fusions (the control: this jax makes them)."""
+    config = tiny_config("unused")
+    mesh, task = train.make_mesh(1), tasks.get(None)
+    builder = model_builder.for_config(config)
+    model = builder.build(10, output=task.output)
+    optimizer = train.make_optimizer(config, builder)
+    samples = recipe.clip_samples(config, builder.sample_rate())
+    _, abstract = train.create_train_state(config, mesh, builder, model, optimizer, samples)
+    step, scores = train.compile_steps(
+        config, mesh, model, optimizer, task, abstract, (samples, 10)
+    )
+    assert models.jit_options(model)  # The option applies to this family on CPU.
+    assert "__ynn_fusion" in step.as_text()
+    assert "__ynn_fusion" not in scores.as_text()
 
 
 # Slow (a minute each, several processes or eight devices); .ci/run's `-m slow` step runs it.
