@@ -33,10 +33,12 @@ weight-gradient product split per core (1.4x faster in isolation), a swapped (fr
 conv layout, XLA flags (xnnpack/onednn/ynn fusion types, fast math, scheduler), bfloat16.
 The CPU goal (>= 1.0x) is not met.
 
-XLA:CPU's YNNPACK fusions (on by default in jax 0.10.2) speed these steps up; with them off
-(``xla_cpu_experimental_ynn_fusion_type=""``, 2-core AMD EPYC, 8 x 5 s) the steps took
-1.07-1.53x longer for every family but Cnn6 (1.06x faster). Inference turns them off for
-the non-MobileNets instead (``panns_jax.models.jit_options``); training keeps the default.
+XLA:CPU's YNNPACK fusions (on by default in jax 0.10.2: products, reductions, elementwise
+ops) speed these steps up; with all of them off (``xla_cpu_experimental_ynn_fusion_type=""``,
+2-core AMD EPYC, 8 x 5 s) the steps took 1.07-1.53x longer for every family but Cnn6 (1.06x
+faster). Without the elementwise ones alone they are faster still (Cnn6 1.12x, Cnn14
+1.08-1.12x, ResNet22 1.12-1.18x the default's speed): the train step compiles that way
+(``panns_jax.models.jit_options(model, training=True)``), and so does this script.
 """
 
 from __future__ import annotations
@@ -79,7 +81,11 @@ def jax_step(name: str, batch: int, samples: int, dtype: str):
         "audio": jnp.asarray(rng.uniform(-0.5, 0.5, (batch, samples)), jnp.float32),
         "labels": jnp.asarray(rng.random((batch, 527)) < 0.02, jnp.float32),
     }
-    step = jax.jit(train.make_train_step(model, tx, tasks.get(None), None), donate_argnums=0)
+    step = jax.jit(
+        train.make_train_step(model, tx, tasks.get(None), None),
+        donate_argnums=0,
+        **models.jit_options(model, training=True),  # As panns_jax.train compiles it.
+    )
     holder = {"state": state}
 
     def run():

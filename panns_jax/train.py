@@ -287,9 +287,9 @@ def compile_steps(
         in_shardings=(sharded, rows),
         out_shardings=(sharded, NamedSharding(mesh, P())),
         donate_argnums=0,
+        **models.jit_options(model, training=True),
     )
-    # Evaluation compiles the forward as inference does (models.jit_options); the train step
-    # keeps XLA's defaults, faster for training (benchmarks/train_step.py).
+    # Both steps compile with their models.jit_options: evaluation as inference does.
     scores = jax.jit(
         make_eval_step(model, task),
         in_shardings=(sharded.params, sharded.batch_stats, rows),

@@ -217,6 +217,18 @@ def test_jit_options_turn_library_fusions_off_for_all_but_the_mobilenets():
         assert models.jit_options(transfer) == want, base
 
 
+def test_training_jit_options_keep_products_and_reductions_for_every_family():
+    want = {
+        "compiler_options": {
+            "xla_cpu_experimental_ynn_fusion_type": (
+                "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE"
+            )
+        }
+    }
+    for name in ("Cnn14", "Cnn6", "ResNet22", "MobileNetV1", "MobileNetV2", "LeeNet24"):
+        assert models.jit_options(models.get(name), training=True) == want, name
+
+
 def test_jit_options_take_effect_in_the_compiled_forward():
     """The option reaches XLA: no YNNPACK fusion is left where the default makes several."""
     model = models.get("Cnn10", widths=(8, 16, 32, 64), embedding_size=32, num_classes=5)

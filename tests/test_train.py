@@ -134,9 +134,11 @@ def _first_step(config, num_devices):
     )
 
 
-def test_evaluation_compiles_as_inference_and_training_keeps_the_defaults():
-    """The eval step carries models.jit_options (no YNNPACK fusion on CPU for a Cnn10); the
-    train step keeps XLA's default fusions (the control: this jax makes them)."""
+def test_train_and_eval_steps_compile_with_their_jit_options():
+    """The train step compiles with models.jit_options(training=True) (YNNPACK's products
+    and reductions, not its elementwise fusions), the eval step as inference (no YNNPACK
+    fusion for a Cnn10 on CPU). The controls: the same step under XLA's default options
+    compiles to other YNNPACK fusions, so the options are what made the difference."""
     config = tiny_config("unused")
     mesh, task = train.make_mesh(1), tasks.get(None)
     builder = model_builder.for_config(config)
@@ -147,9 +149,22 @@ def test_evaluation_compiles_as_inference_and_training_keeps_the_defaults():
     step, scores = train.compile_steps(
         config, mesh, model, optimizer, task, abstract, (samples, 10)
     )
-    assert models.jit_options(model)  # The option applies to this family on CPU.
-    assert "__ynn_fusion" in step.as_text()
-    assert "__ynn_fusion" not in scores.as_text()
+    training = models.jit_options(model, training=True)
+    assert training and models.jit_options(model)  # Both apply to this family on CPU.
+
+    def fusions(text):
+        return text.count("__ynn_fusion")
+
+    def train_step(**options):
+        step_fn = train.make_train_step(model, optimizer, task, recipe.mixup_alpha(config))
+        jitted = jax.jit(step_fn, **options)
+        batch = jax.ShapeDtypeStruct((recipe.examples_per_step(config), samples), jnp.float32)
+        labels = jax.ShapeDtypeStruct((recipe.examples_per_step(config), 10), jnp.float32)
+        return jitted.lower(abstract, {"audio": batch, "labels": labels}).compile().as_text()
+
+    assert fusions(step.as_text()) == fusions(train_step(**training)) >= 1
+    assert fusions(train_step()) > fusions(step.as_text())  # The default adds elementwise ones.
+    assert fusions(scores.as_text()) == 0
 
 
 # Slow (a minute each, several processes or eight devices); .ci/run's `-m slow` step runs it.

@@ -390,7 +390,9 @@ def run_oracle_steps(
     with jax.enable_x64(True):
         # The states are donated: Cnn14's 81M parameters, gradients and three AMSGrad
         # moments in both precisions, in and out, would otherwise hold 13 GB.
-        step = jax.jit(paired_step, donate_argnums=(0, 1)) if jit else paired_step
+        # Compiled with the options the train step compiles with (panns_jax.train).
+        options = models.jit_options(model, training=True)
+        step = jax.jit(paired_step, donate_argnums=(0, 1), **options) if jit else paired_step
         batch64 = [F.up(x) for x in batch_leaves]
         trace = _steps(step, out_tree, state_leaves, batch_leaves, batch64, steps)
         seconds = time.perf_counter() - start

@@ -120,34 +120,47 @@ def count_params(params: Any) -> int:
     return int(sum(x.size for x in jax.tree_util.tree_leaves(params)))
 
 
-# XLA:CPU (jax 0.10) hands convolutions and their elementwise neighbours to YNNPACK by
-# default. At inference XLA's own kernels are faster for every family but the depthwise
-# MobileNets (batch 8 x 10 s, 2 cores, benchmarks/inference.py): Cnn14 1.05-1.13x, Cnn6
-# 1.05-1.09x, LeeNet24 1.2x, Wavegram-Logmel-Cnn14 1.16x. Training steps are left as
-# they are: there YNNPACK is faster for every family but Cnn6 (benchmarks/train_step.py).
-_NO_CPU_LIBRARY_FUSIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+# XLA:CPU (jax 0.10) hands matrix products, reductions and elementwise ops (those next to
+# convolutions included) to YNNPACK by default. At inference XLA's own kernels are faster for
+# every family but the depthwise MobileNets (batch 8 x 10 s, 2 cores, benchmarks/inference.py):
+# Cnn14 1.05-1.13x, Cnn6 1.05-1.09x, LeeNet24 1.2x, Wavegram-Logmel-Cnn14 1.16x. Train steps
+# of every family are fastest with YNNPACK's products and reductions but without its
+# elementwise fusions (batch 8 x 5 s, interleaved, two runs each): Cnn6 1.12x, Cnn14
+# 1.08-1.12x, ResNet22 1.12-1.18x, MobileNetV1 1.02-1.10x, Wavegram-Logmel-Cnn14 1.02-1.03x,
+# LeeNet24 0.98-1.06x the default's speed.
+_YNN_FUSIONS = "xla_cpu_experimental_ynn_fusion_type"
+_NO_CPU_LIBRARY_FUSIONS = {_YNN_FUSIONS: ""}
+_CPU_TRAINING_FUSIONS = {_YNN_FUSIONS: "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
 
 
 @functools.lru_cache(maxsize=None)
-def _compiler_takes_options() -> bool:
-    """Whether this jax and XLA compile with ``_NO_CPU_LIBRARY_FUSIONS`` (one tiny compile)."""
+def _compiler_takes(option: str, value: str) -> bool:
+    """Whether this jax and XLA compile with ``option=value`` (one tiny compile, once)."""
     try:
-        jit = jax.jit(lambda x: x + 1, compiler_options=dict(_NO_CPU_LIBRARY_FUSIONS))
+        jit = jax.jit(lambda x: x + 1, compiler_options={option: value})
         jit.lower(jnp.float32(0)).compile()
     except Exception:  # noqa: BLE001 - an older jax (TypeError) or XLA (unknown option).
         return False
     return True
 
 
-def jit_options(model: nn.Module) -> Dict[str, Any]:
-    """Keyword arguments for ``jax.jit`` of ``model``'s inference forward.
+def jit_options(model: nn.Module, *, training: bool = False) -> Dict[str, Any]:
+    """Keyword arguments for ``jax.jit`` of ``model``'s inference forward or, with
+    ``training``, of its train step.
 
-    On CPU they turn XLA's library fusions off for models that run faster without them
-    (their class's ``cpu_library_fusions``); elsewhere, and where this jax does not know
-    the option, there are none. They change one compilation, never the process.
+    On CPU they choose XLA's library fusions: none at inference for models that run faster
+    without them (their class's ``cpu_library_fusions``), and YNNPACK's products and
+    reductions without its elementwise fusions in training. Elsewhere, and where this jax
+    does not know the option, there are none. They change one compilation, never the process.
     """
-    if getattr(model, "cpu_library_fusions", False) or jax.default_backend() != "cpu":
+    if jax.default_backend() != "cpu":
         return {}
-    if not _compiler_takes_options():
+    if training:
+        options = _CPU_TRAINING_FUSIONS
+    elif getattr(model, "cpu_library_fusions", False):
         return {}
-    return {"compiler_options": dict(_NO_CPU_LIBRARY_FUSIONS)}
+    else:
+        options = _NO_CPU_LIBRARY_FUSIONS
+    if not all(_compiler_takes(key, value) for key, value in options.items()):
+        return {}
+    return {"compiler_options": dict(options)}
