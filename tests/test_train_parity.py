@@ -241,7 +241,7 @@ def _control(perturbation: str) -> Tuple[T.Comparison, T.Comparison]:
             )
         ]
         kwargs["interceptors"] = [mix_after_block1]
-    runs = T.run_oracle_steps(CONTROL, jit=True, **kwargs)
+    runs = T.run_oracle_steps(CONTROL, jit=True, train_options=False, **kwargs)
     return T.compare(CONTROL, runs.f32), T.compare(CONTROL, runs.f64, precision=64)
 
 
@@ -269,7 +269,7 @@ def test_float64_sees_an_stft_kernel_one_float32_step_off_in_a_few_entries():
     kernels = (T.original_dft_kernel(1024), frontend.dft_kernel(1024))
     assert 0 < np.count_nonzero(kernels[0] != kernels[1]) < 2e-3 * kernels[0].size
     ours = mock.patch.object(frontend, "dft_kernel", frontend.dft_kernel)  # Over the oracle's.
-    runs = T.run_oracle_steps(CONTROL, jit=True, patches=[ours])
+    runs = T.run_oracle_steps(CONTROL, jit=True, patches=[ours], train_options=False)
     assert T.compare(CONTROL, runs.f32).ok
     result = T.compare(CONTROL, runs.f64, precision=64)
     assert not result.ok and any(p.startswith(("grad/", "step1/")) for p in result.problems)

@@ -336,14 +336,18 @@ def run_oracle_steps(
     patches: Sequence = (),
     steps: int = STEPS,
     model_overrides: Optional[dict] = None,
+    train_options: bool = True,
 ) -> Runs:
     """Our ``train.make_train_step`` for ``steps`` steps on the oracle's batch, in float32
     with float64's decisions and in float64 (:mod:`float64_decisions`), side by side.
 
     ``optimizer`` replaces the paper's (negative controls); ``interceptors`` are extra
     flax method interceptors and ``patches`` extra ``mock.patch`` context managers that
-    perturb the model (negative controls). Everything else is the public training path,
-    traced once into the program both precisions run.
+    perturb the model (negative controls). With ``jit``, the step compiles with the train
+    step's ``models.jit_options`` unless ``train_options`` is False: XLA's defaults, under
+    which this float32 + float64 program of Cnn6 takes 2.4x less time; the negative controls
+    prove what the comparison detects, whatever the kernels. Everything else is the public
+    training path, traced once into the program both precisions run.
     """
     oracle = load_oracle(name)
     config = recipe.base_config(name)
@@ -390,8 +394,7 @@ def run_oracle_steps(
     with jax.enable_x64(True):
         # The states are donated: Cnn14's 81M parameters, gradients and three AMSGrad
         # moments in both precisions, in and out, would otherwise hold 13 GB.
-        # Compiled with the options the train step compiles with (panns_jax.train).
-        options = models.jit_options(model, training=True)
+        options = models.jit_options(model, training=True) if train_options else {}
         step = jax.jit(paired_step, donate_argnums=(0, 1), **options) if jit else paired_step
         batch64 = [F.up(x) for x in batch_leaves]
         trace = _steps(step, out_tree, state_leaves, batch_leaves, batch64, steps)
