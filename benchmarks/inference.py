@@ -56,9 +56,6 @@ def main() -> None:
         help="torch intra-op threads (default: torch's own, the core count)",
     )
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch baseline")
-    parser.add_argument(
-        "--no-ceiling", action="store_true", help="skip measuring the matmul ceiling (~20 s)"
-    )
     peak.add_arguments(parser)
     args = parser.parse_args()
 
@@ -83,16 +80,11 @@ def main() -> None:
         f"{os.cpu_count()} cores"
     )
     print(cpu.describe())
-    ceiling = None
-    if not args.no_ceiling:
-        rates = peak.matmul_ceiling()
-        ceiling = next(iter(rates.values()))
-        print(peak.describe_ceiling(rates))
+    ceiling = peak.report_ceiling(args)
     print(load_line())
-    column = "GFLOP/s (peak, ceiling)" if ceiling else "GFLOP/s (peak)"
     print(
         f"{'model':22s} {'batch':>5s} {'panns_jax':>11s} {'PyTorch':>11s} {'ratio':>6s}  "
-        f"{'ours ' + column:>28s}  {'torch ' + column:>29s}"
+        f"{peak.shares_header('ours', ceiling):>28s}  {peak.shares_header('torch', ceiling):>29s}"
     )
     for name in args.models:
         model = models.get(name)

@@ -29,9 +29,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
+import sys
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional
+from typing import Dict, Optional
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from timing import best_time  # noqa: E402
+
+# The matrix product that measures the ceiling: size x size, float32, best of repeats.
+_CEILING_SIZE, _CEILING_REPEATS = 4096, 5
 
 
 @dataclass
@@ -98,25 +104,20 @@ def cpu_peak(fma_units: int = 2, vector_bits: Optional[int] = None) -> Peak:
     )
 
 
-def _gflops(product: Callable[[], object], size: int, repeats: int) -> float:
-    product()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        product()
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best / 1e9
+def _gflops(product) -> float:
+    return 2 * _CEILING_SIZE**3 / best_time(product, _CEILING_REPEATS) / 1e9
 
 
-def matmul_ceiling(size: int = 4096, repeats: int = 5) -> Dict[str, float]:
-    """GFLOP/s of a float32 ``size`` x ``size`` matrix product, by implementation, best first."""
+def matmul_ceiling() -> Dict[str, float]:
+    """GFLOP/s of a float32 square matrix product, by implementation, best first."""
     import jax
     import jax.numpy as jnp
     import numpy as np
 
     rng = np.random.default_rng(0)
-    a, b = (rng.standard_normal((size, size), dtype=np.float32) for _ in range(2))
-    rates = {"numpy": _gflops(lambda: a @ b, size, repeats)}
+    shape = (_CEILING_SIZE, _CEILING_SIZE)
+    a, b = (rng.standard_normal(shape, dtype=np.float32) for _ in range(2))
+    rates = {"numpy": _gflops(lambda: a @ b)}
     device_a, device_b = jax.device_put(a), jax.device_put(b)
     variants = {"XLA": {}}
     if jax.default_backend() == "cpu":
@@ -126,9 +127,7 @@ def matmul_ceiling(size: int = 4096, repeats: int = 5) -> Dict[str, float]:
     for label, options in variants.items():
         try:
             product = jax.jit(jnp.dot, **options)
-            rates[label] = _gflops(
-                lambda: product(device_a, device_b).block_until_ready(), size, repeats
-            )
+            rates[label] = _gflops(lambda: product(device_a, device_b).block_until_ready())
         except Exception:  # A jax whose XLA does not know the option: measure the default only.
             continue
     try:
@@ -137,7 +136,7 @@ def matmul_ceiling(size: int = 4096, repeats: int = 5) -> Dict[str, float]:
         pass
     else:
         torch_a, torch_b = torch.from_numpy(a), torch.from_numpy(b)
-        rates["PyTorch"] = _gflops(lambda: torch_a @ torch_b, size, repeats)
+        rates["PyTorch"] = _gflops(lambda: torch_a @ torch_b)
     return dict(sorted(rates.items(), key=lambda item: -item[1]))
 
 
@@ -145,7 +144,24 @@ def describe_ceiling(rates: Dict[str, float]) -> str:
     """One line: the measured ceiling and what each implementation reached."""
     best = next(iter(rates.values()))
     each = ", ".join(f"{name} {rate:.0f}" for name, rate in rates.items())
-    return f"float32 matmul ceiling {best:.0f} GFLOP/s measured (4096^2, best of 5: {each})"
+    return (
+        f"float32 matmul ceiling {best:.0f} GFLOP/s measured ({_CEILING_SIZE}^2, best of "
+        f"{_CEILING_REPEATS}: {each})"
+    )
+
+
+def report_ceiling(args: argparse.Namespace) -> Optional[float]:
+    """The measured ceiling, printed with its breakdown; None under ``--no-ceiling``."""
+    if args.no_ceiling:
+        return None
+    rates = matmul_ceiling()
+    print(describe_ceiling(rates))
+    return next(iter(rates.values()))
+
+
+def shares_header(side: str, ceiling_gflops: Optional[float]) -> str:
+    """The column title of :func:`shares` for ``side`` ("ours", "torch")."""
+    return f"{side} GFLOP/s (peak{', ceiling' if ceiling_gflops else ''})"
 
 
 def shares(gflops: float, peak_gflops: float, ceiling_gflops: Optional[float]) -> str:
@@ -168,6 +184,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=(128, 256, 512),
         help="override the vector width read from /proc/cpuinfo",
     )
+    parser.add_argument(
+        "--no-ceiling", action="store_true", help="skip measuring the matmul ceiling (~20 s)"
+    )
 
 
 if __name__ == "__main__":
@@ -175,4 +194,4 @@ if __name__ == "__main__":
     add_arguments(parser)
     args = parser.parse_args()
     print(cpu_peak(args.fma_units, args.vector_bits).describe())
-    print(describe_ceiling(matmul_ceiling()))
+    report_ceiling(args)

@@ -126,9 +126,6 @@ def main() -> None:
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch baseline")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     parser.add_argument(
-        "--no-ceiling", action="store_true", help="skip measuring the CPU's matmul ceiling (~20 s)"
-    )
-    parser.add_argument(
         "--peak-tflops",
         type=float,
         default=None,
@@ -167,16 +164,11 @@ def main() -> None:
         )
     )
     print(peak_text)
-    ceiling = None
-    if not args.no_ceiling and device.platform == "cpu":
-        rates = peak.matmul_ceiling()
-        ceiling = next(iter(rates.values()))
-        print(peak.describe_ceiling(rates))
+    ceiling = peak.report_ceiling(args) if device.platform == "cpu" else None
     print(load_line())
-    column = "GFLOP/s (peak, ceiling)" if ceiling else "GFLOP/s (peak)"
     print(
         f"{'model':22s} {'panns_jax':>11s} {'PyTorch':>11s} {'ratio':>6s}  "
-        f"{'ours ' + column:>28s}  {'torch ' + column:>29s}"
+        f"{peak.shares_header('ours', ceiling):>28s}  {peak.shares_header('torch', ceiling):>29s}"
     )
     for name in args.models:
         model = models.get(name)
