@@ -128,11 +128,13 @@ def lower_text(traced: Any, platform: str) -> str:
 # ----------------------------------------------------------------------------
 
 # The kinds that :func:`cpu_only_ops` counts.
-MARKERS = ("example slice", "col2im", "kernel product", "depthwise tap")
+MARKERS = ("example slice", "col2im", "kernel product", "depthwise tap", "first max")
 _SLICE = re.compile(
     r"stablehlo\.slice %\S+ \[([^\]]*)\] : \(tensor<([0-9x]+)x\w+>\) -> tensor<([0-9x]+)x\w+>"
 )
 _DEF = re.compile(r"^\s*(%[\w#]+) = (stablehlo\.\w+)(.*)$")
+_CONTRACTED = re.compile(r"contracting_dims = (\[[\d, ]*\] x \[[\d, ]*\])")
+_WINDOW_TEST = re.compile(r"stablehlo\.compare\s+EQ, .*, SIGNED : \(tensor<\d+x\d+x\d+xi32>")
 _RESHAPE = re.compile(r"stablehlo\.reshape (%[\w#]+) : .* -> tensor<([0-9x]+)x\w+>")
 
 
@@ -147,16 +149,19 @@ def cpu_only_ops(module_text: str) -> Dict[str, int]:
       rank 3 or more): the batch sums unrolled example by example of BatchNorm's backward
       (``layers._channel_sums``) and of the depthwise weight gradient.
     * ``col2im``: a matrix product reshaped into a rank-6 array, the per-tap columns of
-      ``same_conv``'s input gradient.
+      ``same_conv``'s input gradient, or one contracting both operands' second axes
+      reshaped into a rank-3 array, those of ``fast1d``'s.
     * ``kernel product``: a matrix product contracting its operands' first axes whose result
-      is reshaped into a convolution kernel larger than 1x1: ``same_conv``'s weight
-      gradients (im2col, frequency-unfolded). A 1x1 kernel's product is the pointwise conv,
-      which every platform runs.
+      is reshaped into a convolution kernel larger than 1x1 (or, in 1-D, than 1):
+      ``same_conv``'s and ``fast1d``'s weight gradients (im2col, unfolded). A 1x1 kernel's
+      product is the pointwise conv, which every platform runs.
+    * ``first max``: an equality test of a rank-3 integer array, the window positions of
+      ``fast1d``'s max-pool gradient.
     * ``depthwise tap``: one tap ``w[kh, kw, 0]`` sliced out of a ``(K, K, 1, C)`` depthwise
       kernel: the shifted multiply-adds of the depthwise forward and input gradient.
     """
     found: Dict[str, int] = collections.Counter()
-    products: Dict[str, bool] = {}  # Each matrix product's result: contracts first axes?
+    products: Dict[str, str] = {}  # Each matrix product's result: its contracted axes.
     for line in module_text.splitlines():
         match = _SLICE.search(line)
         if match:
@@ -173,14 +178,15 @@ def cpu_only_ops(module_text: str) -> Dict[str, int]:
             found["example slice"] += one_example
             depthwise = len(source) == 4 and source[0] == source[1] > 1 and source[2] == 1
             found["depthwise tap"] += depthwise and result[:3] == (1, 1, 1)
+        found["first max"] += bool(_WINDOW_TEST.search(line))
         definition = _DEF.match(line)
         if definition and definition.group(2) == "stablehlo.dot_general":
-            first_axes = "contracting_dims = [0] x [0]" in definition.group(3)
-            products[definition.group(1)] = first_axes
+            contracted = _CONTRACTED.search(definition.group(3))
+            products[definition.group(1)] = contracted.group(1) if contracted else ""
         reshape = _RESHAPE.search(line)
         if reshape and reshape.group(1) in products:
-            dims = _dims(reshape.group(2))
-            found["col2im"] += len(dims) == 6
-            kernel = products[reshape.group(1)] and len(dims) == 4 and dims[0] > 1
+            dims, contracted = _dims(reshape.group(2)), products[reshape.group(1)]
+            found["col2im"] += len(dims) == 6 or (len(dims) == 3 and contracted == "[1] x [1]")
+            kernel = contracted == "[0] x [0]" and len(dims) in (3, 4) and dims[0] > 1
             found["kernel product"] += kernel
     return {kind: count for kind, count in found.items() if count}

@@ -1,6 +1,7 @@
 """Exports reproduce the golden outputs of the original PANNs in their own runtimes.
 
-MobileNetV2 runs by default (each format converts in seconds); Cnn14 and
+MobileNetV2 and LeeNet11 (a raw-waveform network: 1-D convs and max-pools) run by default
+(each format converts in seconds); Cnn14 and
 Wavegram_Logmel_Cnn14 (80 M parameters, minutes per export on 2 cores) are ``slow``.
 Skips with the reason when the export extra (``pip install -e ".[export]"``) is absent.
 """
@@ -28,7 +29,7 @@ RUNTIMES = {
     "savedmodel": ("tensorflow",),
     "tflite": ("tensorflow",),
 }
-FAST, SLOW = ["MobileNetV2"], ["Cnn14", "Wavegram_Logmel_Cnn14"]
+FAST, SLOW = ["MobileNetV2", "LeeNet11"], ["Cnn14", "Wavegram_Logmel_Cnn14"]
 CASES = [(n, f) for n in FAST for f in RUNTIMES] + [
     pytest.param(n, f, marks=pytest.mark.slow) for n in SLOW for f in RUNTIMES
 ]

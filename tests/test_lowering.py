@@ -26,6 +26,8 @@ import lowering_utils as lu
 import pytest
 
 LOGMEL_CONV = {"example slice", "col2im", "kernel product"}
+# fast1d's product gradients on 1-D convs and its max-pool gradient.
+WAVEFORM = {"example slice", "col2im", "kernel product", "first max"}
 # The CPU-only operations each family's cpu train step holds: BatchNorm's unrolled batch sums
 # everywhere, same_conv's product gradients on 2-D convs, depthwise taps in the MobileNets.
 CPU_TRAIN_OPS = {
@@ -33,10 +35,10 @@ CPU_TRAIN_OPS = {
     "ResNet22": LOGMEL_CONV,
     "MobileNetV1": LOGMEL_CONV | {"depthwise tap"},
     "MobileNetV2": LOGMEL_CONV | {"depthwise tap"},
-    "Res1dNet31": {"example slice"},
-    "LeeNet11": {"example slice"},
-    "DaiNet19": {"example slice"},
-    "Wavegram_Logmel_Cnn14": LOGMEL_CONV,
+    "Res1dNet31": WAVEFORM,
+    "LeeNet11": WAVEFORM,
+    "DaiNet19": WAVEFORM,
+    "Wavegram_Logmel_Cnn14": LOGMEL_CONV | {"first max"},
     "Cnn14_DecisionLevelAtt": LOGMEL_CONV,
 }
 # The forward passes of the MobileNets run the depthwise CPU branch; no other family's does.
@@ -119,6 +121,7 @@ def _swapped_platform_dependent(module: Optional[str], original: Any) -> Any:
         ("panns_jax.models.layers", "ResNet22", {"example slice"}),
         ("panns_jax.models.same_conv", "Cnn14", {"col2im", "kernel product"}),
         ("panns_jax.models.depthwise", "MobileNetV1", {"depthwise tap"}),
+        ("panns_jax.models.fast1d", "LeeNet11", {"col2im", "kernel product", "first max"}),
     ],
 )
 def test_a_cpu_branch_on_the_default_branch_is_caught(monkeypatch, module, name, kinds):
@@ -143,10 +146,21 @@ def _kinds(texts: Iterable[str]) -> set:
 def test_the_markers_do_not_match_the_default_branches_run_on_cpu(monkeypatch):
     # Every platform_dependent call forced onto its default branch, lowered for the CPU:
     # the same module a GPU gets, so the markers must find nothing in it either, while the
-    # CPU branches of the same step hold all four kinds.
-    name = "MobileNetV1"
-    steps = lu.Steps(lu.family_config(name, **TINY), lu.abstract_mesh(), clip_seconds=1.0)
-    assert _kinds([lu.lower_text(steps.traced()["train"], "cpu")]) == set(lu.MARKERS)
+    # CPU branches of the same steps hold every kind.
+    names = ("MobileNetV1", "LeeNet11")
+
+    def train_texts() -> list:
+        return [
+            lu.lower_text(
+                lu.Steps(
+                    lu.family_config(name, **TINY), lu.abstract_mesh(), clip_seconds=1.0
+                ).traced()["train"],
+                "cpu",
+            )
+            for name in names
+        ]
+
+    assert _kinds(train_texts()) == set(lu.MARKERS)
 
     original = jax.lax.platform_dependent
 
@@ -154,8 +168,7 @@ def test_the_markers_do_not_match_the_default_branches_run_on_cpu(monkeypatch):
         return original(*args, cpu=default, default=default, **branches)
 
     monkeypatch.setattr(jax.lax, "platform_dependent", default_only)
-    steps = lu.Steps(lu.family_config(name, **TINY), lu.abstract_mesh(), clip_seconds=1.0)
-    assert _kinds([lu.lower_text(steps.traced()["train"], "cpu")]) == set()
+    assert _kinds(train_texts()) == set()
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -1,7 +1,8 @@
 """The branches that GPUs and TPUs take, run on the CPU and checked against float64 autodiff.
 
 Every ``lax.platform_dependent`` call of the models (BatchNorm's channel sums, the plain
-convolutions' gradients, the depthwise convolution and its gradients) is forced onto one
+convolutions' gradients, the depthwise convolution and its gradients, the 1-D convolutions'
+and max-pools' gradients) is forced onto one
 branch by replacing ``jax.lax.platform_dependent`` for the test. The default branch (what a
 GPU or TPU lowers, tests/test_lowering.py) and the CPU branch then run here on the same
 float32 inputs. Each result must lie within a round-off bound of the float64 autodiff of the
@@ -31,7 +32,8 @@ import numpy as np
 import pytest
 from jax import lax
 
-from panns_jax.models import depthwise, layers, same_conv
+from panns_jax import models
+from panns_jax.models import depthwise, fast1d, layers, same_conv
 
 DN = ("NHWC", "HWIO", "NHWC")
 
@@ -279,9 +281,40 @@ def depthwise_case(x_shape: Tuple[int, ...], strides: Tuple[int, int], padding: 
     return conv, plain, [x, w, dy], terms
 
 
+def fast1d_case(x_shape: Tuple[int, ...], w_shape: Tuple[int, ...], geometry: Any) -> tuple:
+    """(fast1d.conv, its plain lax twin, float32-exact inputs, sum lengths)."""
+    x, w = random(np.random.default_rng(6), x_shape, w_shape)
+    stride, padding, dilation = geometry
+    conv = functools.partial(fast1d.conv, geometry=geometry)
+    plain = lambda x, w: lax.conv_general_dilated(
+        x, w, (stride,), (padding,), rhs_dilation=(dilation,), dimension_numbers=DN_1D
+    )
+    y = jax.eval_shape(plain, jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32))
+    (dy,) = random(np.random.default_rng(7), y.shape)
+    kernel, ci, co = w_shape
+    terms = (kernel * ci, kernel * co, y.shape[0] * y.shape[1])
+    return conv, plain, [x, w, dy], terms
+
+
+DN_1D = ("NWC", "WIO", "NWC")
+# Each geometry is one of the waveform networks' (stride, padding, dilation).
+FAST1D_CASES = {
+    "k3 (LeeNet, DaiNet)": ((2, 40, 8), (3, 8, 16), (1, (1, 1), 1)),
+    "k3 dilation 2 (Res1dNet, wavegram)": ((2, 40, 8), (3, 8, 16), (1, (2, 2), 2)),
+    "k1 (shortcuts)": ((2, 30, 8), (1, 8, 4), (1, (0, 0), 1)),
+    "k11 stride 5 (Res1dNet's first conv)": ((2, 101, 1), (11, 1, 8), (5, (5, 5), 1)),
+    "k20 stride 4 unpadded (DaiNet's first conv, shorter)": (
+        (2, 120, 1),
+        (20, 1, 8),
+        (4, (0, 0), 1),
+    ),
+}
+
+
 def conv_cases() -> Dict[str, tuple]:
     cases = {f"same_conv {k}": same_conv_case(*v) for k, v in SAME_CONV_CASES.items()}
     cases.update({f"depthwise {k}": depthwise_case(*v) for k, v in DEPTHWISE_CASES.items()})
+    cases.update({f"fast1d {k}": fast1d_case(*v) for k, v in FAST1D_CASES.items()})
     return cases
 
 
@@ -293,6 +326,7 @@ CALLED = {
         "default": ["_xla_conv", "_xla_grads"],
         "cpu": ["_shifted_conv", "_cpu_grads"],
     },
+    "fast1d": {"default": ["_xla_grads"], "cpu": ["_cpu_grads"]},
 }
 
 
@@ -342,3 +376,88 @@ def test_a_perturbed_conv_default_branch_fails(monkeypatch, exact_convs, name):
     force(monkeypatch, "default", perturb=off_by_one)
     got = run(functools.partial(conv_results, conv), *as_dtype(args, jnp.float32))
     assert worst_ratio(got, exact, conv_bounds(scales, terms, np.float32)) > 1
+
+
+@pytest.mark.parametrize("name", [n for n in CONV_CASES if n.startswith("fast1d")])
+def test_a_perturbed_fast1d_cpu_branch_fails(monkeypatch, exact_convs, name):
+    conv, _, args, terms = CONV_CASES[name]
+    exact, scales = exact_convs[name]
+    force(monkeypatch, "cpu", perturb=off_by_one)
+    got = run(functools.partial(conv_results, conv), *as_dtype(args, jnp.float32))
+    assert worst_ratio(got, exact, conv_bounds(scales, terms, np.float32)) > 1
+
+
+# ----------------------------------------------------------------------------
+# Max-pool: fast1d.max_pool1d's gradient, a selection (no arithmetic, so exact).
+# ----------------------------------------------------------------------------
+
+# (length, size, padding): floors with and without a dropped tail, -inf padding.
+POOL_CASES = [(17, 3, 1), (18, 3, 1), (19, 4, 0), (16, 4, 0)]
+
+
+def pool_inputs(length: int, size: int) -> Tuple[np.ndarray, np.ndarray]:
+    """ReLU-like inputs (runs of zeros: windows whose maximum is tied) with repeated values."""
+    rng = np.random.default_rng(8)
+    x = np.maximum(np.round(4 * rng.standard_normal((2, length, 6))) / 4, 0)
+    (dy,) = random(rng, (2, (length + 2) // size + 1, 6))  # cut to the pool's length
+    return x, dy
+
+
+def pool_grad(x: jax.Array, dy: jax.Array, size: int, padding: int) -> jax.Array:
+    y, vjp = jax.vjp(lambda a: fast1d.max_pool1d(a, size, padding), x)
+    return vjp(dy[:, : y.shape[1]])[0]
+
+
+def exact_pool_grad(x: np.ndarray, dy: np.ndarray, size: int, padding: int) -> np.ndarray:
+    """XLA's own gradient of the same reduce_window max in float64."""
+    with jax.enable_x64(True):
+        pool = lambda a: lax.reduce_window(
+            a, -jnp.inf, lax.max, (1, size, 1), (1, size, 1), ((0, 0), (padding, padding), (0, 0))
+        )
+        x64 = jnp.asarray(x, jnp.float64)
+        y, vjp = jax.vjp(pool, x64)
+        return np.asarray(vjp(jnp.asarray(dy[:, : y.shape[1]], jnp.float64))[0])
+
+
+@pytest.mark.parametrize("branch", ["default", "cpu"])
+@pytest.mark.parametrize("length, size, padding", POOL_CASES)
+def test_max_pool_gradient_is_xlas_selection(monkeypatch, branch, length, size, padding):
+    x, dy = pool_inputs(length, size)
+    windows = np.pad(x, ((0, 0), (padding, size), (0, 0)), constant_values=-np.inf)
+    windows = windows[:, : (length + 2 * padding - size) // size * size + size]
+    windows = windows.reshape(2, -1, size, 6)
+    tied = (windows == windows.max(axis=2, keepdims=True)).sum(axis=2) > 1
+    assert tied.any()  # the inputs exercise which of the tied maxima gets the gradient
+    called = force(monkeypatch, branch)
+    got = run(lambda a, b: [pool_grad(a, b, size, padding)], *as_dtype([x, dy], jnp.float32))[0]
+    assert called == ["_first_max_grad" if branch == "cpu" else "_xla_pool_grad"]
+    np.testing.assert_array_equal(got, exact_pool_grad(x, dy, size, padding))
+
+
+def test_a_perturbed_max_pool_cpu_branch_fails(monkeypatch):
+    length, size, padding = POOL_CASES[0]
+    x, dy = pool_inputs(length, size)
+    force(monkeypatch, "cpu", perturb=lambda x, dy: (x[:, ::-1], dy))
+    got = run(lambda a, b: [pool_grad(a, b, size, padding)], *as_dtype([x, dy], jnp.float32))[0]
+    assert np.any(got != exact_pool_grad(x, dy, size, padding))
+
+
+def test_waveform_networks_differentiate_every_conv_and_pool_through_fast1d(monkeypatch):
+    """LeeNet11's gradient takes fast1d's branch for its 9 convs and 8 max-pools."""
+    called = force(monkeypatch, "cpu")
+    model = models.get("LeeNet11")
+    variables = models.init(model, jax.random.key(0), 3200)
+
+    def loss(params):
+        out = model.apply(
+            {**variables, "params": params},
+            jnp.zeros((1, 3200)),
+            train=True,
+            mutable=["batch_stats"],
+            rngs={"dropout": jax.random.key(1)},
+        )[0]
+        return out["clipwise_output"].sum()
+
+    jax.eval_shape(jax.grad(loss), variables["params"])
+    assert called.count("_cpu_grads") == 9
+    assert called.count("_first_max_grad") == 8

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from panns_jax import frontend as fe
-from panns_jax.models import layers
+from panns_jax.models import fast1d, layers
 from panns_jax.models.layers import BatchNorm, Dtype, conv1d
 
 
@@ -23,11 +23,6 @@ class WaveformNetwork(layers.Network):
     """A network on the raw waveform: no STFT / mel buffers in the original state_dict."""
 
     uses_logmel = False
-
-
-def _max_pool1d(x: jax.Array, size: int, padding: int = 0) -> jax.Array:
-    """PyTorch ``max_pool1d(kernel=stride=size, padding)``: floors, pads with -inf."""
-    return nn.max_pool(x, (size,), strides=(size,), padding=((padding, padding),))
 
 
 def _waveform_input(
@@ -81,7 +76,7 @@ class LeeNetConvBlock(nn.Module):
             x = nn.relu(
                 BatchNorm(dtype=self.dtype, name=f"bn{i}")(x, use_running_average=not train)
             )
-        return _max_pool1d(x, 3, padding=1) if self.pool else x
+        return fast1d.max_pool1d(x, 3, padding=1) if self.pool else x
 
 
 class LeeNet(WaveformNetwork):
@@ -164,7 +159,7 @@ class DaiNet(WaveformNetwork):
         x = BatchNorm(dtype=self.dtype, name="bn0")(x, use_running_average=not train)
         for i, width in enumerate(self.widths, start=1):
             if i > 1:
-                x = _max_pool1d(x, 4)
+                x = fast1d.max_pool1d(x, 4)
             x = DaiNetResBlock(width, dtype=self.dtype, name=f"conv_block{i}")(x, train)
         return _head(x, self, train)
 
@@ -180,7 +175,7 @@ class BasicBlockWav1d(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         s = self.stride
-        out = _max_pool1d(x, s) if s != 1 else x
+        out = fast1d.max_pool1d(x, s) if s != 1 else x
         out = conv1d(self.features, 3, "conv1", self.dtype, padding=1)(out)
         out = nn.relu(BatchNorm(dtype=self.dtype, name="bn1")(out, use_running_average=not train))
         out = nn.Dropout(0.1)(out, deterministic=not train)

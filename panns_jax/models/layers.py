@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from panns_jax import frontend as fe
-from panns_jax.models import same_conv
+from panns_jax.models import fast1d, same_conv
 
 Dtype = Any
 
@@ -242,7 +242,10 @@ def conv1d(
     dilation: int = 1,
     use_bias: bool = False,
 ) -> nn.Conv:
-    """1-D conv with PyTorch-style explicit symmetric padding."""
+    """1-D conv with PyTorch-style explicit symmetric padding.
+
+    It convolves with :func:`fast1d.conv_general_dilated`, whose gradient is fast on CPU.
+    """
     return nn.Conv(
         features,
         (kernel,),
@@ -252,6 +255,7 @@ def conv1d(
         use_bias=use_bias,
         dtype=dtype,
         name=name,
+        conv_general_dilated=fast1d.conv_general_dilated,
     )
 
 

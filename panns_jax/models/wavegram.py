@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from panns_jax import frontend as fe
-from panns_jax.models import layers
+from panns_jax.models import fast1d, layers
 from panns_jax.models.layers import BatchNorm, ConvBlock, Dtype, conv1d
 
 GROUPS = 4  # The encoder's channels are read as 4 groups x `bins` frequency bins.
@@ -35,7 +35,7 @@ class ConvPreWavBlock(nn.Module):
             x = nn.relu(
                 BatchNorm(dtype=self.dtype, name=f"bn{i}")(x, use_running_average=not train)
             )
-        return nn.max_pool(x, (4,), strides=(4,), padding="VALID")
+        return fast1d.max_pool1d(x, 4)
 
 
 class Wavegram(layers.LogmelNetwork):
