@@ -259,7 +259,7 @@ SAME_CONV_CASES = {
     "first conv (im2col, col2im)": ((2, 20, 16, 1), (3, 3, 1, 32)),
     "tiny map (col2im input gradient)": ((2, 6, 4, 16), (3, 3, 16, 24)),
     "large map (unfolded weight gradient)": ((2, 20, 16, 16), (3, 3, 16, 8)),
-    "5x5 kernel, large map": ((2, 20, 16, 16), (5, 5, 16, 8)),
+    "5x5 kernel, large map (XLA's gradients)": ((2, 20, 16, 16), (5, 5, 16, 8)),
 }
 DEPTHWISE_CASES = {
     "stride 1": ((2, 12, 10, 8), (1, 1), ((1, 1), (1, 1))),

@@ -18,7 +18,7 @@ def _lax_conv(x, w, pad):
     "shape, kernel, branch",
     [
         ((2, 40, 16, 32, 24), 3, "unfolded weight gradient (large map)"),
-        ((2, 30, 12, 20, 8), 5, "unfolded weight gradient, 5x5 kernel"),
+        ((2, 30, 12, 20, 8), 5, "XLA gradients (5x5 kernel, large map)"),
         ((2, 7, 3, 48, 40), 3, "col2im input gradient (tiny map)"),
         ((2, 6, 2, 16, 32), 5, "col2im, 5x5 kernel larger than the map"),
         ((2, 40, 16, 1, 8), 3, "XLA gradient (one input channel, im2col larger than dy)"),

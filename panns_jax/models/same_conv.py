@@ -15,9 +15,9 @@ shapes are slow there (measured on a 2-core AVX-512 machine, batch 8 of 5 s clip
   slower than the forward conv.
 
 On CPU this module computes both as matrix products instead (same sums, reassociated):
-the weight gradient of a large map as one product of a frequency-unfolded input and
-time-shifted output gradients, the input gradient of a tiny map as one product followed
-by a sum of the kernel taps' columns at their shifts (col2im). A Cnn14 train step takes
+the weight gradient of a large map (3x3 kernels) as one product of a frequency-unfolded
+input and time-shifted output gradients, the input gradient of a tiny map as one product
+followed by a sum of the kernel taps' columns at their shifts (col2im). A Cnn14 train step takes
 1.4x (batch 8 x 5 s) to 1.7x (32 x 10 s) longer without them (jax 0.10.2). The first
 conv on the log-mel (one input channel) takes both gradients as products (im2col,
 col2im). Other backends (GPU/TPU) keep XLA's own gradient, selected at lowering time
@@ -40,8 +40,11 @@ _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 # Larger maps take the unfolded weight gradient. Tuned on whole Cnn14 train steps
 # (benchmarks/train_step.py): a threshold of 1024, or col2im alone, is slower.
 _TINY_MAP = 256
-# The unfolded weight gradient needs enough input channels to make a useful matrix product.
+# The unfolded weight gradient needs enough input channels to make a useful matrix product,
+# and a small kernel: a 5x5 kernel unfolds the input five-fold, and Cnn6's train step
+# (5x5 convs) is 1.06x faster with XLA's weight gradient (benchmarks/train_step.py).
 _MIN_UNFOLD_CHANNELS = 16
+_MAX_UNFOLD_KERNEL = 3
 # Fewer time rows than this make XLA:CPU's convolution ~100x slower.
 _MIN_FAST_ROWS = 6
 
@@ -122,7 +125,7 @@ def _cpu_grads(x, w, dy, pad):
     dx, dw = None, None
     if x.shape[1] * x.shape[2] < _TINY_MAP:
         dx = _input_grad_col2im(w, dy, pad)
-    elif x.shape[-1] >= _MIN_UNFOLD_CHANNELS:
+    elif x.shape[-1] >= _MIN_UNFOLD_CHANNELS and kernel <= _MAX_UNFOLD_KERNEL:
         dw = _weight_grad_unfolded(x, dy, kernel, pad)
     if dx is None or dw is None:
         xla_dx, xla_dw = _xla_grads(x, w, dy, pad)
