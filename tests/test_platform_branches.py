@@ -8,7 +8,8 @@ GPU or TPU lowers, tests/test_lowering.py) and the CPU branch then run here on t
 float32 inputs. Each result must lie within a round-off bound of the float64 autodiff of the
 plain formula, and the two branches within twice that bound of each other; the default
 branch run in float64 must meet the same bound at float64's unit round-off. A perturbed
-default branch (an off-by-one a port could make) must fail the comparison.
+branch (an off-by-one a port could make; every convolution's on both branches) must fail
+the comparison.
 
 The bound on each element of a result computed from ``n``-term sums is ``K * gamma_n * S``,
 with ``gamma_n = n u / (1 - n u)`` (Higham, Accuracy and Stability of Numerical Algorithms,
@@ -369,20 +370,12 @@ def test_conv_default_branch_in_float64(monkeypatch, exact_convs, name):
     assert worst_ratio(got, exact, conv_bounds(scales, terms, np.float64)) <= 1
 
 
+@pytest.mark.parametrize("branch", ["default", "cpu"])
 @pytest.mark.parametrize("name", list(CONV_CASES))
-def test_a_perturbed_conv_default_branch_fails(monkeypatch, exact_convs, name):
+def test_a_perturbed_conv_branch_fails(monkeypatch, exact_convs, name, branch):
     conv, _, args, terms = CONV_CASES[name]
     exact, scales = exact_convs[name]
-    force(monkeypatch, "default", perturb=off_by_one)
-    got = run(functools.partial(conv_results, conv), *as_dtype(args, jnp.float32))
-    assert worst_ratio(got, exact, conv_bounds(scales, terms, np.float32)) > 1
-
-
-@pytest.mark.parametrize("name", [n for n in CONV_CASES if n.startswith("fast1d")])
-def test_a_perturbed_fast1d_cpu_branch_fails(monkeypatch, exact_convs, name):
-    conv, _, args, terms = CONV_CASES[name]
-    exact, scales = exact_convs[name]
-    force(monkeypatch, "cpu", perturb=off_by_one)
+    force(monkeypatch, branch, perturb=off_by_one)
     got = run(functools.partial(conv_results, conv), *as_dtype(args, jnp.float32))
     assert worst_ratio(got, exact, conv_bounds(scales, terms, np.float32)) > 1
 
