@@ -37,6 +37,7 @@ from panns_jax import models
 from panns_jax.models import depthwise, fast1d, layers, same_conv
 
 DN = ("NHWC", "HWIO", "NHWC")
+DN_1D = ("NWC", "WIO", "NWC")
 
 
 def gamma(n: int, dtype: Any) -> float:
@@ -297,7 +298,6 @@ def fast1d_case(x_shape: Tuple[int, ...], w_shape: Tuple[int, ...], geometry: An
     return conv, plain, [x, w, dy], terms
 
 
-DN_1D = ("NWC", "WIO", "NWC")
 # Each geometry is one of the waveform networks' (stride, padding, dilation).
 FAST1D_CASES = {
     "k3 (LeeNet, DaiNet)": ((2, 40, 8), (3, 8, 16), (1, (1, 1), 1)),
@@ -378,6 +378,27 @@ def test_a_perturbed_conv_branch_fails(monkeypatch, exact_convs, name, branch):
     force(monkeypatch, branch, perturb=off_by_one)
     got = run(functools.partial(conv_results, conv), *as_dtype(args, jnp.float32))
     assert worst_ratio(got, exact, conv_bounds(scales, terms, np.float32)) > 1
+
+
+def test_fast1d_routes_only_plain_1d_convs_through_its_gradient():
+    x = jnp.asarray(np.arange(32.0).reshape(1, 8, 4))
+    calls = {
+        "plain": ((jnp.ones((3, 4, 4)), (1,), ((1, 1),)), {}, True),
+        "dilated kernel": ((jnp.ones((3, 4, 4)), (1,), ((2, 2),)), {"rhs_dilation": (2,)}, True),
+        "grouped": ((jnp.ones((3, 1, 4)), (1,), ((1, 1),)), {"feature_group_count": 4}, False),
+        "input dilation": ((jnp.ones((3, 4, 4)), (1,), ((1, 1),)), {"lhs_dilation": (2,)}, False),
+        "string padding": ((jnp.ones((3, 4, 4)), (1,), "SAME"), {}, False),
+    }
+    for what, (args, kwargs, routed) in calls.items():
+        kwargs = {**kwargs, "dimension_numbers": DN_1D}
+        ours = fast1d.conv_general_dilated(x, *args, **kwargs)
+        np.testing.assert_array_equal(ours, lax.conv_general_dilated(x, *args, **kwargs), what)
+        w, strides, padding = args
+        conv = functools.partial(
+            fast1d.conv_general_dilated, rhs=w, window_strides=strides, padding=padding, **kwargs
+        )
+        jaxpr = str(jax.make_jaxpr(conv)(x))
+        assert ("custom_vjp" in jaxpr) == routed, what
 
 
 # ----------------------------------------------------------------------------

@@ -129,25 +129,12 @@ def conv_general_dilated(*args: Any, **kwargs: Any) -> jax.Array:
     :func:`conv`; every other call goes to lax.
     """
     call = same_conv.conv_arguments(*args, **kwargs)
-    lhs, rhs, padding = call["lhs"], call["rhs"], call["padding"]
-    plain = (
-        lhs.ndim == 3
-        and rhs.ndim == 3
-        and not isinstance(padding, str)
-        and not call["precision"]
-        and call["preferred_element_type"] is None
-        and call["feature_group_count"] == 1
-        and call["batch_group_count"] == 1
-        and (call["lhs_dilation"] is None or tuple(call["lhs_dilation"]) == (1,))
-        and lax.conv_dimension_numbers(lhs.shape, rhs.shape, call["dimension_numbers"])
-        == lax.conv_dimension_numbers(lhs.shape, rhs.shape, _DIMENSION_NUMBERS)
-    )
-    if not plain:
+    if not same_conv.in_layout(call, _DIMENSION_NUMBERS) or call["feature_group_count"] != 1:
         return lax.conv_general_dilated(**call)
     (stride,) = call["window_strides"]
-    ((left, right),) = padding
+    ((left, right),) = call["padding"]
     (dilation,) = call["rhs_dilation"] or (1,)
-    return conv(lhs, rhs, (int(stride), (int(left), int(right)), int(dilation)))
+    return conv(call["lhs"], call["rhs"], (int(stride), (int(left), int(right)), int(dilation)))
 
 
 def _reduce_window_max(x: jax.Array, size: int, padding: int) -> jax.Array:

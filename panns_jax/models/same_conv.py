@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import Any, Dict, Mapping
+from typing import Any, Dict, Mapping, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -173,25 +173,36 @@ def conv_arguments(*args: Any, **kwargs: Any) -> Dict[str, Any]:
     return dict(bound.arguments)
 
 
-def is_plain(call: Mapping[str, Any]) -> bool:
-    """Whether the fast convolutions here and in :mod:`panns_jax.models.depthwise` compute
-    a convolution (its :func:`conv_arguments`).
-
-    They compute NHWC x HWIO with explicit padding, no dilation, no batch groups, and the
-    default precision and output type. Strides and feature groups may be any.
+def in_layout(call: Mapping[str, Any], dimension_numbers: Tuple[str, str, str]) -> bool:
+    """Whether a convolution (its :func:`conv_arguments`) is in ``dimension_numbers``'
+    layout, with explicit padding, no input dilation, no batch groups, and the default
+    precision and output type: what every fast convolution of :mod:`panns_jax.models`
+    takes. Strides, kernel dilation and feature groups may be any.
     """
     lhs, rhs = call["lhs"], call["rhs"]
+    rank = len(dimension_numbers[0])
     return (
-        lhs.ndim == 4
-        and rhs.ndim == 4
+        lhs.ndim == rank
+        and rhs.ndim == rank
         and not isinstance(call["padding"], str)
         and not call["precision"]
         and call["preferred_element_type"] is None
         and call["batch_group_count"] == 1
-        and (call["lhs_dilation"] is None or tuple(call["lhs_dilation"]) == (1, 1))
-        and (call["rhs_dilation"] is None or tuple(call["rhs_dilation"]) == (1, 1))
+        and (call["lhs_dilation"] is None or tuple(call["lhs_dilation"]) == (1,) * (rank - 2))
         and lax.conv_dimension_numbers(lhs.shape, rhs.shape, call["dimension_numbers"])
-        == lax.conv_dimension_numbers(lhs.shape, rhs.shape, _DIMENSION_NUMBERS)
+        == lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+    )
+
+
+def is_plain(call: Mapping[str, Any]) -> bool:
+    """Whether the fast convolutions here and in :mod:`panns_jax.models.depthwise` compute
+    a convolution (its :func:`conv_arguments`).
+
+    They compute NHWC x HWIO (:func:`in_layout`) without kernel dilation. Strides and
+    feature groups may be any.
+    """
+    return in_layout(call, _DIMENSION_NUMBERS) and (
+        call["rhs_dilation"] is None or tuple(call["rhs_dilation"]) == (1, 1)
     )
 
 
