@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
 
 import flax
 import jax
@@ -115,6 +115,21 @@ def to_state_dict(
     The arrays are ``dtype``: float32 as the original's checkpoints hold them, or float64
     to read a float64 run in the original's layout without rounding it.
     """
+    entries = _state_entries(variables, model, include_frontend, num_batches_tracked)
+    return {
+        key: np.array(value, dtype=dtype, order="C") if variable else value
+        for key, value, variable in entries
+    }
+
+
+def _state_entries(
+    variables: Mapping[str, Any], model: Any, include_frontend: bool, num_batches_tracked: int
+) -> Iterator[Tuple[str, np.ndarray, bool]]:
+    """``(key, array, is_variable)`` for each entry of the original's state_dict.
+
+    A variable's kernel is a transposed view into the original's axis order (no copy); the
+    front end's buffers and BatchNorm's ``num_batches_tracked`` are not variables.
+    """
     from panns_jax.models.transfer_head import Transfer
 
     if isinstance(model, Transfer):  # Its base/ and fc_hidden* keys fit no original model.
@@ -122,21 +137,19 @@ def to_state_dict(
             f"a transfer model with a {model.head_layers}-layer head (Freeze_L3) "
             "has no original PANNs layout; export it with `panns-jax export`"
         )
-    state: Dict[str, np.ndarray] = {}
     if include_frontend and uses_logmel(model):
-        state.update(frontend_state(model.frontend))
+        for key, value in frontend_state(model.frontend).items():
+            yield key, value, False
     for collection in ("params", "batch_stats"):
         flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(variables.get(collection, {})))
         for path, value in flat.items():
             value = np.asarray(value)
             if path[-1] == "kernel":
                 value = _kernel_to_torch(value)
-            state[_torch_key(collection, path)] = np.ascontiguousarray(value.astype(dtype))
+            yield _torch_key(collection, path), value, True
             if collection == "batch_stats" and path[-1] == "mean":
-                state[".".join(path[:-1] + ("num_batches_tracked",))] = np.array(
-                    num_batches_tracked, dtype=np.int64
-                )
-    return state
+                key = ".".join(path[:-1] + ("num_batches_tracked",))
+                yield key, np.array(num_batches_tracked, dtype=np.int64), False
 
 
 @functools.lru_cache(maxsize=None)
@@ -145,10 +158,17 @@ def _expected_shapes(name: str) -> Dict[str, tuple]:
 
 
 def expected_state_shapes(model: Any) -> Dict[str, tuple]:
-    """Every state_dict key of the original model with its shape."""
+    """Every state_dict key of the original model with its shape.
+
+    Each variable is one zero broadcast to its shape (a view that holds no memory), so
+    guessing the architecture of a stranger's checkpoint allocates no weights.
+    """
     shapes = jax.eval_shape(lambda: models.init(model, jax.random.key(0)))
-    zeros = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), shapes)
-    return {k: tuple(v.shape) for k, v in to_state_dict(zeros, model).items()}
+    views = jax.tree_util.tree_map(
+        lambda s: np.broadcast_to(np.zeros((), s.dtype), s.shape), shapes
+    )
+    entries = _state_entries(views, model, include_frontend=True, num_batches_tracked=0)
+    return {key: tuple(value.shape) for key, value, _ in entries}
 
 
 def guess_architecture(
