@@ -15,8 +15,8 @@ os.environ.pop("PANNS_JAX_ZOO_TABLE", None)
 os.environ["PANNS_JAX_HOME"] = os.path.join(
     os.environ.get("TMPDIR", "/tmp"), f"panns_jax_test_cache_{os.getpid()}"
 )
-# The commands run in-process here and leave JAX's persistent compilation cache as they find it
-# (the session's own, below); tests/test_compile_cache.py turns theirs on in subprocesses.
+# The commands run in-process here, and JAX's persistent compilation cache they turn on is
+# process-wide: it stays off, and tests/test_compile_cache.py turns it on in its subprocesses.
 os.environ["PANNS_JAX_COMPILATION_CACHE"] = "0"
 
 sys.path.insert(0, os.path.dirname(__file__))  # golden_utils, train_config
@@ -38,23 +38,6 @@ def data_dir(panns_demo_dir):
 
     data.get_builder("panns_demo", data_dir=str(panns_demo_dir))
     return panns_demo_dir
-
-
-@pytest.fixture(scope="session", autouse=True)
-def compilation_cache():
-    """JAX's persistent compilation cache in a directory of this session, removed after it.
-
-    Many tests compile the same programs (a model's forward in the parity, conversion,
-    export and serving tests; the tiny models of the training and transfer tests): each then
-    compiles once, which takes ~12% off the suite. The directory is the session's own, so no
-    test runs an executable that another session or machine wrote.
-    """
-    import tempfile
-
-    from panns_jax import compile_cache
-
-    with tempfile.TemporaryDirectory(prefix="panns_jax_test_xla_") as path:
-        yield compile_cache.enable(path)
 
 
 # CI sets PANNS_JAX_STRICT=1: every skip is a failure there, so a test that silently stops
