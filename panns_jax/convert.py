@@ -22,6 +22,7 @@ batch_stats/<path>/var      <path>.running_var                 -
 from __future__ import annotations
 
 import functools
+import json
 import os
 from typing import TYPE_CHECKING, Any, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
 
@@ -152,9 +153,41 @@ def _state_entries(
                 yield key, np.array(num_batches_tracked, dtype=np.int64), False
 
 
+# Every registered model's keys and shapes at its default settings ship as an asset, so that
+# naming the architecture of a mismatched checkpoint traces no model (all 29 take ~6 s).
+# tests/test_convert.py checks the file against expected_state_shapes.
+STATE_SHAPES_ASSET = os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), "assets", "state_shapes.json"
+)
+
+
+@functools.lru_cache(maxsize=1)
+def _shipped_state_shapes() -> Dict[str, Dict[str, tuple]]:
+    with open(STATE_SHAPES_ASSET, encoding="utf-8") as f:
+        table = json.load(f)
+    return {name: {k: tuple(s) for k, s in shapes.items()} for name, shapes in table.items()}
+
+
+def state_shapes_table() -> Dict[str, Dict[str, tuple]]:
+    """:func:`expected_state_shapes` of every registered model at its default settings."""
+    return {name: expected_state_shapes(models.get(name)) for name in models.names()}
+
+
+def write_state_shapes_table(path: str = STATE_SHAPES_ASSET) -> None:
+    """Write :func:`state_shapes_table` as the shipped asset: one model per line, keys sorted."""
+    table = state_shapes_table()
+    lines = [
+        f"{json.dumps(name)}: {json.dumps({k: list(s) for k, s in sorted(shapes.items())})}"
+        for name, shapes in sorted(table.items())
+    ]
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("{\n" + ",\n".join(lines) + "\n}\n")
+
+
 @functools.lru_cache(maxsize=None)
 def _expected_shapes(name: str) -> Dict[str, tuple]:
-    return expected_state_shapes(models.get(name))
+    shipped = _shipped_state_shapes().get(name)
+    return shipped if shipped is not None else expected_state_shapes(models.get(name))
 
 
 def expected_state_shapes(model: Any) -> Dict[str, tuple]:
@@ -213,19 +246,18 @@ def _describe_mismatch(name: str, missing, unexpected, wrong_shape, state_dict) 
             f"  the checkpoint has {classes} classes: pass num_classes={classes}, or "
             "use the transfer option to keep everything but the head"
         )
-    if not missing and not unexpected:
-        # Same layers, other sizes: the architecture is right, its arguments are not (a
-        # narrow model exported with to-torch). Guessing among all models would take ~1 min.
-        if not (head and head[0][:1] != head[1][:1] and all(map(_is_classifier, wrong_shape))):
-            lines.append(
-                f"  every layer of {name} is there with other sizes: pass the "
-                'architecture arguments it was built with (--overrides \'{"widths": '
-                "[...], ...}')"
-            )
-        return "\n".join(lines)
     guess, score = guess_architecture(state_dict)
     if guess and guess != name and score > 0.5:
         lines.append(f"  the checkpoint looks like {guess} ({score:.0%} of keys and shapes match)")
+    class_count_only = head and head[0][:1] != head[1][:1] and all(map(_is_classifier, wrong_shape))
+    if not missing and not unexpected and not class_count_only and score < 1.0:
+        # Same layers, other sizes, and no registered model fits: the architecture is right,
+        # its arguments are not (a narrow model exported with to-torch).
+        lines.append(
+            f"  every layer of {name} is there with other sizes: pass the "
+            'architecture arguments it was built with (--overrides \'{"widths": '
+            "[...], ...}')"
+        )
     return "\n".join(lines)
 
 

@@ -96,6 +96,20 @@ def test_checkpoint_of_another_architecture_is_named():
         convert.from_state_dict(G.load_state("Cnn10"), models.get("Cnn14"), name="Cnn14")
 
 
+def test_checkpoint_of_a_variant_with_the_same_keys_is_named():
+    """A Cnn14_mel128 checkpoint has Cnn14's keys with other sizes: the error names the
+    registered variant it fits rather than asking for architecture arguments."""
+    state = {
+        key: np.broadcast_to(np.zeros((), np.float32), shape)
+        for key, shape in convert._expected_shapes("Cnn14_mel128").items()
+    }
+    with pytest.raises(convert.CheckpointMismatchError) as info:
+        convert.from_state_dict(state, models.get("Cnn14"), name="Cnn14")
+    message = str(info.value)
+    assert "looks like Cnn14_mel128 (100% of keys and shapes match)" in message
+    assert "other sizes" not in message
+
+
 def test_class_count_mismatch_explains_the_way_out():
     G.require_golden()
     state = _cnn14_state()
@@ -352,3 +366,35 @@ def test_expected_shapes_allocate_no_weights():
         tracemalloc.stop()
     assert shapes["conv_block6.conv2.weight"] == (2048, 2048, 3, 3)
     assert weights > 300e6 and peak < weights / 10, (peak, weights)
+
+
+def test_shipped_state_shapes_are_every_registered_models():
+    """The shipped key-and-shape table is what the models build at their default settings."""
+    shipped = convert._shipped_state_shapes()
+    assert shipped == convert.state_shapes_table(), (
+        "panns_jax/assets/state_shapes.json is stale: rewrite it with "
+        'python -c "from panns_jax import convert; convert.write_state_shapes_table()"'
+    )
+    assert set(shipped) == set(models.names())
+    assert shipped["Cnn14"]["conv_block6.conv2.weight"] == (2048, 2048, 3, 3)
+    # Negative control: another setting of one model gives another listing.
+    assert convert.expected_state_shapes(models.get("Cnn6", num_classes=10)) != shipped["Cnn6"]
+
+
+def test_guessing_an_architecture_traces_no_registered_model(monkeypatch):
+    """A mismatched checkpoint is named from the shipped table: with tracing made to fail,
+    the guess is still exact."""
+    state = {
+        key: np.broadcast_to(np.zeros((), np.float32), shape)
+        for key, shape in convert.expected_state_shapes(models.get("Cnn10")).items()
+    }
+
+    def no_tracing(model):
+        raise AssertionError("expected_state_shapes traced a registered model")
+
+    monkeypatch.setattr(convert, "expected_state_shapes", no_tracing)
+    convert._expected_shapes.cache_clear()
+    try:
+        assert convert.guess_architecture(state) == ("Cnn10", 1.0)
+    finally:
+        convert._expected_shapes.cache_clear()
