@@ -1,5 +1,6 @@
 // oneDNN's direct convolutions as XLA FFI handlers, for benchmarks/onednn_conv.py: NHWC x HWIO,
-// stride 1, the same `pad` zeros on every side, float32. Forward, backward data and backward
+// float32, with a stride, padding and dilation along H (the time axis) and `pad_w` zeros on
+// both sides of W; a 1-D NWC conv is the W = 1 case. Forward, backward data and backward
 // weights; oneDNN picks its weight layout ("any") and the weights are reordered on each call.
 #include <cstdint>
 
@@ -19,20 +20,30 @@ dnnl::engine& Engine() {
 }
 
 struct Geometry {
-  int64_t n, h, w, c, kh, kw, o, pad;
+  int64_t n, h, w, c, kh, kw, o;
+  int64_t stride, pad_top, pad_bottom, pad_w, dilation;
+  int64_t OutH() const { return (h + pad_top + pad_bottom - ((kh - 1) * dilation + 1)) / stride + 1; }
   Desc Src() const { return Desc({n, c, h, w}, kF32, Tag::nhwc); }
-  Desc Dst() const { return Desc({n, o, h + 2 * pad - kh + 1, w + 2 * pad - kw + 1}, kF32, Tag::nhwc); }
+  Desc Dst() const { return Desc({n, o, OutH(), w + 2 * pad_w - kw + 1}, kF32, Tag::nhwc); }
   Desc Weights() const { return Desc({o, c, kh, kw}, kF32, Tag::hwio); }
   Desc AnyWeights() const { return Desc({o, c, kh, kw}, kF32, Tag::any); }
+  dnnl::memory::dims Strides() const { return {stride, 1}; }
+  dnnl::memory::dims Dilates() const { return {dilation - 1, 0}; }  // oneDNN counts from 0.
+  dnnl::memory::dims PadLeft() const { return {pad_top, pad_w}; }
+  dnnl::memory::dims PadRight() const { return {pad_bottom, pad_w}; }
   dnnl::convolution_forward::primitive_desc Forward(dnnl::prop_kind kind) const {
     return dnnl::convolution_forward::primitive_desc(Engine(), kind, dnnl::algorithm::convolution_direct,
-                                                     Src(), AnyWeights(), Dst(), {1, 1}, {pad, pad},
-                                                     {pad, pad});
+                                                     Src(), AnyWeights(), Dst(), Strides(), Dilates(),
+                                                     PadLeft(), PadRight());
   }
 };
 
-Geometry Of(ffi::Span<const int64_t> x, ffi::Span<const int64_t> w, int64_t pad) {
-  return {x[0], x[1], x[2], x[3], w[0], w[1], w[3], pad};
+struct Attrs {
+  int64_t stride, pad_top, pad_bottom, pad_w, dilation;
+};
+
+Geometry Of(ffi::Span<const int64_t> x, ffi::Span<const int64_t> w, const Attrs& a) {
+  return {x[0], x[1], x[2], x[3], w[0], w[1], w[3], a.stride, a.pad_top, a.pad_bottom, a.pad_w, a.dilation};
 }
 
 // A user buffer in oneDNN's layout `want`: the buffer itself, or a reordered copy.
@@ -45,8 +56,10 @@ dnnl::memory InLayout(const Desc& have, const Desc& want, void* data, dnnl::stre
 }
 
 ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y,
-                   int64_t pad) {
-  Geometry g = Of(x.dimensions(), w.dimensions(), pad);
+                   int64_t stride, int64_t pad_top, int64_t pad_bottom, int64_t pad_w,
+                   int64_t dilation) {
+  Attrs a{stride, pad_top, pad_bottom, pad_w, dilation};
+  Geometry g = Of(x.dimensions(), w.dimensions(), a);
   dnnl::stream stream(Engine());
   auto pd = g.Forward(dnnl::prop_kind::forward_inference);
   dnnl::memory src(g.Src(), Engine(), x.typed_data());
@@ -59,12 +72,14 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Result
 }
 
 ffi::Error BackwardData(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w,
-                        ffi::ResultBuffer<ffi::F32> dx, int64_t pad) {
-  Geometry g = Of(dx->dimensions(), w.dimensions(), pad);
+                        ffi::ResultBuffer<ffi::F32> dx, int64_t stride, int64_t pad_top,
+                        int64_t pad_bottom, int64_t pad_w, int64_t dilation) {
+  Attrs a{stride, pad_top, pad_bottom, pad_w, dilation};
+  Geometry g = Of(dx->dimensions(), w.dimensions(), a);
   dnnl::stream stream(Engine());
   auto pd = dnnl::convolution_backward_data::primitive_desc(
-      Engine(), dnnl::algorithm::convolution_direct, g.Src(), g.AnyWeights(), g.Dst(), {1, 1},
-      {pad, pad}, {pad, pad}, g.Forward(dnnl::prop_kind::forward_training));
+      Engine(), dnnl::algorithm::convolution_direct, g.Src(), g.AnyWeights(), g.Dst(), g.Strides(),
+      g.Dilates(), g.PadLeft(), g.PadRight(), g.Forward(dnnl::prop_kind::forward_training));
   dnnl::memory diff_dst(g.Dst(), Engine(), dy.typed_data());
   dnnl::memory diff_src(g.Src(), Engine(), dx->typed_data());
   dnnl::memory weights = InLayout(g.Weights(), pd.weights_desc(), w.typed_data(), stream);
@@ -75,12 +90,14 @@ ffi::Error BackwardData(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w,
 }
 
 ffi::Error BackwardWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
-                           ffi::ResultBuffer<ffi::F32> dw, int64_t pad) {
-  Geometry g = Of(x.dimensions(), dw->dimensions(), pad);
+                           ffi::ResultBuffer<ffi::F32> dw, int64_t stride, int64_t pad_top,
+                           int64_t pad_bottom, int64_t pad_w, int64_t dilation) {
+  Attrs a{stride, pad_top, pad_bottom, pad_w, dilation};
+  Geometry g = Of(x.dimensions(), dw->dimensions(), a);
   dnnl::stream stream(Engine());
   auto pd = dnnl::convolution_backward_weights::primitive_desc(
-      Engine(), dnnl::algorithm::convolution_direct, g.Src(), g.AnyWeights(), g.Dst(), {1, 1},
-      {pad, pad}, {pad, pad}, g.Forward(dnnl::prop_kind::forward_training));
+      Engine(), dnnl::algorithm::convolution_direct, g.Src(), g.AnyWeights(), g.Dst(), g.Strides(),
+      g.Dilates(), g.PadLeft(), g.PadRight(), g.Forward(dnnl::prop_kind::forward_training));
   dnnl::memory src(g.Src(), Engine(), x.typed_data());
   dnnl::memory diff_dst(g.Dst(), Engine(), dy.typed_data());
   dnnl::memory user(g.Weights(), Engine(), dw->typed_data());
@@ -97,7 +114,8 @@ ffi::Error BackwardWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
 
 #define PANNS_BIND_TWO_IN_ONE_OUT                                                       \
   ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>() \
-      .Attr<int64_t>("pad")
+      .Attr<int64_t>("stride").Attr<int64_t>("pad_top").Attr<int64_t>("pad_bottom")       \
+      .Attr<int64_t>("pad_w").Attr<int64_t>("dilation")
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(OnednnConv, Forward, PANNS_BIND_TWO_IN_ONE_OUT);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(OnednnConvBackwardData, BackwardData, PANNS_BIND_TWO_IN_ONE_OUT);

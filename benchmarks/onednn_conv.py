@@ -34,6 +34,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from typing import Tuple
 
 from panns_jax import malloc
 
@@ -49,7 +50,7 @@ import train_step  # noqa: E402
 from timing import interleaved_best_times, load_line  # noqa: E402
 
 from panns_jax import convert, models  # noqa: E402
-from panns_jax.models import same_conv  # noqa: E402
+from panns_jax.models import fast1d, same_conv  # noqa: E402
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "onednn_conv.cc")
 TARGETS = ("OnednnConv", "OnednnConvBackwardData", "OnednnConvBackwardWeights")
@@ -72,64 +73,117 @@ def build_and_register() -> None:
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(handle, target)), "cpu")
 
 
-def _call(target: str, like: jax.Array, *args: jax.Array, pad: int) -> jax.Array:
-    out = jax.ShapeDtypeStruct(like.shape, jnp.float32)
-    return jax.ffi.ffi_call(target, out)(*args, pad=np.int64(pad))
+def _call(target: str, like, *args: jax.Array, geometry: Tuple[int, ...]) -> jax.Array:
+    names = ("stride", "pad_top", "pad_bottom", "pad_w", "dilation")
+    attributes = {name: np.int64(value) for name, value in zip(names, geometry)}
+    return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(like.shape, jnp.float32))(
+        *args, **attributes
+    )
+
+
+def _conv4d(x: jax.Array, w: jax.Array, geometry: Tuple[int, ...]) -> jax.Array:
+    stride, top, bottom, pad_w, dilation = geometry
+    n, h, width, _ = x.shape
+    kh, kw, _, out = w.shape
+    length = (h + top + bottom - (kh - 1) * dilation - 1) // stride + 1
+    shape = jax.ShapeDtypeStruct((n, length, width + 2 * pad_w - kw + 1, out), jnp.float32)
+    return _call("OnednnConv", shape, x, w, geometry=geometry)
+
+
+def _grads4d(x, w, dy, geometry):
+    dx = _call("OnednnConvBackwardData", x, dy, w, geometry=geometry)
+    return dx, _call("OnednnConvBackwardWeights", w, x, dy, geometry=geometry)
 
 
 def onednn_conv(x: jax.Array, w: jax.Array, pad: int) -> jax.Array:
-    n, h, width, _ = x.shape
-    kernel, _, _, out = w.shape
-    shape = (n, h + 2 * pad - kernel + 1, width + 2 * pad - kernel + 1, out)
-    return _call("OnednnConv", jax.ShapeDtypeStruct(shape, jnp.float32), x, w, pad=pad)
+    """same_conv's convolution (NHWC x HWIO, stride 1, ``pad`` zeros around) on oneDNN."""
+    return _conv4d(x, w, (1, pad, pad, pad, 1))
 
 
 def onednn_grads(x, w, dy, pad):
-    dx = _call("OnednnConvBackwardData", x, dy, w, pad=pad)
-    return dx, _call("OnednnConvBackwardWeights", w, x, dy, pad=pad)
+    return _grads4d(x, w, dy, (1, pad, pad, pad, 1))
+
+
+def _as_2d(geometry) -> Tuple[int, ...]:
+    stride, (left, right), dilation = geometry
+    return (stride, left, right, 0, dilation)
+
+
+def onednn_conv1d(x: jax.Array, w: jax.Array, geometry) -> jax.Array:
+    """fast1d's convolution (NWC x WIO, its geometry) on oneDNN, as a 2-D conv of width 1."""
+    return _conv4d(x[:, :, None], w[:, None], _as_2d(geometry))[:, :, 0]
+
+
+def onednn_grads1d(x, w, dy, geometry):
+    dx, dw = _grads4d(x[:, :, None], w[:, None], dy[:, :, None], _as_2d(geometry))
+    return dx[:, :, 0], dw[:, 0]
 
 
 @contextlib.contextmanager
 def onednn_convolutions(max_channels: int):
-    """Within: models traced here run same_conv's convs of <= max_channels outputs on oneDNN."""
-    conv, cpu_grads = same_conv._conv, same_conv._cpu_grads
+    """Within: models traced here run same_conv's and fast1d's convs of at most
+    ``max_channels`` outputs on oneDNN (the other platforms' branches keep XLA's conv)."""
+    saved = []
 
-    def swapped_conv(x, w, pad):
-        return onednn_conv(x, w, pad) if w.shape[-1] <= max_channels else conv(x, w, pad)
+    def swap(module, conv_fn, grads_fn):
+        conv, cpu_grads = module._conv, module._cpu_grads
+        saved.append((module, conv, cpu_grads, module._xla_grads))
 
-    def swapped_grads(x, w, dy, pad):
-        fits = w.shape[-1] <= max_channels
-        return onednn_grads(x, w, dy, pad) if fits else cpu_grads(x, w, dy, pad)
+        # The modules pass their static argument by keyword (pad=, geometry=) or position.
+        def swapped_conv(x, w, *static, **named):
+            (geometry,) = static or tuple(named.values())
+            fits = w.shape[-1] <= max_channels
+            return conv_fn(x, w, geometry) if fits else conv(x, w, geometry)
 
-    def xla_grads(x, w, dy, pad):  # The other platforms' branch, traced too: XLA's conv.
-        return jax.vjp(functools.partial(conv, pad=pad), x, w)[1](dy)
+        def swapped_grads(x, w, dy, *static, **named):
+            (geometry,) = static or tuple(named.values())
+            fits = w.shape[-1] <= max_channels
+            return grads_fn(x, w, dy, geometry) if fits else cpu_grads(x, w, dy, geometry)
 
-    saved = same_conv._conv, same_conv._cpu_grads, same_conv._xla_grads
-    same_conv._conv, same_conv._cpu_grads, same_conv._xla_grads = (
-        swapped_conv,
-        swapped_grads,
-        xla_grads,
-    )
+        def xla_grads(x, w, dy, *static, **named):
+            (geometry,) = static or tuple(named.values())
+            return jax.vjp(lambda x, w: conv(x, w, geometry), x, w)[1](dy)
+
+        module._conv, module._cpu_grads, module._xla_grads = swapped_conv, swapped_grads, xla_grads
+
+    swap(same_conv, onednn_conv, onednn_grads)
+    swap(fast1d, onednn_conv1d, onednn_grads1d)
     try:
         yield
     finally:
-        same_conv._conv, same_conv._cpu_grads, same_conv._xla_grads = saved
+        for module, conv, cpu_grads, xla_grads in saved:
+            module._conv, module._cpu_grads, module._xla_grads = conv, cpu_grads, xla_grads
 
 
 def check_kernels() -> None:
-    """The three kernels against XLA's convolution and its gradients on one small conv."""
+    """The kernels against XLA's convolution and its gradients: one 2-D conv of same_conv and
+    one strided, dilated, unevenly padded 1-D conv of fast1d."""
     rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.standard_normal((2, 12, 9, 16)), jnp.float32)
-    w = jnp.asarray(rng.standard_normal((5, 5, 16, 32)), jnp.float32)
-    y, vjp = jax.vjp(functools.partial(same_conv._conv, pad=2), x, w)
-    dy = jnp.asarray(rng.standard_normal(y.shape), jnp.float32)
-    want = (y, *vjp(dy))
-    got = (onednn_conv(x, w, 2), *onednn_grads(x, w, dy, 2))
-    errors = [float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b))) for a, b in zip(got, want)]
-    print(
-        "max |oneDNN - XLA| / max |XLA|: conv %.1e, input grad %.1e, weight grad %.1e"
-        % tuple(errors)
-    )
+    cases = [
+        ("2-D", same_conv._conv, onednn_conv, onednn_grads, (2, 12, 9, 16), (5, 5, 16, 32), 2),
+        (
+            "1-D",
+            fast1d._conv,
+            onednn_conv1d,
+            onednn_grads1d,
+            (2, 50, 16),
+            (3, 16, 32),
+            (2, (3, 1), 2),
+        ),
+    ]
+    for label, xla_conv, conv, grads, x_shape, w_shape, geometry in cases:
+        x = jnp.asarray(rng.standard_normal(x_shape), jnp.float32)
+        w = jnp.asarray(rng.standard_normal(w_shape), jnp.float32)
+        y, vjp = jax.vjp(lambda x, w: xla_conv(x, w, geometry), x, w)
+        dy = jnp.asarray(rng.standard_normal(y.shape), jnp.float32)
+        got = (conv(x, w, geometry), *grads(x, w, dy, geometry))
+        errors = [
+            float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b))) for a, b in zip(got, (y, *vjp(dy)))
+        ]
+        print(
+            f"{label} max |oneDNN - XLA| / max |XLA|: conv %.1e, input grad %.1e, weight grad %.1e"
+            % tuple(errors)
+        )
 
 
 def layer_table(repeats: int) -> None:
