@@ -7,8 +7,9 @@
 XLA:CPU in jax 0.10.2 hands no convolution to oneDNN (its oneDNN options are accepted and do
 nothing; benchmarks/train_step.py says how that was checked). This script compiles
 onednn_conv.cc (oneDNN's forward, backward-data and backward-weights convolutions as jax.ffi
-handlers) with g++ into a temporary directory, swaps them in for
-``panns_jax.models.same_conv``'s convolution and CPU gradients on convs of at most
+handlers) with g++ into a temporary directory, swaps them in for the convolution and CPU
+gradients of ``panns_jax.models.same_conv`` and ``fast1d`` (1-D convs as 2-D ones of width 1)
+on convs of at most
 ``--max-channels`` output channels (wider ones ran slower on oneDNN, whose calls here
 reorder the weights every time), checks the three against XLA's on a small conv and the
 swapped forward against XLA's, and times XLA's model, the swapped one and the PyTorch
@@ -21,8 +22,10 @@ for both sides, as panns_jax.main runs): the 3x3 and 5x5 convs of 64-512 output 
 reorders their 38 and 151 MB of weights), Cnn6's 1-channel first conv 0.89x. With
 --max-channels 512: Cnn6's forward 1.22x XLA's speed (1.27x PyTorch's, XLA's 1.04x) and its
 train step 1.26x (1.16x PyTorch's, XLA's 0.92x); Cnn14's forward 1.22x (1.21x PyTorch's,
-XLA's 0.99x) and train step 1.21x (1.21x PyTorch's, XLA's 1.00x). Outputs agree with XLA's to
-2.4e-7 (Cnn6) and 6e-8 (Cnn14).
+XLA's 0.99x) and train step 1.21x (1.21x PyTorch's, XLA's 1.00x); ResNet22 1.21x / 1.18x,
+Wavegram-Logmel-Cnn14 1.24x / 1.15x. Outputs agree with XLA's to 2.4e-7 (Cnn6) and 6e-8
+(Cnn14). LeeNet24's 1-D convs, as 2-D convs of width 1, ran 0.34x (forward) and 0.49x (train
+step) of XLA's speed: the 1-D trunks would need oneDNN's own 1-D layouts or other kernels.
 """
 
 from __future__ import annotations
