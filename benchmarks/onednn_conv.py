@@ -122,6 +122,13 @@ def onednn_grads1d(x, w, dy, geometry):
     return dx[:, :, 0], dw[:, 0]
 
 
+def _static_argument(static: tuple, named: dict):
+    """The one static argument, which the modules pass by position or keyword (pad=,
+    geometry=)."""
+    (value,) = static or tuple(named.values())
+    return value
+
+
 @contextlib.contextmanager
 def onednn_convolutions(max_channels: int):
     """Within: models traced here run same_conv's and fast1d's convs of at most
@@ -132,19 +139,18 @@ def onednn_convolutions(max_channels: int):
         conv, cpu_grads = module._conv, module._cpu_grads
         saved.append((module, conv, cpu_grads, module._xla_grads))
 
-        # The modules pass their static argument by keyword (pad=, geometry=) or position.
         def swapped_conv(x, w, *static, **named):
-            (geometry,) = static or tuple(named.values())
+            geometry = _static_argument(static, named)
             fits = w.shape[-1] <= max_channels
             return conv_fn(x, w, geometry) if fits else conv(x, w, geometry)
 
         def swapped_grads(x, w, dy, *static, **named):
-            (geometry,) = static or tuple(named.values())
+            geometry = _static_argument(static, named)
             fits = w.shape[-1] <= max_channels
             return grads_fn(x, w, dy, geometry) if fits else cpu_grads(x, w, dy, geometry)
 
         def xla_grads(x, w, dy, *static, **named):
-            (geometry,) = static or tuple(named.values())
+            geometry = _static_argument(static, named)
             return jax.vjp(lambda x, w: conv(x, w, geometry), x, w)[1](dy)
 
         module._conv, module._cpu_grads, module._xla_grads = swapped_conv, swapped_grads, xla_grads

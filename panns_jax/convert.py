@@ -30,8 +30,8 @@ import flax
 import jax
 import numpy as np
 
+from panns_jax import fileio, models
 from panns_jax import frontend as fe
-from panns_jax import models
 
 if TYPE_CHECKING:
     from panns_jax import checkpoints
@@ -180,7 +180,7 @@ def write_state_shapes_table(path: str = STATE_SHAPES_ASSET) -> None:
         f"{json.dumps(name)}: {json.dumps({k: list(s) for k, s in sorted(shapes.items())})}"
         for name, shapes in sorted(table.items())
     ]
-    with open(path, "w", encoding="utf-8") as f:
+    with fileio.staged(path) as staging, open(staging, "w", encoding="utf-8") as f:
         f.write("{\n" + ",\n".join(lines) + "\n}\n")
 
 
@@ -240,7 +240,8 @@ def _describe_mismatch(name: str, missing, unexpected, wrong_shape, state_dict) 
         (s for k, s in sorted(wrong_shape.items()) if _is_classifier(k) and k.endswith(".weight")),
         None,
     )
-    if head and head[0][:1] != head[1][:1]:  # Only when the class count itself differs.
+    class_count_differs = bool(head) and head[0][:1] != head[1][:1]
+    if class_count_differs:
         classes = head[0][0]
         lines.append(
             f"  the checkpoint has {classes} classes: pass num_classes={classes}, or "
@@ -249,7 +250,7 @@ def _describe_mismatch(name: str, missing, unexpected, wrong_shape, state_dict) 
     guess, score = guess_architecture(state_dict)
     if guess and guess != name and score > 0.5:
         lines.append(f"  the checkpoint looks like {guess} ({score:.0%} of keys and shapes match)")
-    class_count_only = head and head[0][:1] != head[1][:1] and all(map(_is_classifier, wrong_shape))
+    class_count_only = class_count_differs and all(map(_is_classifier, wrong_shape))
     if not missing and not unexpected and not class_count_only and score < 1.0:
         # Same layers, other sizes, and no registered model fits: the architecture is right,
         # its arguments are not (a narrow model exported with to-torch).

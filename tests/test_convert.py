@@ -96,13 +96,15 @@ def test_checkpoint_of_another_architecture_is_named():
         convert.from_state_dict(G.load_state("Cnn10"), models.get("Cnn14"), name="Cnn14")
 
 
+def _zero_state(shapes):
+    """A state_dict of these shapes as zero-strided views: no weights allocated."""
+    return {key: np.broadcast_to(np.zeros((), np.float32), shape) for key, shape in shapes.items()}
+
+
 def test_checkpoint_of_a_variant_with_the_same_keys_is_named():
     """A Cnn14_mel128 checkpoint has Cnn14's keys with other sizes: the error names the
     registered variant it fits rather than asking for architecture arguments."""
-    state = {
-        key: np.broadcast_to(np.zeros((), np.float32), shape)
-        for key, shape in convert._expected_shapes("Cnn14_mel128").items()
-    }
+    state = _zero_state(convert._expected_shapes("Cnn14_mel128"))
     with pytest.raises(convert.CheckpointMismatchError) as info:
         convert.from_state_dict(state, models.get("Cnn14"), name="Cnn14")
     message = str(info.value)
@@ -384,10 +386,7 @@ def test_shipped_state_shapes_are_every_registered_models():
 def test_guessing_an_architecture_traces_no_registered_model(monkeypatch):
     """A mismatched checkpoint is named from the shipped table: with tracing made to fail,
     the guess is still exact."""
-    state = {
-        key: np.broadcast_to(np.zeros((), np.float32), shape)
-        for key, shape in convert.expected_state_shapes(models.get("Cnn10")).items()
-    }
+    state = _zero_state(convert.expected_state_shapes(models.get("Cnn10")))
 
     def no_tracing(model):
         raise AssertionError("expected_state_shapes traced a registered model")
