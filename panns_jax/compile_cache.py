@@ -28,10 +28,10 @@ _ON = ("", "1", "true", "yes", "on")
 
 
 def default_dir() -> str:
-    """``xla/`` in the user cache directory (:func:`panns_jax.zoo.cache_dir`)."""
-    from panns_jax import zoo
+    """``xla/`` in the user cache directory (:func:`panns_jax.fileio.cache_dir`)."""
+    from panns_jax import fileio
 
-    return os.path.join(zoo.cache_dir(), "xla")
+    return os.path.join(fileio.cache_dir(), "xla")
 
 
 def wanted_by_environment() -> bool:

@@ -3,7 +3,8 @@
 Every file panns_jax writes for a user (checkpoints' side files, converted ``.pth``, the
 model zoo's cache, tag/SED outputs, exports) goes through :func:`staged`, so a failure or a
 kill mid-write never leaves a truncated file under the real name, and an existing file is
-kept until the new one is complete.
+kept until the new one is complete. :func:`cache_dir` is where the user cache lives (the
+model zoo, compiled programs, built kernels, probe embeddings).
 """
 
 import contextlib
@@ -13,7 +14,7 @@ import shutil
 import uuid
 from typing import Iterator
 
-__all__ = ["replace_dir", "staged", "write_probe"]
+__all__ = ["cache_dir", "replace_dir", "staged", "write_probe"]
 
 
 @contextlib.contextmanager
@@ -98,3 +99,13 @@ def write_probe(directory: str) -> None:
     probe = os.path.join(directory, f".panns_jax-probe-{uuid.uuid4().hex[:12]}")
     os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
     os.remove(probe)
+
+
+def cache_dir() -> str:
+    """``$PANNS_JAX_HOME``, else ``$XDG_CACHE_HOME/panns_jax``, else ``~/.cache/panns_jax``."""
+    home = os.environ.get("PANNS_JAX_HOME")
+    if home:
+        return os.path.abspath(os.path.expanduser(home))
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = xdg if xdg else os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.abspath(os.path.join(base, "panns_jax"))

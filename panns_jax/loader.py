@@ -40,7 +40,7 @@ from typing import Any, Dict, Iterator, Mapping, Optional, Tuple
 import flax.linen as nn
 import jax
 
-from panns_jax import checkpoints, models, tasks, zoo
+from panns_jax import checkpoints, fileio, models, tasks, zoo
 from panns_jax.models import transfer_head
 
 DEFAULT_MODEL = "Cnn14"
@@ -201,7 +201,7 @@ def _recorded(source: str, kind: str, model: Optional[str], overrides: Dict[str,
     if overrides:
         raise ValueError(f"{what}; --overrides applies to a .pth or a random model only")
     if kind == "checkpoint":  # A read-only directory's record goes to the user cache.
-        records = os.path.join(zoo.cache_dir(), RECORDS_DIR)
+        records = os.path.join(fileio.cache_dir(), RECORDS_DIR)
         checkpoint = checkpoints.load(source, records=records)
     else:
         checkpoint = zoo.load(source)

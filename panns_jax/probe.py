@@ -25,7 +25,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 
 import numpy as np
 
-from panns_jax import config_checks, fileio, finetune, loader, metrics, recipe, report, tasks, zoo
+from panns_jax import config_checks, fileio, finetune, loader, metrics, recipe, report, tasks
 from panns_jax.data import common, custom, inputs, pipeline, sources
 from panns_jax.recipe import ConfigError
 
@@ -450,8 +450,8 @@ def write_outputs(results: Mapping[str, Any], directory: str) -> List[str]:
 
 
 def default_cache_dir() -> str:
-    """``probe/`` in the user cache (:func:`panns_jax.zoo.cache_dir`)."""
-    return os.path.join(zoo.cache_dir(), "probe")
+    """``probe/`` in the user cache (:func:`panns_jax.fileio.cache_dir`)."""
+    return os.path.join(fileio.cache_dir(), "probe")
 
 
 def run(

@@ -40,7 +40,7 @@ import sys
 import urllib.parse
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
-from panns_jax import download
+from panns_jax import download, fileio
 
 if TYPE_CHECKING:  # Imported where used: reading the table needs neither.
     from panns_jax import checkpoints
@@ -251,16 +251,6 @@ def is_zoo_name(name: str) -> bool:
     return True
 
 
-def cache_dir() -> str:
-    """``$PANNS_JAX_HOME``, else ``$XDG_CACHE_HOME/panns_jax``, else ``~/.cache/panns_jax``."""
-    home = os.environ.get("PANNS_JAX_HOME")
-    if home:
-        return os.path.abspath(os.path.expanduser(home))
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = xdg if xdg else os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.abspath(os.path.join(base, "panns_jax"))
-
-
 def url(entry: ZooEntry) -> str:
     """Where the file comes from: ``$PANNS_JAX_MIRROR/<file>``, else Zenodo."""
     quoted = urllib.parse.quote(entry.file)  # '=' becomes %3D.
@@ -272,7 +262,7 @@ def url(entry: ZooEntry) -> str:
 
 def pth_path(entry: ZooEntry) -> str:
     """Where the verified ``.pth`` of ``entry`` lives in the cache."""
-    return os.path.join(cache_dir(), entry.file)
+    return os.path.join(fileio.cache_dir(), entry.file)
 
 
 def target(entry: ZooEntry) -> download.Target:

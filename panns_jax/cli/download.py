@@ -15,7 +15,7 @@ import argparse
 import sys
 from typing import List, Optional, Sequence
 
-from panns_jax import download, zoo
+from panns_jax import download, fileio, zoo
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="panns-jax download",
         description="Download, verify and convert the released PANNs checkpoints "
-        f"(Zenodo record {zoo.ZENODO_RECORD}) into the cache ({zoo.cache_dir()}).",
+        f"(Zenodo record {zoo.ZENODO_RECORD}) into the cache ({fileio.cache_dir()}).",
     )
     parser.add_argument("names", nargs="*", help="zoo names, e.g. Cnn14 MobileNetV1")
     parser.add_argument("--all", action="store_true", help="every model of the zoo")
@@ -90,7 +90,7 @@ def _print_table() -> None:
             f"{s['name']:24s} {s['map']:6.3f} {_size_text(s['size']):>9s}  "
             f"{s['cached']:9s} {s['verified_by']}; {s['purpose']}"
         )
-    print(f"cache: {zoo.cache_dir()}")
+    print(f"cache: {fileio.cache_dir()}")
 
 
 def _fetch(names: List[str], *, progress: bool) -> None:
