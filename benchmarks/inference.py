@@ -69,14 +69,16 @@ def print_table(args, cpu, ceiling, torch, torch_baselines) -> None:
         baseline = None
         if not args.no_torch:
             baseline = torch_baselines.build(name, convert.to_state_dict(variables, model))
-        forward = jax.jit(
+        apply = models.with_conv_backend(
             lambda v, x: {
                 k: v_
                 for k, v_ in model.apply(v, x).items()
                 if k in ("clipwise_output", "embedding")
             },
-            **models.jit_options(model),  # As the tagger, the CLI and the HEAR API compile it.
+            args.conv_backend,
         )
+        # As the tagger, the CLI and the HEAR API compile it.
+        forward = jax.jit(apply, **models.jit_options(model))
         for batch in args.batches:
             clips = np.random.default_rng(0).uniform(-0.5, 0.5, (batch, samples)).astype(np.float32)
             device_clips = jax.device_put(clips)
@@ -119,6 +121,12 @@ def main() -> None:
     )
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch baseline")
     parser.add_argument(
+        "--conv-backend",
+        default="xla",
+        choices=models.CONV_BACKENDS,
+        help="panns_jax's convolutions on CPU (the tagger's conv_backend; default xla)",
+    )
+    parser.add_argument(
         "--malloc",
         choices=("default", "tuned", "both"),
         default="both",
@@ -145,7 +153,7 @@ def main() -> None:
     print(
         f"jax {jax.__version__} on {jax.devices()[0].device_kind} ({jax.default_backend()}); "
         f"torch {torch.__version__} with {torch.get_num_threads()} threads; "
-        f"{os.cpu_count()} cores"
+        f"{os.cpu_count()} cores; {args.conv_backend} convolutions"
     )
     print(cpu.describe())
     ceiling = peak.report_ceiling(args)

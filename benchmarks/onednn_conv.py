@@ -31,13 +31,9 @@ step) of XLA's speed: the 1-D trunks would need oneDNN's own 1-D layouts or othe
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import os
-import subprocess
 import sys
-import tempfile
-from typing import Tuple
 
 from panns_jax import malloc
 
@@ -53,139 +49,24 @@ import train_step  # noqa: E402
 from timing import interleaved_best_times, load_line  # noqa: E402
 
 from panns_jax import convert, models  # noqa: E402
-from panns_jax.models import fast1d, same_conv  # noqa: E402
-
-SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "onednn_conv.cc")
-TARGETS = ("OnednnConv", "OnednnConvBackwardData", "OnednnConvBackwardWeights")
-
-
-def build_and_register() -> None:
-    """Compile onednn_conv.cc against the installed oneDNN and register its handlers."""
-    import ctypes
-
-    include, lib = os.path.join(sys.prefix, "include"), os.path.join(sys.prefix, "lib")
-    if not os.path.exists(os.path.join(include, "oneapi", "dnnl", "dnnl.hpp")):
-        sys.exit("oneDNN not found: pip install onednn-cpu-gomp onednn-devel-cpu-gomp")
-    library = os.path.join(tempfile.mkdtemp(prefix="onednn_conv_"), "onednn_conv.so")
-    command = ["g++", "-O2", "-std=c++17", "-shared", "-fPIC", "-w"]
-    command += [f"-I{jax.ffi.include_dir()}", f"-I{include}", SOURCE, "-o", library]
-    command += [f"-L{lib}", "-ldnnl", f"-Wl,-rpath,{lib}"]
-    subprocess.run(command, check=True)
-    handle = ctypes.cdll.LoadLibrary(library)
-    for target in TARGETS:
-        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(handle, target)), "cpu")
-
-
-def _call(target: str, like, *args: jax.Array, geometry: Tuple[int, ...]) -> jax.Array:
-    names = ("stride", "pad_top", "pad_bottom", "pad_w", "dilation")
-    attributes = {name: np.int64(value) for name, value in zip(names, geometry)}
-    return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(like.shape, jnp.float32))(
-        *args, **attributes
-    )
-
-
-def _conv4d(x: jax.Array, w: jax.Array, geometry: Tuple[int, ...]) -> jax.Array:
-    stride, top, bottom, pad_w, dilation = geometry
-    n, h, width, _ = x.shape
-    kh, kw, _, out = w.shape
-    length = (h + top + bottom - (kh - 1) * dilation - 1) // stride + 1
-    shape = jax.ShapeDtypeStruct((n, length, width + 2 * pad_w - kw + 1, out), jnp.float32)
-    return _call("OnednnConv", shape, x, w, geometry=geometry)
-
-
-def _grads4d(x, w, dy, geometry):
-    dx = _call("OnednnConvBackwardData", x, dy, w, geometry=geometry)
-    return dx, _call("OnednnConvBackwardWeights", w, x, dy, geometry=geometry)
-
-
-def onednn_conv(x: jax.Array, w: jax.Array, pad: int) -> jax.Array:
-    """same_conv's convolution (NHWC x HWIO, stride 1, ``pad`` zeros around) on oneDNN."""
-    return _conv4d(x, w, (1, pad, pad, pad, 1))
-
-
-def onednn_grads(x, w, dy, pad):
-    return _grads4d(x, w, dy, (1, pad, pad, pad, 1))
-
-
-def _as_2d(geometry) -> Tuple[int, ...]:
-    stride, (left, right), dilation = geometry
-    return (stride, left, right, 0, dilation)
-
-
-def onednn_conv1d(x: jax.Array, w: jax.Array, geometry) -> jax.Array:
-    """fast1d's convolution (NWC x WIO, its geometry) on oneDNN, as a 2-D conv of width 1."""
-    return _conv4d(x[:, :, None], w[:, None], _as_2d(geometry))[:, :, 0]
-
-
-def onednn_grads1d(x, w, dy, geometry):
-    dx, dw = _grads4d(x[:, :, None], w[:, None], dy[:, :, None], _as_2d(geometry))
-    return dx[:, :, 0], dw[:, 0]
-
-
-def _static_argument(static: tuple, named: dict):
-    """The one static argument, which the modules pass by position or keyword (pad=,
-    geometry=)."""
-    (value,) = static or tuple(named.values())
-    return value
-
-
-@contextlib.contextmanager
-def onednn_convolutions(max_channels: int):
-    """Within: models traced here run same_conv's and fast1d's convs of at most
-    ``max_channels`` outputs on oneDNN (the other platforms' branches keep XLA's conv)."""
-    saved = []
-
-    def swap(module, conv_fn, grads_fn):
-        conv, cpu_grads = module._conv, module._cpu_grads
-        saved.append((module, conv, cpu_grads, module._xla_grads))
-
-        def swapped_conv(x, w, *static, **named):
-            geometry = _static_argument(static, named)
-            fits = w.shape[-1] <= max_channels
-            return conv_fn(x, w, geometry) if fits else conv(x, w, geometry)
-
-        def swapped_grads(x, w, dy, *static, **named):
-            geometry = _static_argument(static, named)
-            fits = w.shape[-1] <= max_channels
-            return grads_fn(x, w, dy, geometry) if fits else cpu_grads(x, w, dy, geometry)
-
-        def xla_grads(x, w, dy, *static, **named):
-            geometry = _static_argument(static, named)
-            return jax.vjp(lambda x, w: conv(x, w, geometry), x, w)[1](dy)
-
-        module._conv, module._cpu_grads, module._xla_grads = swapped_conv, swapped_grads, xla_grads
-
-    swap(same_conv, onednn_conv, onednn_grads)
-    swap(fast1d, onednn_conv1d, onednn_grads1d)
-    try:
-        yield
-    finally:
-        for module, conv, cpu_grads, xla_grads in saved:
-            module._conv, module._cpu_grads, module._xla_grads = conv, cpu_grads, xla_grads
+from panns_jax.kernels import onednn  # noqa: E402
+from panns_jax.models import backends, same_conv  # noqa: E402
 
 
 def check_kernels() -> None:
     """The kernels against XLA's convolution and its gradients: one 2-D conv of same_conv and
-    one strided, dilated, unevenly padded 1-D conv of fast1d."""
+    one strided, dilated, unevenly padded 1-D conv of fast1d (tests/test_onednn.py bounds
+    them against float64)."""
     rng = np.random.default_rng(0)
-    cases = [
-        ("2-D", same_conv._conv, onednn_conv, onednn_grads, (2, 12, 9, 16), (5, 5, 16, 32), 2),
-        (
-            "1-D",
-            fast1d._conv,
-            onednn_conv1d,
-            onednn_grads1d,
-            (2, 50, 16),
-            (3, 16, 32),
-            (2, (3, 1), 2),
-        ),
-    ]
-    for label, xla_conv, conv, grads, x_shape, w_shape, geometry in cases:
+    for label, x_shape, w_shape, geometry in (
+        ("2-D", (2, 12, 9, 16), (5, 5, 16, 32), (1, 2, 2, 2, 1)),
+        ("1-D", (2, 50, 16), (3, 16, 32), (2, 3, 1, 0, 2)),
+    ):
         x = jnp.asarray(rng.standard_normal(x_shape), jnp.float32)
         w = jnp.asarray(rng.standard_normal(w_shape), jnp.float32)
-        y, vjp = jax.vjp(lambda x, w: xla_conv(x, w, geometry), x, w)
+        y, vjp = jax.vjp(lambda x, w: onednn.xla_conv(x, w, geometry), x, w)
         dy = jnp.asarray(rng.standard_normal(y.shape), jnp.float32)
-        got = (conv(x, w, geometry), *grads(x, w, dy, geometry))
+        got = (onednn.conv(x, w, geometry), *onednn.grads(x, w, dy, geometry))
         errors = [
             float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b))) for a, b in zip(got, (y, *vjp(dy)))
         ]
@@ -211,7 +92,8 @@ def layer_table(repeats: int) -> None:
         x = jnp.asarray(rng.standard_normal((8, h, w, ci)), jnp.float32)
         kernel = jnp.asarray(rng.standard_normal((k, k, ci, co)), jnp.float32)
         ours = jax.jit(functools.partial(same_conv._conv, pad=k // 2), **options)
-        theirs = jax.jit(functools.partial(onednn_conv, pad=k // 2))
+        p = k // 2
+        theirs = jax.jit(functools.partial(onednn.conv, geometry=(1, p, p, p, 1)))
         times = interleaved_best_times(
             {
                 "xla": lambda: jax.block_until_ready(ours(x, kernel)),
@@ -226,7 +108,7 @@ def layer_table(repeats: int) -> None:
         )
 
 
-def forward_runs(name: str, seconds: float, max_channels: int):
+def forward_runs(name: str, seconds: float):
     """The inference forward of ``name`` (as benchmarks/inference.py times it) three ways."""
     import torch
 
@@ -235,14 +117,12 @@ def forward_runs(name: str, seconds: float, max_channels: int):
     variables = models.init(model, jax.random.key(0), samples)
     clips = np.random.default_rng(0).uniform(-0.5, 0.5, (8, samples)).astype(np.float32)
 
-    def compiled():
-        fn = jax.jit(lambda v, x: model.apply(v, x)["clipwise_output"], **models.jit_options(model))
-        return fn.lower(variables, clips).compile()
+    def compiled(backend):
+        apply = models.with_conv_backend(lambda v, x: model.apply(v, x)["clipwise_output"], backend)
+        return jax.jit(apply, **models.jit_options(model)).lower(variables, clips).compile()
 
-    xla = compiled()
-    with onednn_convolutions(max_channels):
-        onednn = compiled()
-    err = float(jnp.max(jnp.abs(xla(variables, clips) - onednn(variables, clips))))
+    xla, on_onednn = compiled("xla"), compiled("onednn")
+    err = float(jnp.max(jnp.abs(xla(variables, clips) - on_onednn(variables, clips))))
     print(f"{name}: forward max |oneDNN - XLA| = {err:.2e} (clipwise_output in [0, 1])")
     baseline = torch_baselines.build(name, convert.to_state_dict(variables, model))
     torch_clips = torch.from_numpy(clips)
@@ -253,33 +133,35 @@ def forward_runs(name: str, seconds: float, max_channels: int):
 
     return {
         "xla": lambda: jax.block_until_ready(xla(variables, clips)),
-        "onednn": lambda: jax.block_until_ready(onednn(variables, clips)),
+        "onednn": lambda: jax.block_until_ready(on_onednn(variables, clips)),
         "torch": torch_run,
     }
 
 
-def train_runs(name: str, seconds: float, max_channels: int):
-    """benchmarks/train_step.py's steps of ``name`` three ways (the jax ones traced here)."""
+def train_runs(name: str, seconds: float):
+    """benchmarks/train_step.py's steps of ``name`` three ways."""
     model = models.get(name)
     samples = int(round(seconds * models.sample_rate(model)))
-    xla = train_step.jax_step(name, 8, samples, "float32")
-    xla()
-    with onednn_convolutions(max_channels):
-        onednn = train_step.jax_step(name, 8, samples, "float32")
-        onednn()
-    return {"xla": xla, "onednn": onednn, "torch": train_step.torch_step(name, 8, samples)}
+    steps = {b: train_step.jax_step(name, 8, samples, "float32", b) for b in ("xla", "onednn")}
+    return {**steps, "torch": train_step.torch_step(name, 8, samples)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["Cnn6", "Cnn14"])
-    parser.add_argument("--max-channels", type=int, default=512)
+    parser.add_argument(
+        "--max-channels",
+        type=int,
+        default=backends.ONEDNN_MAX_CHANNELS,
+        help="the widest conv (output channels) handed to oneDNN",
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--layers", action="store_true", help="also time each conv shape alone")
     args = parser.parse_args()
     if jax.default_backend() != "cpu":
         sys.exit("this benchmark compares CPU kernels: run it where JAX's backend is the CPU")
-    build_and_register()
+    backends.ONEDNN_MAX_CHANNELS = args.max_channels  # This process only: a binary's setting.
+    onednn.load()
     check_kernels()
     print(load_line())
     if args.layers:
@@ -289,12 +171,12 @@ def main() -> None:
             ("forward 8 x 10 s", forward_runs, 10.0),
             ("train step 8 x 5 s", train_runs, 5.0),
         ):
-            times = interleaved_best_times(runs(name, seconds, args.max_channels), args.repeats)
-            xla, onednn, torch = times["xla"], times["onednn"], times["torch"]
+            times = interleaved_best_times(runs(name, seconds), args.repeats)
+            xla, dnnl, torch = times["xla"], times["onednn"], times["torch"]
             print(
-                f"{name} {what}: XLA {xla:.3f} s, oneDNN {onednn:.3f} s, PyTorch {torch:.3f} s "
-                f"-> oneDNN/XLA {xla / onednn:.2f}x; vs PyTorch: XLA {torch / xla:.2f}x, "
-                f"oneDNN {torch / onednn:.2f}x",
+                f"{name} {what}: XLA {xla:.3f} s, oneDNN {dnnl:.3f} s, PyTorch {torch:.3f} s "
+                f"-> oneDNN/XLA {xla / dnnl:.2f}x; vs PyTorch: XLA {torch / xla:.2f}x, "
+                f"oneDNN {torch / dnnl:.2f}x",
                 flush=True,
             )
     print(load_line())

@@ -65,7 +65,7 @@ from panns_jax import malloc, model_builder, models, optim, tasks, train  # noqa
 from panns_jax.models import profile  # noqa: E402
 
 
-def jax_step(name: str, batch: int, samples: int, dtype: str):
+def jax_step(name: str, batch: int, samples: int, dtype: str, conv_backend: str = "xla"):
     """A jitted panns_jax train step on fixed random clips, as a no-argument callable."""
     config = ml_collections.ConfigDict(
         {
@@ -85,8 +85,9 @@ def jax_step(name: str, batch: int, samples: int, dtype: str):
         "audio": jnp.asarray(rng.uniform(-0.5, 0.5, (batch, samples)), jnp.float32),
         "labels": jnp.asarray(rng.random((batch, 527)) < 0.02, jnp.float32),
     }
+    step_fn = train.make_train_step(model, tx, tasks.get(None), None)
     step = jax.jit(
-        train.make_train_step(model, tx, tasks.get(None), None),
+        models.with_conv_backend(step_fn, conv_backend),
         donate_argnums=0,
         **models.jit_options(model, training=True),  # As panns_jax.train compiles it.
     )
@@ -127,6 +128,12 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--steps", type=int, default=2, help="timed steps per side (best of)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument(
+        "--conv-backend",
+        default="xla",
+        choices=models.CONV_BACKENDS,
+        help="panns_jax's convolutions on CPU (config.conv_backend; default xla)",
+    )
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch baseline")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     parser.add_argument(
@@ -160,7 +167,7 @@ def main() -> None:
         peak_gflops, peak_text = cpu.gflops, cpu.describe()
     print(
         f"device: {device.device_kind} ({jax.default_backend()}), batch {args.batch} x "
-        f"{args.seconds:g} s clips, {args.dtype}"
+        f"{args.seconds:g} s clips, {args.dtype}, {args.conv_backend} convolutions"
         + (
             ""
             if args.no_torch
@@ -177,7 +184,7 @@ def main() -> None:
     for name in args.models:
         model = models.get(name)
         samples = int(round(args.seconds * models.sample_rate(model)))
-        runs = {"jax": jax_step(name, args.batch, samples, args.dtype)}
+        runs = {"jax": jax_step(name, args.batch, samples, args.dtype, args.conv_backend)}
         if not args.no_torch:
             runs["torch"] = torch_step(name, args.batch, samples)
         times = interleaved_best_times(runs, args.steps)

@@ -79,6 +79,11 @@ def _field_rules(config: ml_collections.ConfigDict) -> List[Rule]:
             _optional(lambda v: v in checks.COMPUTE_DTYPES),
             "'float32' or 'bfloat16'",
         ),
+        (
+            "conv_backend",
+            _optional(lambda v: v in models.CONV_BACKENDS),
+            " or ".join(repr(b) for b in models.CONV_BACKENDS),
+        ),
         ("seed", checks.is_integer, "an integer"),
         (
             "num_devices",

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from panns_jax import audio, checks, loader, models, sed
-from panns_jax.models import transfer_head
+from panns_jax.models import backends, transfer_head
 from panns_jax.scheduler import ChunkedOutput, ChunkScheduler
 
 Source = Union[str, np.ndarray]
@@ -78,6 +78,8 @@ class AudioTagger:
       dtype: the compute dtype, ``float32`` (default) or ``bfloat16``. In bfloat16 the
         network computes in bf16 from float32 parameters after a float32 log-mel front
         end; every output is returned as float32.
+      conv_backend: the convolutions' kernels on CPU, ``xla`` (default) or ``onednn``
+        (:mod:`panns_jax.models.backends`; ``pip install 'panns-jax[onednn]'``).
     """
 
     def __init__(
@@ -88,6 +90,7 @@ class AudioTagger:
         *,
         batch_size: int = 8,
         dtype: str = "float32",
+        conv_backend: str = "xla",
     ):
         self.batch_size = checks.batch_size(batch_size)
         self.dtype = checks.compute_dtype(dtype)
@@ -103,8 +106,13 @@ class AudioTagger:
         checks.labels_fit(metadata.labels, getattr(module, "num_classes", 527))
         self.labels = list(metadata.labels)
         options = models.jit_options(module)
-        self._forward = jax.jit(self._apply, static_argnames="keys", **options)
-        self._forward_all = jax.jit(lambda v, x: _as_float32(module.apply(v, x)), **options)
+        self.conv_backend = conv_backend
+        apply = models.with_conv_backend(self._apply, conv_backend)
+        apply_all = models.with_conv_backend(
+            lambda v, x: _as_float32(module.apply(v, x)), conv_backend
+        )
+        self._forward = jax.jit(apply, static_argnames="keys", **options)
+        self._forward_all = jax.jit(apply_all, **options)
         self._fit_cache: Dict[int, bool] = {}
 
     @classmethod
@@ -114,6 +122,7 @@ class AudioTagger:
         *,
         batch_size: int = 8,
         dtype: str = "float32",
+        conv_backend: str = "xla",
         **load_args: Any,
     ) -> "AudioTagger":
         """A tagger of whatever :func:`panns_jax.loader.load` takes: a panns_jax checkpoint
@@ -123,11 +132,17 @@ class AudioTagger:
         ``load_args`` are the loader's keywords: ``model`` (the architecture: required for
         a ``.pth``, the random model's), ``overrides`` (architecture arguments of a ``.pth``
         or a random model, e.g. the widths of a narrow Cnn10) and ``seed``. ``dtype`` is
-        the compute dtype (see the class).
+        the compute dtype and ``conv_backend`` the convolutions' kernels (see the class).
         """
         checks.batch_size(batch_size)  # Before loading: bad values cost no model.
         checks.compute_dtype(dtype)
-        return cls(*loader.load(source, **load_args), batch_size=batch_size, dtype=dtype)
+        backends.prepare(conv_backend)  # Checked (oneDNN's kernel built) first too.
+        return cls(
+            *loader.load(source, **load_args),
+            batch_size=batch_size,
+            dtype=dtype,
+            conv_backend=conv_backend,
+        )
 
     # ------------------------------------------------------------------ model
     def _apply(

@@ -40,6 +40,7 @@ from panns_jax import (
     recipe,
     tasks,
 )
+from panns_jax.kernels import onednn
 
 
 class NonFiniteLossError(RuntimeError):
@@ -282,8 +283,15 @@ def compile_steps(
     rows, sharded = batch_sharding(mesh), jax.tree_util.tree_map(lambda s: s.sharding, abstract)
     spec = lambda n, width: jax.ShapeDtypeStruct((n, width), jnp.float32, sharding=rows)
     per_step = recipe.examples_per_step(config)
+    backend = config.get("conv_backend") or "xla"
+    try:
+        with_backend = functools.partial(models.with_conv_backend, name=backend)
+        train_fn = with_backend(make_train_step(model, optimizer, task, recipe.mixup_alpha(config)))
+        eval_fn = with_backend(make_eval_step(model, task))
+    except onednn.OneDnnUnavailable as err:  # Missing, or failing to build: one line.
+        raise recipe.ConfigError(f"config.conv_backend={backend!r}: {err}") from None
     step = jax.jit(
-        make_train_step(model, optimizer, task, recipe.mixup_alpha(config)),
+        train_fn,
         in_shardings=(sharded, rows),
         out_shardings=(sharded, NamedSharding(mesh, P())),
         donate_argnums=0,
@@ -291,7 +299,7 @@ def compile_steps(
     )
     # Both steps compile with their models.jit_options: evaluation as inference does.
     scores = jax.jit(
-        make_eval_step(model, task),
+        eval_fn,
         in_shardings=(sharded.params, sharded.batch_stats, rows),
         out_shardings=rows,
         **models.jit_options(model),

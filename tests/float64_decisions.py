@@ -30,6 +30,8 @@ import jax.extend
 import jax.numpy as jnp
 import numpy as np
 
+from panns_jax.kernels import onednn
+
 # Primitives that decide from float values in ways that the rules below do not replay;
 # meeting one on float operands outside `own_decisions` is an error, never a silent pass.
 UNSUPPORTED = {
@@ -284,6 +286,14 @@ class Interpreter:
         if inner is not None and name in CALLS:
             jaxpr = getattr(inner, "jaxpr", inner)
             return self._run(jaxpr, getattr(inner, "consts", ()), a, b, where)
+        if name == "ffi_call" and params["target_name"] in onednn.TARGETS:
+            # oneDNN's float32-only kernels: the float64 copy computes the same convolution
+            # with XLA's (a convolution decides nothing).
+            attributes = dict(params["attributes"])
+            geometry = tuple(int(attributes[k]) for k in onednn.GEOMETRY_NAMES)
+            (result,) = params["result_avals"]
+            twin = onednn.xla_equivalent(params["target_name"], b, geometry, result.shape)
+            return list(eqn.primitive.bind(*a, **params)), [twin]
         own = any(scope in where for scope in self.own)
         if not own and name in UNSUPPORTED and any(_is_float(x) for x in a):
             raise NotImplementedError(f"{where}: {name} decides from floats; no replay rule")

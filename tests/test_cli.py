@@ -9,13 +9,15 @@ from __future__ import annotations
 import csv
 import io
 import json
+from unittest import mock
 
 import numpy as np
 import pytest
 import serving_utils as S
 import soundfile as sf
 
-from panns_jax import audio, cli
+from panns_jax import audio, cli, tolerance
+from panns_jax.kernels import onednn
 from panns_jax.tagger import AudioTagger
 
 WAV, SR, TOL = S.WAV, S.SR, S.TOL
@@ -42,6 +44,20 @@ def test_cli_tag_json_equals_model_applied_directly(cnn6_checkpoint, direct, cap
     assert len(result) == 1 and result[0]["file"] == WAV and result[0]["chunks"] == 1
     # 7 s < the 10 s window: the whole recording, unpadded, as the original.
     S.assert_top(result[0]["labels"], direct(audio.load_audio(WAV, SR))["clipwise_output"][0])
+
+
+def test_cli_tag_on_onednn_equals_model_applied_directly(cnn6_checkpoint, direct, capsys):
+    """--conv-backend onednn: the same top classes as XLA's model, within the golden rule."""
+    argv = ["--checkpoint", cnn6_checkpoint, "--top-k", "3", "--conv-backend", "onednn"]
+    with mock.patch.object(onednn, "conv", wraps=onednn.conv) as conv:
+        result = _tag_json(capsys, WAV, *argv)
+    assert conv.call_count > 0
+    reference = direct(audio.load_audio(WAV, SR))["clipwise_output"][0]
+    labels = result[0]["labels"]
+    assert [row["index"] for row in labels] == np.argsort(-reference)[:3].tolist()
+    got = np.array([row["probability"] for row in labels])
+    problem, _, _ = tolerance.check("clipwise_output", got, reference[np.argsort(-reference)[:3]])
+    assert problem == ""
 
 
 def test_cli_tag_csv_and_output_file(cnn6_checkpoint, direct, tmp_path, capsys):

@@ -31,6 +31,7 @@ from serving_utils import one_error_line, run_main, snapshot
 
 from panns_jax import checkpoints, cli, loader
 from panns_jax.cli import convert as convert_cli
+from panns_jax.kernels import onednn
 
 LABELS, OVERRIDES, OVERRIDES_JSON = S.LABELS, S.OVERRIDES, S.OVERRIDES_JSON
 
@@ -134,6 +135,22 @@ def test_refused_before_any_work(env, capsys, monkeypatch, case, argv, message):
     assert code == 2, err
     assert fill(message) in one_error_line(err)
     assert snapshot(root) == before
+
+
+def test_an_unusable_conv_backend_is_one_line_before_loading(env, capsys, monkeypatch):
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the backend was ready")
+
+    def missing():
+        raise onednn.OneDnnUnavailable("oneDNN is not installed: pip install 'panns-jax[onednn]'")
+
+    monkeypatch.setattr(loader, "load", no_model)
+    monkeypatch.setattr(onednn, "load", missing)
+    argv = ["tag", env["root"] / "good.wav", "--checkpoint", env["ckpt"]]
+    argv += ["--conv-backend", "onednn"]
+    code, out, err = run_main(cli.main, argv, capsys)
+    assert code == 2 and out == ""
+    assert one_error_line(err) == "error: oneDNN is not installed: pip install 'panns-jax[onednn]'"
 
 
 def test_read_only_output_directory(env, tmp_path, capsys):

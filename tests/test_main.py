@@ -103,6 +103,11 @@ CASES = [  # (id, flags, expected message, after "error: ").
         r"config\.mixup must be 'none', 'logmel' or 'wave', got 'time'",
     ),
     (
+        "conv_backend name",
+        [TINY, "--config.conv_backend=mkl"],
+        r"config\.conv_backend must be 'xla' or 'onednn', got 'mkl'",
+    ),
+    (
         "task name",
         [TINY, "--config.task=regression"],
         r"config\.task must be one of \['multilabel', 'singlelabel'\], got 'regression'",

@@ -6,12 +6,15 @@ key mapping is what these tests exercise), inputs from ``golden/inputs.npz``.
 
 from __future__ import annotations
 
+from unittest import mock
+
 import golden_utils as G
 import jax
 import numpy as np
 import pytest
 
 from panns_jax import convert, models
+from panns_jax.kernels import onednn
 
 MODEL_NAMES = G.model_names()
 
@@ -21,11 +24,12 @@ def golden_dir():
     return G.require_golden()
 
 
-def _apply(name: str, state: dict, **overrides):
+def _apply(name: str, state: dict, conv_backend: str = "xla", **overrides):
     model = models.get(name, **overrides)
     variables = convert.from_state_dict(state, model, name=name)
     # Compiled as the tagger, the CLI and the HEAR API compile it.
-    forward = jax.jit(lambda v, x: model.apply(v, x), **models.jit_options(model))
+    apply = models.with_conv_backend(lambda v, x: model.apply(v, x), conv_backend)
+    forward = jax.jit(apply, **models.jit_options(model))
     return {case: jax.device_get(forward(variables, G.inputs()[case])) for case in ("batch", "odd")}
 
 
@@ -86,3 +90,36 @@ def test_parity_catches_wrong_pooling(golden_dir, monkeypatch):
     monkeypatch.setattr(layers, "pool2d", lambda x, size, kind="avg": pool2d(x, size, "max"))
     got = _apply("Cnn10", G.load_state("Cnn10"))
     assert _mismatches("Cnn10", got)
+
+
+# One model of each family, and Cnn14 with convs on both sides of ONEDNN_MAX_CHANNELS.
+ONEDNN_MODELS = [
+    "Cnn6",
+    "Cnn14",
+    "ResNet22",
+    "MobileNetV1",
+    "LeeNet24",
+    "DaiNet19",
+    "Res1dNet31",
+    "Wavegram_Logmel_Cnn14",
+]
+
+
+@pytest.mark.parametrize("name", ONEDNN_MODELS)
+def test_outputs_match_golden_on_onednn(golden_dir, name):
+    with mock.patch.object(onednn, "conv", wraps=onednn.conv) as conv:
+        got = _apply(name, G.load_state(name), conv_backend="onednn")
+    assert conv.call_count > 0  # Convolutions ran on oneDNN.
+    assert _mismatches(name, got) == []
+
+
+def test_parity_catches_onednn_padding_off_by_one(golden_dir, monkeypatch):
+    """Negative control: oneDNN's kernels padding one row more above, one fewer below."""
+    call = onednn._call
+
+    def shifted(target, shape, *args, geometry):
+        stride, top, bottom, pad_w, dilation = geometry
+        return call(target, shape, *args, geometry=(stride, top + 1, bottom - 1, pad_w, dilation))
+
+    monkeypatch.setattr(onednn, "_call", shifted)
+    assert _mismatches("Cnn6", _apply("Cnn6", G.load_state("Cnn6"), conv_backend="onednn"))

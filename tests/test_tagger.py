@@ -6,12 +6,15 @@ samples), so a test cannot pass on outputs that are merely well-formed.
 
 from __future__ import annotations
 
+from unittest import mock
+
 import numpy as np
 import pytest
 import serving_utils as S
 import soundfile as sf
 
-from panns_jax import audio, loader
+from panns_jax import audio, loader, tolerance
+from panns_jax.kernels import onednn
 from panns_jax.tagger import AudioTagger, aggregate_chunks
 
 SR = S.SR
@@ -127,3 +130,28 @@ def test_non_finite_outputs_fail_a_recording_of_many_batches_once(env):
     results = list(tagger.run([long, env["noise"]], ["embedding"], window_s=1.0))
     assert [r.error for r in results] == [None, None]
     assert [len(r.starts) for r in results] == [5, 1]
+
+
+def test_onednn_backend_tags_as_the_model_does(cnn6_checkpoint, direct, long_wav):
+    """conv_backend='onednn': each chunk within the golden rule of XLA's model."""
+    tagger = AudioTagger.load(cnn6_checkpoint, conv_backend="onednn")
+    assert tagger.conv_backend == "onednn"
+    with mock.patch.object(onednn, "conv", wraps=onednn.conv) as conv:
+        keys = ["clipwise_output", "embedding"]
+        result = tagger.run_one(long_wav, keys, window_s=10.0, hop_s=40.0)
+    assert conv.call_count > 0
+    full = audio.load_audio(long_wav, SR)
+    for k, start in enumerate(S.LONG_STARTS):
+        reference = direct(full[start : start + 10 * SR])
+        for key in ("clipwise_output", "embedding"):
+            problem, _, _ = tolerance.check(key, result.outputs[key][k], reference[key][0])
+            assert problem == "", problem
+
+
+def test_an_unknown_conv_backend_is_refused_before_loading(monkeypatch):
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the backend was checked")
+
+    monkeypatch.setattr(loader, "load", no_model)
+    with pytest.raises(ValueError, match="unknown conv backend 'mkl': choose one of xla, onednn"):
+        AudioTagger.load("Cnn14", conv_backend="mkl")

@@ -167,6 +167,41 @@ def test_train_and_eval_steps_compile_with_their_jit_options():
     assert fusions(scores.as_text()) == 0
 
 
+def _compiled_steps(config):
+    mesh, task = train.make_mesh(1), tasks.get(None)
+    builder = model_builder.for_config(config)
+    model = builder.build(10, output=task.output)
+    optimizer = train.make_optimizer(config, builder)
+    samples = recipe.clip_samples(config, builder.sample_rate())
+    _, abstract = train.create_train_state(config, mesh, builder, model, optimizer, samples)
+    return train.compile_steps(config, mesh, model, optimizer, task, abstract, (samples, 10))
+
+
+def test_steps_compile_with_the_configs_conv_backend():
+    """config.conv_backend='onednn' puts oneDNN's convolutions (forward and both gradients)
+    into the compiled train step and its forward into the eval step; the default, none."""
+    kernels = ("OnednnConv", "OnednnConvBackwardData", "OnednnConvBackwardWeights")
+    step, scores = _compiled_steps(tiny_config("unused", conv_backend="onednn"))
+    assert all(f'custom_call_target="{k}"' in step.as_text() for k in kernels)
+    assert 'custom_call_target="OnednnConv"' in scores.as_text()
+    step, scores = _compiled_steps(tiny_config("unused"))
+    assert "Onednn" not in step.as_text() + scores.as_text()
+
+
+def test_an_unusable_conv_backend_is_a_config_error(monkeypatch):
+    from panns_jax.kernels import onednn
+
+    def missing():
+        raise onednn.OneDnnUnavailable("oneDNN is not installed: pip install 'panns-jax[onednn]'")
+
+    monkeypatch.setattr(onednn, "load", missing)
+    with pytest.raises(recipe.ConfigError) as error:
+        _compiled_steps(tiny_config("unused", conv_backend="onednn"))
+    assert str(error.value) == (
+        "config.conv_backend='onednn': oneDNN is not installed: pip install 'panns-jax[onednn]'"
+    )
+
+
 # Slow (a minute each, several processes or eight devices); .ci/run's `-m slow` step runs it.
 @pytest.mark.slow
 def test_eight_devices_give_the_same_loss_as_one(tmp_path):

@@ -37,7 +37,8 @@ import pytest
 import train_oracle as T
 
 from panns_jax import frontend, recipe
-from panns_jax.models import layers
+from panns_jax.kernels import onednn
+from panns_jax.models import backends, layers
 
 RESULTS = {}  # (model, 'jit' | 'eager') -> Comparison, for the table printed at the end.
 
@@ -115,6 +116,35 @@ SLOW_TO_COMPILE = (
 )
 def test_jitted_step_matches_original(name):
     _check(name, jit=True)
+
+
+def _check_on_onednn(name: str) -> None:
+    with mock.patch.object(onednn, "grads", wraps=onednn.grads) as grads:
+        with backends.tracing_with("onednn"):  # The step is traced inside (F.paired).
+            runs = T.run_oracle_steps(name, jit=True)
+    assert grads.call_count > 0  # Convolutions' gradients ran on oneDNN.
+    exact = T.compare(name, runs.f64, precision=64)
+    result = T.compare(name, runs.f32)
+    RESULTS[(name, "onednn")] = result
+    assert exact.ok, "float64:\n" + "\n".join(exact.problems)
+    assert result.ok, "float32 with float64's decisions:\n" + "\n".join(result.problems)
+
+
+# oneDNN's kernels in the jitted step (conv_backend="onednn"); the float64 copy runs XLA's
+# convolution in their place (tests/float64_decisions.py). One 2-D and one 1-D model in the
+# suite, the other families in the slow step.
+@pytest.mark.parametrize(
+    "name",
+    [
+        "Cnn6",
+        "LeeNet11",
+        pytest.param("ResNet22", marks=pytest.mark.slow),
+        pytest.param("Res1dNet31", marks=pytest.mark.slow),
+        pytest.param("Wavegram_Logmel_Cnn14", marks=pytest.mark.slow),
+    ],
+)
+def test_jitted_step_on_onednn_matches_original(name):
+    _check_on_onednn(name)
 
 
 # Op by op: a minute (Cnn6) to two (Cnn14, at 19 GB) per model on 2 cores. .ci/run's `-m slow`

@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 
 from panns_jax.models import cnn, conv1d, mobilenet, resnet, transfer_head, wavegram
+from panns_jax.models.backends import BACKENDS as CONV_BACKENDS
+from panns_jax.models.backends import with_conv_backend
 from panns_jax.models.layers import CLASSIFIER, CLASSIFIER_PARAMS, Outputs
 
 _FAMILY_MODULES = [cnn, resnet, mobilenet, conv1d, wavegram]

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from panns_jax.models import layers, same_conv
+from panns_jax.models import backends, layers, same_conv
 
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 # Set while exporters trace (see :func:`plain_lax_convolutions`).
@@ -257,13 +257,16 @@ def plain_lax_convolutions() -> Iterator[None]:
     """Trace depthwise and 1x1 convs as one ``lax.conv_general_dilated`` while the block runs.
 
     For exporters (ONNX, TFLite), which convert a depthwise conv into their own native
-    op. jax2onnx cannot lower ``lax.platform_dependent`` either. The switch is not thread
-    safe, so exports are traced from one thread (as ``panns_jax.export`` does).
+    op. jax2onnx cannot lower ``lax.platform_dependent`` either. Plain convolutions trace
+    with XLA's backend (:mod:`panns_jax.models.backends`): an export holds no CPU kernel of
+    this process. The switch is not thread safe, so exports are traced from one thread (as
+    ``panns_jax.export`` does).
     """
     previous = _PLAIN_LAX[0]
     _PLAIN_LAX[0] = True
     try:
-        yield
+        with backends.tracing_with("xla"):
+            yield
     finally:
         _PLAIN_LAX[0] = previous
 

@@ -23,8 +23,9 @@ gradients interleaved in one run) takes 0.89x (LeeNet24), 0.94x (DaiNet19) and 0
 its 2-D trunk, is unchanged.
 Other backends (GPU/TPU) keep XLA's own gradients, selected at lowering time with
 ``lax.platform_dependent`` as in :mod:`panns_jax.models.same_conv`. The forward passes are
-always ``lax.conv_general_dilated`` and ``reduce_window``, so inference and exports compute
-XLA's own operations.
+``lax.conv_general_dilated`` and ``reduce_window``, so inference and exports compute XLA's
+own operations, unless the oneDNN backend is chosen (:mod:`panns_jax.models.backends`): then
+the forward pass and both gradients of float32 convs run on oneDNN's kernels on CPU.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from panns_jax.models import same_conv
+from panns_jax.models import backends, same_conv
 
 _DIMENSION_NUMBERS = ("NWC", "WIO", "NWC")
 # A conv's static arguments: stride, (left, right) padding, dilation.
@@ -54,6 +55,35 @@ def _conv(x: jax.Array, w: jax.Array, geometry: Geometry) -> jax.Array:
 def _xla_grads(x, w, dy, geometry):
     _, vjp = jax.vjp(functools.partial(_conv, geometry=geometry), x, w)
     return vjp(dy)
+
+
+def _onednn_geometry(geometry: Geometry) -> Tuple[int, int, int, int, int]:
+    stride, (left, right), dilation = geometry
+    return (stride, left, right, 0, dilation)
+
+
+def _onednn_conv(x, w, geometry):
+    from panns_jax.kernels import onednn
+
+    return onednn.conv(x, w, _onednn_geometry(geometry))
+
+
+def _onednn_grads(x, w, dy, geometry):
+    from panns_jax.kernels import onednn
+
+    return onednn.grads(x, w, dy, _onednn_geometry(geometry))
+
+
+def _forward(x, w, geometry):
+    """The convolution: oneDNN's on CPU when the backend takes it, else XLA's."""
+    if not backends.onednn_takes(x, w):
+        return _conv(x, w, geometry)
+    return lax.platform_dependent(
+        x,
+        w,
+        cpu=functools.partial(_onednn_conv, geometry=geometry),
+        default=functools.partial(_conv, geometry=geometry),
+    )
 
 
 def _weight_grad_unfolded(x, dy, kernel, geometry):
@@ -101,20 +131,21 @@ def _cpu_grads(x, w, dy, geometry):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def conv(x: jax.Array, w: jax.Array, geometry: Geometry) -> jax.Array:
     """NWC x WIO conv with ``geometry = (stride, (left, right) padding, dilation)``."""
-    return _conv(x, w, geometry)
+    return _forward(x, w, geometry)
 
 
 def _conv_fwd(x, w, geometry):
-    return _conv(x, w, geometry), (x, w)
+    return _forward(x, w, geometry), (x, w)
 
 
 def _conv_bwd(geometry, residuals, dy):
     x, w = residuals
+    cpu = _onednn_grads if backends.onednn_takes(x, w) else _cpu_grads
     return lax.platform_dependent(
         x,
         w,
         dy,
-        cpu=functools.partial(_cpu_grads, geometry=geometry),
+        cpu=functools.partial(cpu, geometry=geometry),
         default=functools.partial(_xla_grads, geometry=geometry),
     )
 

@@ -21,8 +21,10 @@ followed by a sum of the kernel taps' columns at their shifts (col2im). A Cnn14 
 1.4x (batch 8 x 5 s) to 1.7x (32 x 10 s) longer without them (jax 0.10.2). The first
 conv on the log-mel (one input channel) takes both gradients as products (im2col,
 col2im). Other backends (GPU/TPU) keep XLA's own gradient, selected at lowering time
-with ``lax.platform_dependent``. The forward pass is always ``lax.conv_general_dilated``,
-so inference and exports compute XLA's own convolution.
+with ``lax.platform_dependent``. The forward pass is ``lax.conv_general_dilated``, so
+inference and exports compute XLA's own convolution, unless the oneDNN backend is chosen
+(:mod:`panns_jax.models.backends`): then the forward pass and both gradients of float32 convs
+run on oneDNN's kernels on CPU.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ from typing import Any, Dict, Mapping, Tuple
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from panns_jax.models import backends
 
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 # Maps with fewer (time x freq) positions than this are "tiny": input gradient as col2im.
@@ -58,6 +62,30 @@ def _conv(x: jax.Array, w: jax.Array, pad: int) -> jax.Array:
 def _xla_grads(x, w, dy, pad):
     _, vjp = jax.vjp(functools.partial(_conv, pad=pad), x, w)
     return vjp(dy)
+
+
+def _onednn_conv(x, w, pad):
+    from panns_jax.kernels import onednn
+
+    return onednn.conv(x, w, (1, pad, pad, pad, 1))
+
+
+def _onednn_grads(x, w, dy, pad):
+    from panns_jax.kernels import onednn
+
+    return onednn.grads(x, w, dy, (1, pad, pad, pad, 1))
+
+
+def _forward(x, w, pad):
+    """The convolution: oneDNN's on CPU when the backend takes it, else XLA's."""
+    if not backends.onednn_takes(x, w):
+        return _conv(x, w, pad)
+    return lax.platform_dependent(
+        x,
+        w,
+        cpu=functools.partial(_onednn_conv, pad=pad),
+        default=functools.partial(_conv, pad=pad),
+    )
 
 
 def _weight_grad_unfolded(x, dy, kernel, pad):
@@ -137,20 +165,21 @@ def _cpu_grads(x, w, dy, pad):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def same_conv(x: jax.Array, w: jax.Array, pad: int) -> jax.Array:
     """Stride-1 NHWC x HWIO conv with ``pad`` zeros on every side (a square odd kernel)."""
-    return _conv(x, w, pad)
+    return _forward(x, w, pad)
 
 
 def _same_conv_fwd(x, w, pad):
-    return _conv(x, w, pad), (x, w)
+    return _forward(x, w, pad), (x, w)
 
 
 def _same_conv_bwd(pad, residuals, dy):
     x, w = residuals
+    cpu = _onednn_grads if backends.onednn_takes(x, w) else _cpu_grads
     return lax.platform_dependent(
         x,
         w,
         dy,
-        cpu=functools.partial(_cpu_grads, pad=pad),
+        cpu=functools.partial(cpu, pad=pad),
         default=functools.partial(_xla_grads, pad=pad),
     )
 
