@@ -1,31 +1,28 @@
-"""What oneDNN's convolutions would buy over XLA:CPU's: same-process A/B timings.
+"""The two conv backends, XLA's and oneDNN's, and PyTorch: same-process A/B timings.
 
-    pip install onednn-cpu-gomp onednn-devel-cpu-gomp     # oneDNN 3.2 (GNU OpenMP), headers
-    python benchmarks/onednn_conv.py                      # Cnn6 and Cnn14: forward, train step
+    pip install -e ".[onednn]"                                # oneDNN 3.2 and its headers
+    python benchmarks/onednn_conv.py                          # Cnn6 and Cnn14
+    python benchmarks/onednn_conv.py --models LeeNet24 DaiNet19 Res1dNet31
     python benchmarks/onednn_conv.py --models Cnn6 --layers   # and each conv shape alone
 
-XLA:CPU in jax 0.10.2 hands no convolution to oneDNN (its oneDNN options are accepted and do
-nothing; benchmarks/train_step.py says how that was checked). This script compiles
-onednn_conv.cc (oneDNN's forward, backward-data and backward-weights convolutions as jax.ffi
-handlers) with g++ into a temporary directory, swaps them in for the convolution and CPU
-gradients of ``panns_jax.models.same_conv`` and ``fast1d`` (1-D convs as 2-D ones of width 1)
-on convs of at most
-``--max-channels`` output channels (wider ones ran slower on oneDNN, whose calls here
-reorder the weights every time), checks the three against XLA's on a small conv and the
-swapped forward against XLA's, and times XLA's model, the swapped one and the PyTorch
-baseline, interleaved. A measurement for deciding
-whether to ship such a kernel, not a code path of the library.
+For each model: its inference forward (batch 8 x 10 s, as benchmarks/inference.py compiles
+it) and its train step (8 x 5 s, benchmarks/train_step.py's) with conv_backend "xla" and
+"onednn" (``panns_jax.models.with_conv_backend``; panns_jax.kernels.onednn builds the kernel
+on first use), and the PyTorch baseline, interleaved, best of --repeats, malloc tuned for
+all three (as panns_jax.main runs). It first checks the kernels against XLA's convolution
+on a 2-D and a 1-D geometry (tests/test_onednn.py bounds them against float64), and prints
+the forward's largest difference from XLA's. ``--layers`` times each conv shape of Cnn6 and
+Cnn14 alone; ``--max-channels`` moves the widest conv handed to oneDNN, for this process.
 
-On a 2-core AMD EPYC (Zen 5), batch 8, float32, one run (load 0.6-1.7, its own; malloc tuned
-for both sides, as panns_jax.main runs): the 3x3 and 5x5 convs of 64-512 output channels run
-1.22-1.56x faster on oneDNN, those of 1024 and 2048 channels 0.56x and 0.43x (each call also
-reorders their 38 and 151 MB of weights), Cnn6's 1-channel first conv 0.89x. With
---max-channels 512: Cnn6's forward 1.22x XLA's speed (1.27x PyTorch's, XLA's 1.04x) and its
-train step 1.26x (1.16x PyTorch's, XLA's 0.92x); Cnn14's forward 1.22x (1.21x PyTorch's,
-XLA's 0.99x) and train step 1.21x (1.21x PyTorch's, XLA's 1.00x); ResNet22 1.21x / 1.18x,
-Wavegram-Logmel-Cnn14 1.24x / 1.15x. Outputs agree with XLA's to 2.4e-7 (Cnn6) and 6e-8
-(Cnn14). LeeNet24's 1-D convs, as 2-D convs of width 1, ran 0.34x (forward) and 0.49x (train
-step) of XLA's speed: the 1-D trunks would need oneDNN's own 1-D layouts or other kernels.
+On a 2-core AMD EPYC (Zen 5), one run over every family (load 1.9-2.1, its own), oneDNN /
+XLA: forwards Cnn14 1.17x, Cnn6 1.31x, ResNet22 1.34x, MobileNetV1 / V2 1.04x / 1.14x, the
+1-D CNNs 1.32-1.47x, Wavegram-Logmel-Cnn14 1.39x; train steps 1.19-1.36x for all but the
+MobileNets (1.03-1.04x). Against PyTorch, the oneDNN train steps run at 1.05x (Res1dNet31)
+to 1.26x (MobileNetV2), XLA's at 0.88-1.01x outside the MobileNets. Per layer: the 3x3 and
+5x5 convs of 64-512 output channels run 1.22-1.56x faster on oneDNN, those of 1024 and 2048
+channels 0.56x and 0.43x (each call reorders their 38 and 151 MB of weights), Cnn6's
+1-channel first conv 0.89x; Res1dNet31's step with its 1024 and 2048-channel 1-D convs on
+oneDNN too ran 0.91x as fast. Outputs differ from XLA's by at most 4.2e-7.
 """
 
 from __future__ import annotations

@@ -35,7 +35,8 @@ The CPU goal (>= 1.0x) is not met. XLA's oneDNN switches (``xla_cpu_use_onednn``
 ``xla_cpu_experimental_onednn_custom_call``, ``xla_cpu_experimental_onednn_fusion_type``) are
 accepted by jax 0.10.2 but hand no convolution or product to oneDNN, in float32 or bfloat16:
 the compiled HLO keeps XLA's own ops and ONEDNN_VERBOSE prints nothing, so oneDNN's kernels
-are reachable only from a compiled extension (jax.ffi).
+are reachable only from a compiled extension (jax.ffi): ``--conv-backend onednn``
+(panns_jax.kernels.onednn; benchmarks/onednn_conv.py compares the two in one process).
 
 XLA:CPU's YNNPACK fusions (on by default in jax 0.10.2: products, reductions, elementwise
 ops) speed these steps up; with all of them off (``xla_cpu_experimental_ynn_fusion_type=""``,

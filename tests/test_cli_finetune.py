@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from custom_data_utils import CLASSES, class_folders, manifest, sound, tree, write_audio
 
-from panns_jax import checkpoints, cli, loader
+from panns_jax import checkpoints, cli, loader, recipe
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SR = 32000
@@ -359,3 +359,24 @@ def test_outputs_inside_a_folder_of_classes_are_refused(tiny_pretrained, tmp_pat
         (line,) = capsys.readouterr().err.strip().splitlines()
         assert "inside" in line and "choose a folder outside the data" in line
     assert tree(str(tmp_path)) == before
+
+
+@pytest.mark.parametrize("argv, backend", [([], "xla"), (["--conv-backend", "onednn"], "onednn")])
+def test_conv_backend_reaches_the_training_config(
+    argv, backend, tiny_pretrained, tmp_path, monkeypatch, capsys
+):
+    from panns_jax import finetune
+
+    seen = []
+
+    def stop(config, workdir):
+        seen.append(config.conv_backend)
+        raise recipe.ConfigError("stopped before training")
+
+    monkeypatch.setattr(finetune, "run", stop)
+    data = str(tmp_path / "DATA")
+    class_folders(data)
+    args = ["finetune", data, "--model", tiny_pretrained, "--workdir", str(tmp_path / "run")]
+    assert cli.main([*args, *QUICK, *argv]) == 2
+    assert seen == [backend]
+    assert capsys.readouterr().err.strip() == "error: stopped before training"

@@ -9,9 +9,9 @@ With ``"onednn"``, the convolutions of :mod:`~panns_jax.models.same_conv` (every
 oneDNN's kernels (:mod:`panns_jax.kernels.onednn`, built on first use) when they are float32
 and have at most :data:`ONEDNN_MAX_CHANNELS` output channels; wider ones, other dtypes and
 other platforms (through ``lax.platform_dependent``) keep XLA's. On a 2-core Zen 5 that
-makes the log-mel CNNs' forward ~1.2x and every family's train step 1.2-1.3x faster
-(``benchmarks/onednn_conv.py``). Depthwise and 1x1 convs (the MobileNets') keep their own
-kernels.
+makes forwards 1.2-1.5x and train steps 1.2-1.4x faster for every family but the MobileNets
+(1.0-1.1x; their depthwise and 1x1 convs keep their own kernels), which puts every family's
+train step at or above PyTorch's speed (``benchmarks/onednn_conv.py``, README's Speed).
 
 The choice is read while a function is traced, and JAX caches a function's trace by the
 function, not by this choice: :func:`with_conv_backend` makes it part of the function, so
