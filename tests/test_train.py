@@ -134,21 +134,26 @@ def _first_step(config, num_devices):
     )
 
 
-def test_train_and_eval_steps_compile_with_their_jit_options():
-    """The train step compiles with models.jit_options(training=True) (YNNPACK's products
-    and reductions, not its elementwise fusions), the eval step as inference (no YNNPACK
-    fusion for a Cnn10 on CPU). The controls: the same step under XLA's default options
-    compiles to other YNNPACK fusions, so the options are what made the difference."""
-    config = tiny_config("unused")
+def _compiled_steps(config):
+    """``config``'s model, optimiser, task, abstract train state, samples per clip, and its
+    train and eval steps compiled by ``train.compile_steps`` on one device (10 classes)."""
     mesh, task = train.make_mesh(1), tasks.get(None)
     builder = model_builder.for_config(config)
     model = builder.build(10, output=task.output)
     optimizer = train.make_optimizer(config, builder)
     samples = recipe.clip_samples(config, builder.sample_rate())
     _, abstract = train.create_train_state(config, mesh, builder, model, optimizer, samples)
-    step, scores = train.compile_steps(
-        config, mesh, model, optimizer, task, abstract, (samples, 10)
-    )
+    steps = train.compile_steps(config, mesh, model, optimizer, task, abstract, (samples, 10))
+    return (model, optimizer, task, abstract, samples, *steps)
+
+
+def test_train_and_eval_steps_compile_with_their_jit_options():
+    """The train step compiles with models.jit_options(training=True) (YNNPACK's products
+    and reductions, not its elementwise fusions), the eval step as inference (no YNNPACK
+    fusion for a Cnn10 on CPU). The controls: the same step under XLA's default options
+    compiles to other YNNPACK fusions, so the options are what made the difference."""
+    config = tiny_config("unused")
+    model, optimizer, task, abstract, samples, step, scores = _compiled_steps(config)
     training = models.jit_options(model, training=True)
     assert training and models.jit_options(model)  # Both apply to this family on CPU.
 
@@ -167,24 +172,14 @@ def test_train_and_eval_steps_compile_with_their_jit_options():
     assert fusions(scores.as_text()) == 0
 
 
-def _compiled_steps(config):
-    mesh, task = train.make_mesh(1), tasks.get(None)
-    builder = model_builder.for_config(config)
-    model = builder.build(10, output=task.output)
-    optimizer = train.make_optimizer(config, builder)
-    samples = recipe.clip_samples(config, builder.sample_rate())
-    _, abstract = train.create_train_state(config, mesh, builder, model, optimizer, samples)
-    return train.compile_steps(config, mesh, model, optimizer, task, abstract, (samples, 10))
-
-
 def test_steps_compile_with_the_configs_conv_backend():
     """config.conv_backend='onednn' puts oneDNN's convolutions (forward and both gradients)
     into the compiled train step and its forward into the eval step; the default, none."""
     kernels = ("OnednnConv", "OnednnConvBackwardData", "OnednnConvBackwardWeights")
-    step, scores = _compiled_steps(tiny_config("unused", conv_backend="onednn"))
+    *_, step, scores = _compiled_steps(tiny_config("unused", conv_backend="onednn"))
     assert all(f'custom_call_target="{k}"' in step.as_text() for k in kernels)
     assert 'custom_call_target="OnednnConv"' in scores.as_text()
-    step, scores = _compiled_steps(tiny_config("unused"))
+    *_, step, scores = _compiled_steps(tiny_config("unused"))
     assert "Onednn" not in step.as_text() + scores.as_text()
 
 

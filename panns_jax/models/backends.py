@@ -100,6 +100,18 @@ def with_conv_backend(fn: F, name: str) -> F:
     return traced_with_backend  # type: ignore[return-value]
 
 
+def convolve(
+    x: jax.Array,
+    w: jax.Array,
+    xla_conv: Callable[[jax.Array, jax.Array], jax.Array],
+    onednn_conv: Callable[[jax.Array, jax.Array], jax.Array],
+) -> jax.Array:
+    """``xla_conv(x, w)``, or ``onednn_conv(x, w)`` on CPU where oneDNN takes the conv."""
+    if not onednn_takes(x, w):
+        return xla_conv(x, w)
+    return jax.lax.platform_dependent(x, w, cpu=onednn_conv, default=xla_conv)
+
+
 def onednn_takes(x: jax.Array, w: jax.Array) -> bool:
     """Whether a convolution of ``x`` by ``w`` traced now runs on oneDNN (on CPU)."""
     return (

@@ -76,14 +76,8 @@ def _onednn_grads(x, w, dy, geometry):
 
 def _forward(x, w, geometry):
     """The convolution: oneDNN's on CPU when the backend takes it, else XLA's."""
-    if not backends.onednn_takes(x, w):
-        return _conv(x, w, geometry)
-    return lax.platform_dependent(
-        x,
-        w,
-        cpu=functools.partial(_onednn_conv, geometry=geometry),
-        default=functools.partial(_conv, geometry=geometry),
-    )
+    xla, onednn = (functools.partial(f, geometry=geometry) for f in (_conv, _onednn_conv))
+    return backends.convolve(x, w, xla, onednn)
 
 
 def _weight_grad_unfolded(x, dy, kernel, geometry):

@@ -78,14 +78,8 @@ def _onednn_grads(x, w, dy, pad):
 
 def _forward(x, w, pad):
     """The convolution: oneDNN's on CPU when the backend takes it, else XLA's."""
-    if not backends.onednn_takes(x, w):
-        return _conv(x, w, pad)
-    return lax.platform_dependent(
-        x,
-        w,
-        cpu=functools.partial(_onednn_conv, pad=pad),
-        default=functools.partial(_conv, pad=pad),
-    )
+    xla, onednn = (functools.partial(f, pad=pad) for f in (_conv, _onednn_conv))
+    return backends.convolve(x, w, xla, onednn)
 
 
 def _weight_grad_unfolded(x, dy, kernel, pad):
