@@ -46,6 +46,7 @@ import peak  # noqa: E402
 from timing import DEFAULT_MODELS, interleaved_best_times, load_line  # noqa: E402
 
 from panns_jax import convert, malloc, models  # noqa: E402
+from panns_jax.cli.infer import add_conv_backend_argument  # noqa: E402
 from panns_jax.models import profile  # noqa: E402
 
 MALLOC_LINES = {
@@ -120,12 +121,7 @@ def main() -> None:
         help="torch intra-op threads (default: torch's own, the core count)",
     )
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch baseline")
-    parser.add_argument(
-        "--conv-backend",
-        default="xla",
-        choices=models.CONV_BACKENDS,
-        help="panns_jax's convolutions on CPU (the tagger's conv_backend; default xla)",
-    )
+    add_conv_backend_argument(parser)
     parser.add_argument(
         "--malloc",
         choices=("default", "tuned", "both"),

@@ -63,6 +63,7 @@ import peak  # noqa: E402
 from timing import DEFAULT_MODELS, interleaved_best_times, load_line  # noqa: E402
 
 from panns_jax import malloc, model_builder, models, optim, tasks, train  # noqa: E402
+from panns_jax.cli.infer import add_conv_backend_argument  # noqa: E402
 from panns_jax.models import profile  # noqa: E402
 
 
@@ -129,12 +130,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--steps", type=int, default=2, help="timed steps per side (best of)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    parser.add_argument(
-        "--conv-backend",
-        default="xla",
-        choices=models.CONV_BACKENDS,
-        help="panns_jax's convolutions on CPU (config.conv_backend; default xla)",
-    )
+    add_conv_backend_argument(parser)
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch baseline")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     parser.add_argument(

@@ -12,6 +12,7 @@ import golden_utils as G
 import jax
 import numpy as np
 import pytest
+from onednn_utils import pad_one_row_lower
 
 from panns_jax import convert, models
 from panns_jax.kernels import onednn
@@ -115,11 +116,5 @@ def test_outputs_match_golden_on_onednn(golden_dir, name):
 
 def test_parity_catches_onednn_padding_off_by_one(golden_dir, monkeypatch):
     """Negative control: oneDNN's kernels padding one row more above, one fewer below."""
-    call = onednn._call
-
-    def shifted(target, shape, *args, geometry):
-        stride, top, bottom, pad_w, dilation = geometry
-        return call(target, shape, *args, geometry=(stride, top + 1, bottom - 1, pad_w, dilation))
-
-    monkeypatch.setattr(onednn, "_call", shifted)
+    pad_one_row_lower(monkeypatch)
     assert _mismatches("Cnn6", _apply("Cnn6", G.load_state("Cnn6"), conv_backend="onednn"))

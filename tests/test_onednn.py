@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from onednn_utils import pad_one_row_lower
 from roundoff import as_dtype, conv_bounds, conv_exact, conv_results, random, run, worst_ratio
 
 from panns_jax.kernels import onednn
@@ -81,13 +82,7 @@ def test_kernels_meet_float32_roundoff_bound(exact, name):
 def test_kernels_with_padding_off_by_one_fail_the_bound(monkeypatch, exact, name):
     """Negative control: the kernels given one more row of padding above and one fewer below
     (the same output shape) break the bound."""
-    call = onednn._call
-
-    def shifted(target, shape, *args, geometry):
-        stride, top, bottom, pad_w, dilation = geometry
-        return call(target, shape, *args, geometry=(stride, top + 1, bottom - 1, pad_w, dilation))
-
-    monkeypatch.setattr(onednn, "_call", shifted)
+    pad_one_row_lower(monkeypatch)
     conv, _, args, terms = _case(name)
     got, _ = _on_onednn(conv, as_dtype(args, jnp.float32))
     reference, scales = exact[name]

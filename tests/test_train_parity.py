@@ -80,9 +80,13 @@ def test_the_oracles_float32_mixing_weights_are_read_back_exactly():
     assert fit.naive > 100 * roundoff, fit
 
 
-def _check(name: str, jit: bool) -> None:
-    runs = T.run_oracle_steps(name, jit=jit)
-    mode = "jit" if jit else "eager"
+def _check(name: str, jit: bool, conv_backend: str = "xla") -> None:
+    with mock.patch.object(onednn, "grads", wraps=onednn.grads) as grads:
+        with backends.tracing_with(conv_backend):  # The step is traced inside (F.paired).
+            runs = T.run_oracle_steps(name, jit=jit)
+    # The convolutions' gradients ran on oneDNN exactly when the backend says so.
+    assert (grads.call_count > 0) == (conv_backend == "onednn")
+    mode = conv_backend if conv_backend != "xla" else "jit" if jit else "eager"
     exact = T.compare(name, runs.f64, precision=64)
     result = T.compare(name, runs.f32)
     RESULTS[(name, mode)] = result
@@ -118,18 +122,6 @@ def test_jitted_step_matches_original(name):
     _check(name, jit=True)
 
 
-def _check_on_onednn(name: str) -> None:
-    with mock.patch.object(onednn, "grads", wraps=onednn.grads) as grads:
-        with backends.tracing_with("onednn"):  # The step is traced inside (F.paired).
-            runs = T.run_oracle_steps(name, jit=True)
-    assert grads.call_count > 0  # Convolutions' gradients ran on oneDNN.
-    exact = T.compare(name, runs.f64, precision=64)
-    result = T.compare(name, runs.f32)
-    RESULTS[(name, "onednn")] = result
-    assert exact.ok, "float64:\n" + "\n".join(exact.problems)
-    assert result.ok, "float32 with float64's decisions:\n" + "\n".join(result.problems)
-
-
 # oneDNN's kernels in the jitted step (conv_backend="onednn"); the float64 copy runs XLA's
 # convolution in their place (tests/float64_decisions.py). One 2-D and one 1-D model in the
 # suite, the other families in the slow step.
@@ -144,7 +136,7 @@ def _check_on_onednn(name: str) -> None:
     ],
 )
 def test_jitted_step_on_onednn_matches_original(name):
-    _check_on_onednn(name)
+    _check(name, jit=True, conv_backend="onednn")
 
 
 # Op by op: a minute (Cnn6) to two (Cnn14, at 19 GB) per model on 2 cores. .ci/run's `-m slow`

@@ -18,7 +18,8 @@ import sys
 from typing import Optional, Sequence
 
 import panns_jax
-from panns_jax import checkpoints, models, recipe
+from panns_jax import checkpoints, recipe
+from panns_jax.cli import infer
 
 _PACKAGE = os.path.dirname(os.path.abspath(panns_jax.__file__)) + os.sep
 
@@ -51,13 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--fold", type=int, default=None, help="held-out fold (fold column)")
     parser.add_argument("--holdout", type=float, default=0.1, help="validation fraction (0.1)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--conv-backend",
-        default="xla",
-        choices=models.CONV_BACKENDS,
-        help="the convolutions' kernels on CPU (default xla); onednn: oneDNN's, faster steps "
-        "(pip install 'panns-jax[onednn]')",
-    )
+    infer.add_conv_backend_argument(parser)
     parser.add_argument(
         "--max-bad-fraction",
         type=float,

@@ -104,18 +104,23 @@ def _add_common(parser: argparse.ArgumentParser, window_help: str, hop_help: str
         help="compute dtype (default float32); bfloat16 runs the network in bf16 from "
         "float32 weights after a float32 log-mel front end, with float32 outputs",
     )
-    parser.add_argument(
-        "--conv-backend",
-        default="xla",
-        choices=CONV_BACKENDS,
-        help="the convolutions' kernels on CPU (default xla); onednn runs them on oneDNN's, "
-        "1.2-1.5x faster where measured (pip install 'panns-jax[onednn]'; built on first use)",
-    )
+    add_conv_backend_argument(parser)
     parser.add_argument(
         "--output", default=None, help="output file (see the format options), written when complete"
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     add_cache_argument(parser)
+
+
+def add_conv_backend_argument(parser: argparse.ArgumentParser) -> None:
+    """``--conv-backend``, as every command and benchmark that runs a model declares it."""
+    parser.add_argument(
+        "--conv-backend",
+        default="xla",
+        choices=CONV_BACKENDS,
+        help="the convolutions' kernels on CPU (default xla); onednn runs them on oneDNN's, "
+        "1.1-1.5x faster where measured (pip install 'panns-jax[onednn]'; built on first use)",
+    )
 
 
 def add_cache_argument(parser: argparse.ArgumentParser) -> None:

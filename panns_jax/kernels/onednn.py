@@ -48,6 +48,8 @@ _BUILD_TIMEOUT_S = 600
 Geometry = Tuple[int, int, int, int, int]
 GEOMETRY_NAMES = ("stride", "pad_top", "pad_bottom", "pad_w", "dilation")
 
+# The kernel's C++ source, shipped as package data beside this module.
+_SOURCE = importlib.resources.files("panns_jax.kernels").joinpath("onednn_conv.cc")
 _lock = threading.Lock()
 _loaded: Optional[str] = None  # The library this process loaded.
 _registered = False  # Whether its handlers are registered with JAX.
@@ -78,7 +80,7 @@ def _locations() -> Tuple[str, str, str]:
 
 
 def _source() -> bytes:
-    return importlib.resources.files("panns_jax.kernels").joinpath("onednn_conv.cc").read_bytes()
+    return _SOURCE.read_bytes()
 
 
 def library_path() -> str:
@@ -100,12 +102,7 @@ def _compile(path: str) -> None:
             f"building oneDNN's kernel needs a C++ compiler: install g++ or set $CXX ({compiler!r} "
             "is not on PATH)"
         )
-    with (
-        fileio.staged(path) as staging,
-        importlib.resources.as_file(
-            importlib.resources.files("panns_jax.kernels").joinpath("onednn_conv.cc")
-        ) as source,
-    ):
+    with fileio.staged(path) as staging, importlib.resources.as_file(_SOURCE) as source:
         command = [compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-w"]
         command += [f"-I{jax.ffi.include_dir()}", f"-I{include}", str(source), "-o", staging]
         command += [f"-L{lib}", "-ldnnl", f"-Wl,-rpath,{lib}"]
