@@ -4,10 +4,11 @@ benchmarks/train_step.py time them against panns_jax).
 
 Written from the behavioural spec (golden/ARCHITECTURES.md §1-7), with the
 original state_dict key names, so ``panns_jax.convert.to_state_dict`` output loads
-with ``load_state_dict(strict=True)``. The front end is ``torch.stft`` (centred,
-reflect padding, periodic Hann) and the Slaney mel matrix of
-``panns_jax.frontend.mel_filterbank``; the original's DFT-as-conv kernels are kept
-as (unused) buffers only so that checkpoints load strictly.
+with ``load_state_dict(strict=True)``. In training mode they draw the original's dropouts and
+SpecAugment stripes (TRAINING.md §4.2), so that a timed train step does the original's
+work. The front end is ``torch.stft`` (centred, reflect padding, periodic Hann) and the
+Slaney mel matrix of ``panns_jax.frontend.mel_filterbank``; the original's DFT-as-conv
+kernels are kept as (unused) buffers only so that checkpoints load strictly.
 
     python benchmarks/torch_baselines.py --check   # compare with the golden outputs
 """
@@ -82,8 +83,28 @@ class LogmelStem(nn.Module):
     def forward(self, waveform: torch.Tensor) -> torch.Tensor:
         x = self.logmel(waveform)[:, None]  # (B, 1, T, F)
         x = x.transpose(1, 3)  # bn0 normalises per mel bin.
-        x = self.bn0(x)
-        return x.transpose(1, 3)
+        x = self.bn0(x).transpose(1, 3)
+        return _spec_augment(x) if self.training else x
+
+
+def _spec_augment(x: torch.Tensor, time_width: int = 64, freq_width: int = 8) -> torch.Tensor:
+    """SpecAugment as the original trains with it (TRAINING.md §4.2): per example, two time
+    stripes then two frequency stripes, each of width 0..max-1 at a start that keeps it
+    inside the axis, set to exactly 0."""
+    mask = torch.ones(x.shape[0], 1, x.shape[2], x.shape[3], dtype=x.dtype)
+    for axis, max_width in ((2, time_width), (3, freq_width)):
+        size = x.shape[axis]
+        for n in range(x.shape[0]):
+            for _ in range(2):
+                width = int(torch.randint(0, max_width, (1,)))
+                start = int(torch.randint(0, size - width, (1,)))
+                mask[n].narrow(axis - 1, start, width).zero_()
+    return x * mask
+
+
+def _dropout(module: nn.Module, x: torch.Tensor, p: float) -> torch.Tensor:
+    """The original's ``F.dropout(x, p, training=self.training)``."""
+    return F.dropout(x, p, module.training) if p else x
 
 
 class ConvBlock(nn.Module):
@@ -106,16 +127,20 @@ class ConvBlock(nn.Module):
         return F.avg_pool2d(x, pool) if pool not in (1, (1, 1)) else x
 
 
-def _clip_head(model: nn.Module, x: torch.Tensor) -> Dict[str, torch.Tensor]:
-    """[mean over freq] -> max_t + mean_t -> fc1 + ReLU -> (embedding, sigmoid(fc_audioset)).
+def _clip_head(model: nn.Module, x: torch.Tensor, dropout: float = 0.5) -> Dict[str, torch.Tensor]:
+    """[mean over freq] -> max_t + mean_t -> dropout -> fc1 + ReLU -> h;
+    (embedding = dropout 0.5 of h, sigmoid(fc_audioset(h))).
 
-    ``x`` is (B, C, T, F) for the 2-D models and (B, C, T) for the 1-D ones; dropout is
-    omitted (eval mode, and the train-step baselines time steps without it)."""
+    ``x`` is (B, C, T, F) for the 2-D models and (B, C, T) for the 1-D ones; the dropouts act
+    in training mode only (MobileNetV2 has none before fc1)."""
     if x.dim() == 4:
         x = x.mean(dim=3)
     x = x.max(dim=2).values + x.mean(dim=2)
-    h = F.relu(model.fc1(x))
-    return {"clipwise_output": torch.sigmoid(model.fc_audioset(h)), "embedding": h}
+    h = F.relu(model.fc1(_dropout(model, x, dropout)))
+    return {
+        "clipwise_output": torch.sigmoid(model.fc_audioset(h)),
+        "embedding": _dropout(model, h, 0.5),
+    }
 
 
 class Cnn(LogmelStem):
@@ -141,7 +166,7 @@ class Cnn(LogmelStem):
     def forward(self, waveform: torch.Tensor) -> Dict[str, torch.Tensor]:
         x = super().forward(waveform)
         for i in range(1, self.num_blocks + 1):
-            x = getattr(self, f"conv_block{i}")(x, self.pools[i - 1])
+            x = _dropout(self, getattr(self, f"conv_block{i}")(x, self.pools[i - 1]), 0.2)
         return _clip_head(self, x)
 
 
@@ -228,7 +253,7 @@ class MobileNetV2(LogmelStem):
         self.fc_audioset = nn.Linear(1024, num_classes)
 
     def forward(self, waveform: torch.Tensor) -> Dict[str, torch.Tensor]:
-        return _clip_head(self, self.features(super().forward(waveform)))
+        return _clip_head(self, self.features(super().forward(waveform)), dropout=0.0)
 
 
 class _BasicBlock(nn.Module):
@@ -247,7 +272,8 @@ class _BasicBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.avg_pool2d(x, 2) if self.stride == 2 else x
-        out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(out)))))
+        out = _dropout(self, F.relu(self.bn1(self.conv1(out))), 0.1)
+        out = self.bn2(self.conv2(out))
         return F.relu(out + (self.downsample(x) if self.downsample is not None else x))
 
 
@@ -270,7 +296,8 @@ class _Bottleneck(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.avg_pool2d(x, 2) if self.stride == 2 else x
         out = F.relu(self.bn1(self.conv1(out)))
-        out = self.bn3(self.conv3(F.relu(self.bn2(self.conv2(out)))))
+        out = _dropout(self, F.relu(self.bn2(self.conv2(out))), 0.1)
+        out = self.bn3(self.conv3(out))
         return F.relu(out + (self.downsample(x) if self.downsample is not None else x))
 
 
@@ -301,10 +328,11 @@ class ResNet(LogmelStem):
         self.fc_audioset = nn.Linear(2048, num_classes)
 
     def forward(self, waveform: torch.Tensor) -> Dict[str, torch.Tensor]:
-        x = self.conv_block1(super().forward(waveform), 2)
+        x = _dropout(self, self.conv_block1(super().forward(waveform), 2), 0.2)
         for i in range(1, 5):
             x = getattr(self.resnet, f"layer{i}")(x)
-        x = self.conv_block_after1(F.avg_pool2d(x, 2), 1)
+        x = _dropout(self, F.avg_pool2d(x, 2), 0.2)
+        x = _dropout(self, self.conv_block_after1(x, 1), 0.2)
         return _clip_head(self, x)
 
 
@@ -334,9 +362,11 @@ class LeeNet(nn.Module):
         convs: int = 1,
         last_pool: bool = True,
         embedding: int = 512,
+        trunk_dropout: float = 0.0,
         num_classes: int = 527,
     ):
         super().__init__()
+        self.trunk_dropout = trunk_dropout
         cin = 1
         for i, width in enumerate(widths, start=1):
             pool = i > 1 and (i < len(widths) or last_pool)
@@ -352,6 +382,8 @@ class LeeNet(nn.Module):
         x = waveform[:, None]
         for i in range(1, self.num_blocks + 1):
             x = getattr(self, f"conv_block{i}")(x)
+            if self.trunk_dropout and i < self.num_blocks:
+                x = _dropout(self, x, self.trunk_dropout)
         return _clip_head(self, x)
 
 
@@ -411,7 +443,8 @@ class _BasicBlockWav1d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.max_pool1d(x, self.stride) if self.stride != 1 else x
-        out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(out)))))
+        out = _dropout(self, F.relu(self.bn1(self.conv1(out))), 0.1)
+        out = self.bn2(self.conv2(out))
         return F.relu(out + (self.downsample(x) if self.downsample is not None else x))
 
 
@@ -482,8 +515,9 @@ class Wavegram(LogmelStem):
         x = self.pre_block4(a, (2, 1))
         if self.use_logmel:
             x = torch.cat([self.conv_block1(super().forward(waveform), 2), x], dim=1)
+        x = _dropout(self, x, 0.2)
         for i in range(2, 7):
-            x = getattr(self, f"conv_block{i}")(x, 2 if i < 6 else 1)
+            x = _dropout(self, getattr(self, f"conv_block{i}")(x, 2 if i < 6 else 1), 0.2)
         return _clip_head(self, x)
 
 
@@ -497,7 +531,11 @@ BASELINES = {
     "MobileNetV2": lambda: MobileNetV2(),
     "LeeNet11": lambda: LeeNet(),
     "LeeNet24": lambda: LeeNet(
-        (64, 96, 128, 128, 256, 256, 512, 512, 1024), convs=2, last_pool=False, embedding=1024
+        (64, 96, 128, 128, 256, 256, 512, 512, 1024),
+        convs=2,
+        last_pool=False,
+        embedding=1024,
+        trunk_dropout=0.1,
     ),
     "DaiNet19": lambda: DaiNet19(),
     "Res1dNet31": lambda: Res1dNet(),
