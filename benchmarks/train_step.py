@@ -6,10 +6,12 @@
     python benchmarks/train_step.py --models Cnn14 --dtype bfloat16 --no-torch  # GPU: MFU
 
 Both steps: the model's forward in training mode (BatchNorm batch statistics; log-mel front
-end where the model has one), binary cross-entropy on the sigmoid outputs, backward, Adam
-with AMSGrad. panns_jax also draws SpecAugment stripes and dropout inside its jitted step;
-the PyTorch baselines (benchmarks/torch_baselines.py) have neither, which favours them
-slightly. The two sides' steps are interleaved (best of --steps each, after a warm-up).
+end where the model has one; the original's dropouts and SpecAugment stripes: panns_jax
+inside its jitted step, the PyTorch baselines of benchmarks/torch_baselines.py as the
+original draws them), binary cross-entropy on the sigmoid outputs, backward, Adam with
+AMSGrad. The convolutions are the library's default's (``--conv-backend auto``: oneDNN's where
+installed); the header names the ones timed. The two sides' steps are interleaved (best of
+--steps each, after a warm-up).
 Achieved GFLOP/s count a step as 3x the paper-style forward operations of
 ``panns_jax.models.profile`` (backward = 2x forward), against this CPU's float32 peak
 (benchmarks/peak.py prints the derivation) or ``--peak-tflops`` on an accelerator.
@@ -64,10 +66,10 @@ from timing import DEFAULT_MODELS, interleaved_best_times, load_line  # noqa: E4
 
 from panns_jax import malloc, model_builder, models, optim, tasks, train  # noqa: E402
 from panns_jax.cli.infer import add_conv_backend_argument  # noqa: E402
-from panns_jax.models import profile  # noqa: E402
+from panns_jax.models import backends, profile  # noqa: E402
 
 
-def jax_step(name: str, batch: int, samples: int, dtype: str, conv_backend: str = "xla"):
+def jax_step(name: str, batch: int, samples: int, dtype: str, conv_backend: str = "auto"):
     """A jitted panns_jax train step on fixed random clips, as a no-argument callable."""
     config = ml_collections.ConfigDict(
         {
@@ -154,6 +156,7 @@ def main() -> None:
         if args.threads:
             torch.set_num_threads(args.threads)
     malloc.tune_malloc()  # as panns_jax.main does: reuse freed activation buffers
+    args.conv_backend = backends.prepare(args.conv_backend)  # "auto" -> the one it means here
 
     device = jax.devices()[0]
     if args.peak_tflops:

@@ -142,9 +142,10 @@ def base_config(
     c.seed = 0
     c.num_devices = ml_collections.config_dict.placeholder(int)  # Default: all devices.
     c.compute_dtype = "float32"  # or 'bfloat16' (parameters stay float32)
-    # or 'onednn': oneDNN's CPU convolutions (pip install 'panns-jax[onednn]'), 1.2-1.3x
-    # faster train steps on CPU (benchmarks/onednn_conv.py); other devices ignore it.
-    c.conv_backend = "xla"
+    # 'auto': oneDNN's CPU convolutions where installed (pip install 'panns-jax[onednn]';
+    # 1.1-1.4x faster train steps, benchmarks/train_step.py), else XLA's; or 'xla' / 'onednn'.
+    # Other devices ignore it (panns_jax.models.backends).
+    c.conv_backend = "auto"
     # e.g. 2**20: shard every weight of >= 1M elements FSDP-style.
     c.fsdp_min_size = ml_collections.config_dict.placeholder(int)
 

@@ -78,8 +78,9 @@ class AudioTagger:
       dtype: the compute dtype, ``float32`` (default) or ``bfloat16``. In bfloat16 the
         network computes in bf16 from float32 parameters after a float32 log-mel front
         end; every output is returned as float32.
-      conv_backend: the convolutions' kernels on CPU, ``xla`` (default) or ``onednn``
-        (:mod:`panns_jax.models.backends`; ``pip install 'panns-jax[onednn]'``).
+      conv_backend: the convolutions' kernels on CPU: ``auto`` (default: oneDNN's where
+        ``pip install 'panns-jax[onednn]'`` installed it, else XLA's), ``xla`` or ``onednn``
+        (:mod:`panns_jax.models.backends`); the attribute holds the one in use.
     """
 
     def __init__(
@@ -90,7 +91,7 @@ class AudioTagger:
         *,
         batch_size: int = 8,
         dtype: str = "float32",
-        conv_backend: str = "xla",
+        conv_backend: str = "auto",
     ):
         self.batch_size = checks.batch_size(batch_size)
         self.dtype = checks.compute_dtype(dtype)
@@ -106,10 +107,10 @@ class AudioTagger:
         checks.labels_fit(metadata.labels, getattr(module, "num_classes", 527))
         self.labels = list(metadata.labels)
         options = models.jit_options(module)
-        self.conv_backend = conv_backend
-        apply = models.with_conv_backend(self._apply, conv_backend)
+        self.conv_backend = backends.prepare(conv_backend)
+        apply = models.with_conv_backend(self._apply, self.conv_backend)
         apply_all = models.with_conv_backend(
-            lambda v, x: _as_float32(module.apply(v, x)), conv_backend
+            lambda v, x: _as_float32(module.apply(v, x)), self.conv_backend
         )
         self._forward = jax.jit(apply, static_argnames="keys", **options)
         self._forward_all = jax.jit(apply_all, **options)
@@ -122,7 +123,7 @@ class AudioTagger:
         *,
         batch_size: int = 8,
         dtype: str = "float32",
-        conv_backend: str = "xla",
+        conv_backend: str = "auto",
         **load_args: Any,
     ) -> "AudioTagger":
         """A tagger of whatever :func:`panns_jax.loader.load` takes: a panns_jax checkpoint

@@ -283,7 +283,7 @@ def compile_steps(
     rows, sharded = batch_sharding(mesh), jax.tree_util.tree_map(lambda s: s.sharding, abstract)
     spec = lambda n, width: jax.ShapeDtypeStruct((n, width), jnp.float32, sharding=rows)
     per_step = recipe.examples_per_step(config)
-    backend = config.get("conv_backend") or "xla"
+    backend = config.get("conv_backend") or "auto"
     try:
         with_backend = functools.partial(models.with_conv_backend, name=backend)
         train_fn = with_backend(make_train_step(model, optimizer, task, recipe.mixup_alpha(config)))

@@ -15,6 +15,9 @@ os.environ.pop("PANNS_JAX_ZOO_TABLE", None)
 os.environ["PANNS_JAX_HOME"] = os.path.join(
     os.environ.get("TMPDIR", "/tmp"), f"panns_jax_test_cache_{os.getpid()}"
 )
+# Tests choose their convolution kernels: "auto" (the default) means XLA's here, and the tests
+# of oneDNN's kernel and of "auto" itself (tests/test_backends.py) ask for theirs.
+os.environ["PANNS_JAX_CONV_BACKEND"] = "xla"
 # The commands run in-process here, and JAX's persistent compilation cache they turn on is
 # process-wide: it stays off, and tests/test_compile_cache.py turns it on in its subprocesses.
 os.environ["PANNS_JAX_COMPILATION_CACHE"] = "0"

@@ -37,12 +37,13 @@ CONV_1D = (_grads(functools.partial(fast1d.conv, geometry=(1, (1, 1), 1))), (2, 
 
 
 def test_unknown_backend_is_refused_with_the_choices():
-    with pytest.raises(ValueError, match=r"unknown conv backend 'mkl': choose one of xla, onednn"):
+    choices = r"unknown conv backend 'mkl': choose one of auto, xla, onednn"
+    with pytest.raises(ValueError, match=choices):
         models.with_conv_backend(lambda: None, "mkl")
     with pytest.raises(ValueError, match="unknown conv backend"):
         with backends.tracing_with("cudnn"):
             pass
-    assert models.CONV_BACKENDS == ("xla", "onednn")
+    assert models.CONV_BACKENDS == ("auto", "xla", "onednn")
 
 
 @pytest.mark.parametrize("fn, x, w", [CONV_2D, CONV_1D], ids=["2-D", "1-D"])
@@ -159,3 +160,50 @@ def test_onednn_needs_no_kernel_where_jax_computes_elsewhere(monkeypatch):
         backends.prepare("onednn")
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert backends.prepare("onednn") == "onednn"
+
+
+def test_auto_means_onednn_on_the_cpu_where_it_is_installed(monkeypatch):
+    """The default of the configs, the tagger and the commands: with the [onednn] extra
+    installed (as in the test environment) a function wrapped with "auto" runs oneDNN's
+    kernel; $PANNS_JAX_CONV_BACKEND=xla (this suite's conftest) makes it XLA's."""
+    fn, x, w = CONV_2D
+    monkeypatch.delenv(backends.ENV, raising=False)
+    assert backends.prepare("auto") == "onednn"
+    assert "OnednnConvBackwardWeights" in _text(models.with_conv_backend(fn, "auto"), x, w)
+    monkeypatch.setenv(backends.ENV, "xla")
+    assert backends.prepare("auto") == "xla"
+    assert "Onednn" not in _text(models.with_conv_backend(fn, "auto"), x, w)
+    monkeypatch.setenv(backends.ENV, "mkl")
+    with pytest.raises(ValueError, match=r"\$PANNS_JAX_CONV_BACKEND='mkl': set it to xla or"):
+        backends.prepare("auto")
+
+
+def test_auto_means_xla_without_onednn_elsewhere_or_when_it_cannot_build(monkeypatch, caplog):
+    from panns_jax.kernels import onednn
+
+    monkeypatch.delenv(backends.ENV, raising=False)
+    assert onednn.installed()
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert backends.prepare("auto") == "xla"  # On a GPU or TPU nothing is built.
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+
+    def must_not_build():
+        raise AssertionError("built without oneDNN installed")
+
+    monkeypatch.setattr(onednn, "installed", lambda: False)
+    monkeypatch.setattr(onednn, "load", must_not_build)
+    assert backends.prepare("auto") == "xla"
+
+    def no_compiler():
+        raise onednn.OneDnnUnavailable("building oneDNN's kernel needs a C++ compiler")
+
+    monkeypatch.setattr(onednn, "installed", lambda: True)
+    monkeypatch.setattr(onednn, "load", no_compiler)
+    monkeypatch.setattr(backends, "_told_unavailable", False)
+    with caplog.at_level("WARNING", logger=backends.__name__):
+        assert backends.prepare("auto") == "xla"
+        assert backends.prepare("auto") == "xla"
+    said = [r.getMessage() for r in caplog.records if r.name == backends.__name__]
+    assert said == ["using XLA's convolutions: building oneDNN's kernel needs a C++ compiler"]
+    with pytest.raises(onednn.OneDnnUnavailable):  # Asked for by name, it is an error.
+        backends.prepare("onednn")

@@ -361,7 +361,7 @@ def test_outputs_inside_a_folder_of_classes_are_refused(tiny_pretrained, tmp_pat
     assert tree(str(tmp_path)) == before
 
 
-@pytest.mark.parametrize("argv, backend", [([], "xla"), (["--conv-backend", "onednn"], "onednn")])
+@pytest.mark.parametrize("argv, backend", [([], "auto"), (["--conv-backend", "onednn"], "onednn")])
 def test_conv_backend_reaches_the_training_config(
     argv, backend, tiny_pretrained, tmp_path, monkeypatch, capsys
 ):

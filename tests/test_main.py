@@ -105,7 +105,7 @@ CASES = [  # (id, flags, expected message, after "error: ").
     (
         "conv_backend name",
         [TINY, "--config.conv_backend=mkl"],
-        r"config\.conv_backend must be 'xla' or 'onednn', got 'mkl'",
+        r"config\.conv_backend must be 'auto' or 'xla' or 'onednn', got 'mkl'",
     ),
     (
         "task name",

@@ -148,10 +148,19 @@ def test_onednn_backend_tags_as_the_model_does(cnn6_checkpoint, direct, long_wav
             assert problem == "", problem
 
 
+def test_the_default_conv_backend_is_onednn_where_installed(cnn6_checkpoint, monkeypatch):
+    """ "auto", the default, is the kernel in use where the [onednn] extra is installed (as
+    here), and XLA's where $PANNS_JAX_CONV_BACKEND says so (as this suite sets it)."""
+    assert AudioTagger.load(cnn6_checkpoint).conv_backend == "xla"
+    monkeypatch.delenv("PANNS_JAX_CONV_BACKEND")
+    assert AudioTagger.load(cnn6_checkpoint).conv_backend == "onednn"
+
+
 def test_an_unknown_conv_backend_is_refused_before_loading(monkeypatch):
     def no_model(*args, **kwargs):
         raise AssertionError("a model was loaded before the backend was checked")
 
     monkeypatch.setattr(loader, "load", no_model)
-    with pytest.raises(ValueError, match="unknown conv backend 'mkl': choose one of xla, onednn"):
+    choices = "unknown conv backend 'mkl': choose one of auto, xla, onednn"
+    with pytest.raises(ValueError, match=choices):
         AudioTagger.load("Cnn14", conv_backend="mkl")

@@ -172,13 +172,21 @@ def test_train_and_eval_steps_compile_with_their_jit_options():
     assert fusions(scores.as_text()) == 0
 
 
-def test_steps_compile_with_the_configs_conv_backend():
+def test_steps_compile_with_the_configs_conv_backend(monkeypatch):
     """config.conv_backend='onednn' puts oneDNN's convolutions (forward and both gradients)
-    into the compiled train step and its forward into the eval step; the default, none."""
+    into the compiled train step and its forward into the eval step, and so does the default
+    ('auto', oneDNN being installed here); 'auto' meaning XLA's ($PANNS_JAX_CONV_BACKEND=xla,
+    as this suite sets it) and 'xla' put none."""
     kernels = ("OnednnConv", "OnednnConvBackwardData", "OnednnConvBackwardWeights")
-    *_, step, scores = _compiled_steps(tiny_config("unused", conv_backend="onednn"))
-    assert all(f'custom_call_target="{k}"' in step.as_text() for k in kernels)
-    assert 'custom_call_target="OnednnConv"' in scores.as_text()
+    assert tiny_config("unused").conv_backend == "auto"
+    monkeypatch.delenv("PANNS_JAX_CONV_BACKEND")
+    for config in (tiny_config("unused", conv_backend="onednn"), tiny_config("unused")):
+        *_, step, scores = _compiled_steps(config)
+        assert all(f'custom_call_target="{k}"' in step.as_text() for k in kernels)
+        assert 'custom_call_target="OnednnConv"' in scores.as_text()
+    *_, step, scores = _compiled_steps(tiny_config("unused", conv_backend="xla"))
+    assert "Onednn" not in step.as_text() + scores.as_text()
+    monkeypatch.setenv("PANNS_JAX_CONV_BACKEND", "xla")
     *_, step, scores = _compiled_steps(tiny_config("unused"))
     assert "Onednn" not in step.as_text() + scores.as_text()
 

@@ -116,10 +116,11 @@ def add_conv_backend_argument(parser: argparse.ArgumentParser) -> None:
     """``--conv-backend``, as every command and benchmark that runs a model declares it."""
     parser.add_argument(
         "--conv-backend",
-        default="xla",
+        default="auto",
         choices=CONV_BACKENDS,
-        help="the convolutions' kernels on CPU (default xla); onednn runs them on oneDNN's, "
-        "1.1-1.5x faster where measured (pip install 'panns-jax[onednn]'; built on first use)",
+        help="the convolutions' kernels on CPU: auto (default) is onednn where oneDNN is "
+        "installed (pip install 'panns-jax[onednn]'; built on first use; 1.1-1.6x faster where "
+        "measured), else xla",
     )
 
 

@@ -9,7 +9,7 @@ backward-weights convolutions as XLA FFI handlers. :func:`load` compiles it with
 compiler (``$CXX``, else ``g++``) against the installed oneDNN once per source, jax and
 oneDNN version, into ``kernels/`` of the user cache (:func:`panns_jax.fileio.cache_dir`; a
 file lock keeps concurrent processes from building twice), loads it and registers the
-handlers with JAX for the CPU. The models use it when asked to
+handlers with JAX for the CPU. The models use it where it is installed, or when asked to
 (:mod:`panns_jax.models.backends`); nothing here runs at import.
 
 The library built here runs in your process, so the cache directory must be writable by you
@@ -36,7 +36,15 @@ from jax import lax
 
 from panns_jax import fileio
 
-__all__ = ["OneDnnUnavailable", "conv", "grads", "library_path", "load", "xla_equivalent"]
+__all__ = [
+    "OneDnnUnavailable",
+    "conv",
+    "grads",
+    "installed",
+    "library_path",
+    "load",
+    "xla_equivalent",
+]
 
 INSTALL_HINT = "pip install 'panns-jax[onednn]'"
 TARGETS = ("OnednnConv", "OnednnConvBackwardData", "OnednnConvBackwardWeights")
@@ -69,6 +77,15 @@ def _dist_file(distribution: str, suffix: str) -> str:
         if str(file).replace(os.sep, "/").endswith(suffix):
             return os.path.abspath(str(file.locate()))
     raise OneDnnUnavailable(f"{distribution} has no {suffix}: reinstall it with {INSTALL_HINT}")
+
+
+def installed() -> bool:
+    """Whether oneDNN's runtime distribution is installed (the ``[onednn]`` extra)."""
+    try:
+        importlib.metadata.version(_RUNTIME)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
 
 
 def _locations() -> Tuple[str, str, str]:

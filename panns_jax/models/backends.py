@@ -1,8 +1,15 @@
-"""Which kernels compute the models' convolutions on CPU: XLA's (the default) or oneDNN's.
+"""Which kernels compute the models' convolutions on CPU: oneDNN's or XLA's.
 
     from panns_jax import models
     step = jax.jit(models.with_conv_backend(train_step, "onednn"))
     step(state, batch)                 # traced (and run) with oneDNN's convolutions
+
+``"auto"`` (the default of the configs, the tagger and the commands) means ``"onednn"`` where
+JAX computes on the CPU and oneDNN is installed (``pip install 'panns-jax[onednn]'``: the
+extra is the switch), and ``"xla"`` elsewhere; when oneDNN is installed but its kernel cannot
+be built (no C++ compiler, say) it logs why once and uses XLA's. ``$PANNS_JAX_CONV_BACKEND``
+(``xla`` or ``onednn``) decides for ``"auto"`` where set. A model traced outside
+:func:`with_conv_backend` and :func:`tracing_with` uses XLA's.
 
 With ``"onednn"``, the convolutions of :mod:`~panns_jax.models.same_conv` (every plain
 2-D conv) and :mod:`~panns_jax.models.fast1d` (the 1-D convs) and their gradients run on
@@ -26,6 +33,8 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import logging
+import os
 from typing import Any, Callable, Iterator, TypeVar
 
 import jax
@@ -33,6 +42,7 @@ import jax.numpy as jnp
 
 __all__ = [
     "BACKENDS",
+    "ENV",
     "ONEDNN_MAX_CHANNELS",
     "current",
     "prepare",
@@ -40,12 +50,15 @@ __all__ = [
     "with_conv_backend",
 ]
 
-BACKENDS = ("xla", "onednn")
+BACKENDS = ("auto", "xla", "onednn")
+ENV = "PANNS_JAX_CONV_BACKEND"  # What "auto" means where set: "xla" or "onednn".
 # Wider convs ran slower on oneDNN (Cnn14's 1024 and 2048 channels: 0.56x and 0.43x of XLA's
 # speed, benchmarks/onednn_conv.py --layers): each call reorders their weights.
 ONEDNN_MAX_CHANNELS = 512
 _BACKEND: contextvars.ContextVar[str] = contextvars.ContextVar("conv_backend", default="xla")
 F = TypeVar("F", bound=Callable[..., Any])
+_log = logging.getLogger(__name__)
+_told_unavailable = False  # Whether "auto" has logged why oneDNN's kernel is not used.
 
 
 def check(name: str) -> str:
@@ -61,15 +74,41 @@ def current() -> str:
 
 
 def prepare(name: str) -> str:
-    """Check ``name`` and make its kernels ready: ``"onednn"`` builds and registers them
+    """Check ``name``, make its kernels ready and return the backend it stands for (``"auto"``
+    resolved, see the module). ``"onednn"`` builds and registers oneDNN's kernel
     (:func:`panns_jax.kernels.onednn.load`) where JAX computes on the CPU, so a missing oneDNN
     or compiler raises :class:`~panns_jax.kernels.onednn.OneDnnUnavailable` here, in one
     line. On a GPU or TPU the models' convolutions are XLA's whatever the backend."""
-    if check(name) == "onednn" and jax.default_backend() == "cpu":
+    if check(name) == "auto":
+        return _auto()
+    if name == "onednn" and jax.default_backend() == "cpu":
         from panns_jax.kernels import onednn
 
         onednn.load()
     return name
+
+
+def _auto() -> str:
+    global _told_unavailable
+    chosen = os.environ.get(ENV)
+    if chosen:
+        if chosen not in ("xla", "onednn"):
+            raise ValueError(f"${ENV}={chosen!r}: set it to xla or onednn, or unset it")
+        return prepare(chosen)
+    if jax.default_backend() != "cpu":
+        return "xla"
+    from panns_jax.kernels import onednn
+
+    if not onednn.installed():
+        return "xla"
+    try:
+        onednn.load()
+    except onednn.OneDnnUnavailable as err:
+        if not _told_unavailable:
+            _log.warning("using XLA's convolutions: %s", err)
+            _told_unavailable = True
+        return "xla"
+    return "onednn"
 
 
 @contextlib.contextmanager
@@ -85,9 +124,10 @@ def tracing_with(name: str) -> Iterator[None]:
 def with_conv_backend(fn: F, name: str) -> F:
     """``fn``, tracing the models' convolutions with backend ``name`` whenever it runs.
 
-    The backend is prepared (:func:`prepare`) now, so errors come before any tracing.
+    The backend is prepared (:func:`prepare`; ``"auto"`` resolved) now, so errors come before
+    any tracing.
     """
-    prepare(name)
+    name = prepare(name)
 
     @functools.wraps(fn)
     def traced_with_backend(*args: Any, **kwargs: Any) -> Any:
