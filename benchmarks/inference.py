@@ -46,8 +46,8 @@ import peak  # noqa: E402
 from timing import DEFAULT_MODELS, interleaved_best_times, load_line  # noqa: E402
 
 from panns_jax import convert, malloc, models  # noqa: E402
-from panns_jax.cli.infer import add_conv_backend_argument  # noqa: E402
-from panns_jax.models import backends, profile  # noqa: E402
+from panns_jax.cli.infer import add_conv_backend_argument, resolved_conv_backend  # noqa: E402
+from panns_jax.models import profile  # noqa: E402
 
 MALLOC_LINES = {
     "default": "malloc: glibc's default on both sides (as panns_inference and a plain process run)",
@@ -130,7 +130,7 @@ def main() -> None:
     )
     peak.add_arguments(parser)
     args = parser.parse_args()
-    args.conv_backend = backends.prepare(args.conv_backend)  # "auto" -> the one it means here
+    args.conv_backend = resolved_conv_backend(parser, args.conv_backend)
 
     import torch
     import torch_baselines

@@ -65,8 +65,8 @@ import peak  # noqa: E402
 from timing import DEFAULT_MODELS, interleaved_best_times, load_line  # noqa: E402
 
 from panns_jax import malloc, model_builder, models, optim, tasks, train  # noqa: E402
-from panns_jax.cli.infer import add_conv_backend_argument  # noqa: E402
-from panns_jax.models import backends, profile  # noqa: E402
+from panns_jax.cli.infer import add_conv_backend_argument, resolved_conv_backend  # noqa: E402
+from panns_jax.models import profile  # noqa: E402
 
 
 def jax_step(name: str, batch: int, samples: int, dtype: str, conv_backend: str = "auto"):
@@ -156,7 +156,7 @@ def main() -> None:
         if args.threads:
             torch.set_num_threads(args.threads)
     malloc.tune_malloc()  # as panns_jax.main does: reuse freed activation buffers
-    args.conv_backend = backends.prepare(args.conv_backend)  # "auto" -> the one it means here
+    args.conv_backend = resolved_conv_backend(parser, args.conv_backend)
 
     device = jax.devices()[0]
     if args.peak_tflops:

@@ -288,7 +288,8 @@ def compile_steps(
         with_backend = functools.partial(models.with_conv_backend, name=backend)
         train_fn = with_backend(make_train_step(model, optimizer, task, recipe.mixup_alpha(config)))
         eval_fn = with_backend(make_eval_step(model, task))
-    except onednn.OneDnnUnavailable as err:  # Missing, or failing to build: one line.
+    except (onednn.OneDnnUnavailable, ValueError) as err:
+        # Missing, failing to build, or a bad $PANNS_JAX_CONV_BACKEND for "auto": one line.
         raise recipe.ConfigError(f"config.conv_backend={backend!r}: {err}") from None
     step = jax.jit(
         train_fn,

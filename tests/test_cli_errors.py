@@ -443,3 +443,21 @@ def test_a_failed_save_filters_only_orbax_reports_of_abandoned_writes(caplog):
         assert [r.getMessage().splitlines()[-1] for r in caplog.records] == ["future: <Task mine>"]
     finally:
         asyncio_logger.filters[:] = before
+
+
+def test_an_unusable_conv_backend_is_the_parsers_one_line(monkeypatch, capsys):
+    """The benchmarks resolve --conv-backend through cli.infer.resolved_conv_backend."""
+    import argparse
+
+    from panns_jax.cli import infer
+
+    parser = argparse.ArgumentParser(prog="bench")
+    assert infer.resolved_conv_backend(parser, "auto") == "xla"  # As this suite sets it.
+    monkeypatch.setenv("PANNS_JAX_CONV_BACKEND", "mkl")
+    with pytest.raises(SystemExit) as stop:
+        infer.resolved_conv_backend(parser, "auto")
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == (
+        "bench: error: $PANNS_JAX_CONV_BACKEND='mkl': set it to xla or onednn, or unset it"
+    )

@@ -203,6 +203,13 @@ def test_an_unusable_conv_backend_is_a_config_error(monkeypatch):
     assert str(error.value) == (
         "config.conv_backend='onednn': oneDNN is not installed: pip install 'panns-jax[onednn]'"
     )
+    monkeypatch.setenv("PANNS_JAX_CONV_BACKEND", "mkl")
+    with pytest.raises(recipe.ConfigError) as error:
+        _compiled_steps(tiny_config("unused"))
+    assert str(error.value) == (
+        "config.conv_backend='auto': $PANNS_JAX_CONV_BACKEND='mkl': set it to xla or onednn, "
+        "or unset it"
+    )
 
 
 # Slow (a minute each, several processes or eight devices); .ci/run's `-m slow` step runs it.

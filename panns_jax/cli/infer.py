@@ -35,6 +35,7 @@ import numpy as np
 from panns_jax import audio, checks, compile_cache, loader, sed
 from panns_jax.fileio import staged, write_probe
 from panns_jax.kernels.onednn import OneDnnUnavailable
+from panns_jax.models import backends
 from panns_jax.models.backends import BACKENDS as CONV_BACKENDS
 from panns_jax.scheduler import ChunkedOutput
 from panns_jax.tagger import (
@@ -122,6 +123,15 @@ def add_conv_backend_argument(parser: argparse.ArgumentParser) -> None:
         "installed (pip install 'panns-jax[onednn]'; built on first use; 1.1-1.6x faster where "
         "measured), else xla",
     )
+
+
+def resolved_conv_backend(parser: argparse.ArgumentParser, name: str) -> str:
+    """The backend ``--conv-backend name`` stands for here (``auto`` resolved, the kernel
+    built); an unusable one is the parser's one-line error."""
+    try:
+        return backends.prepare(name)
+    except (OneDnnUnavailable, ValueError) as err:
+        parser.error(str(err))
 
 
 def add_cache_argument(parser: argparse.ArgumentParser) -> None:
