@@ -5,8 +5,9 @@
 
 Both sides run eval-mode forwards of ``--seconds`` clips with the same weights (random;
 converted with ``panns_jax.convert.to_state_dict``): panns_jax through
-``jax.jit(model.apply, **models.jit_options(model))`` (as the tagger compiles it) with only
-``clipwise_output`` and ``embedding`` returned,
+``models.jit_inference`` (as the tagger compiles it; the convolutions of ``--conv-backend``,
+default ``auto``: oneDNN's where installed) with only ``clipwise_output`` and ``embedding``
+returned,
 PyTorch under ``torch.inference_mode()`` (benchmarks/torch_baselines.py, checked against
 the golden outputs by tests/test_torch_baselines.py). Reported: clips/s of the best of
 ``--repeats`` timed runs after a warm-up (and compilation), the two sides interleaved run
@@ -70,7 +71,9 @@ def print_table(args, cpu, ceiling, torch, torch_baselines) -> None:
         baseline = None
         if not args.no_torch:
             baseline = torch_baselines.build(name, convert.to_state_dict(variables, model))
-        apply = models.with_conv_backend(
+        # As the tagger, the CLI and the HEAR API compile it.
+        forward = models.jit_inference(
+            model,
             lambda v, x: {
                 k: v_
                 for k, v_ in model.apply(v, x).items()
@@ -78,8 +81,6 @@ def print_table(args, cpu, ceiling, torch, torch_baselines) -> None:
             },
             args.conv_backend,
         )
-        # As the tagger, the CLI and the HEAR API compile it.
-        forward = jax.jit(apply, **models.jit_options(model))
         for batch in args.batches:
             clips = np.random.default_rng(0).uniform(-0.5, 0.5, (batch, samples)).astype(np.float32)
             device_clips = jax.device_put(clips)

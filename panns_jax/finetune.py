@@ -241,8 +241,10 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, path: str, split: str
         segments=bool(config.eval_segments),
         with_record=True,
     )
-    scores_of = jax.jit(
-        lambda v, audio: task.scores(module.apply(v, audio)), **models.jit_options(module)
+    scores_of = models.jit_inference(
+        module,
+        lambda v, audio: task.scores(module.apply(v, audio)),
+        config.get("conv_backend") or "auto",
     )
     return task.evaluate_rows(*pipeline.eval_rows(batches, lambda x: scores_of(variables, x)))
 

@@ -16,7 +16,6 @@ and score each evaluation split. The metrics are the task's (:mod:`panns_jax.tas
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
 import math
@@ -185,10 +184,11 @@ def embed_function(loaded: loader.Loaded) -> Callable[[np.ndarray], np.ndarray]:
     module, variables, meta = loaded
     key = meta.outputs.embedding
 
-    @functools.partial(jax.jit, **models.jit_options(module))
-    def apply(v: Any, audio: jax.Array) -> jax.Array:
+    def embedding(v: Any, audio: jax.Array) -> jax.Array:
         out = module.apply(v, audio)[key]
         return jnp.mean(out, axis=1) if out.ndim == 3 else out
+
+    apply = models.jit_inference(module, embedding)
 
     return lambda audio: np.asarray(apply(variables, audio), np.float32)
 

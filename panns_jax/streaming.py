@@ -198,7 +198,7 @@ class StreamingTagger:
             raise ValueError("give the model's variables or a predict function")
         params = {k: v for k, v in variables.items() if k in ("params", "batch_stats")}
         module, key = self.model, self._key
-        forward = jax.jit(lambda v, x: module.apply(v, x)[key], **models.jit_options(module))
+        forward = models.jit_inference(module, lambda v, x: module.apply(v, x)[key])
         return lambda x: {key: forward(params, x)}
 
     # -- stream state ---------------------------------------------------------

@@ -106,14 +106,13 @@ class AudioTagger:
         self.frame_hop_samples = module.frontend.hop_size
         checks.labels_fit(metadata.labels, getattr(module, "num_classes", 527))
         self.labels = list(metadata.labels)
-        options = models.jit_options(module)
         self.conv_backend = backends.prepare(conv_backend)
-        apply = models.with_conv_backend(self._apply, self.conv_backend)
-        apply_all = models.with_conv_backend(
-            lambda v, x: _as_float32(module.apply(v, x)), self.conv_backend
+        self._forward = models.jit_inference(
+            module, self._apply, self.conv_backend, static_argnames="keys"
         )
-        self._forward = jax.jit(apply, static_argnames="keys", **options)
-        self._forward_all = jax.jit(apply_all, **options)
+        self._forward_all = models.jit_inference(
+            module, lambda v, x: _as_float32(module.apply(v, x)), self.conv_backend
+        )
         self._fit_cache: Dict[int, bool] = {}
 
     @classmethod

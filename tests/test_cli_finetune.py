@@ -289,10 +289,19 @@ def test_bad_setup_is_one_line_exit_2_and_nothing_written(case, tiny_pretrained,
 
 
 def test_a_split_manifest_reports_valid_and_the_best_checkpoint_on_test(
-    tiny_pretrained, tmp_path, capsys
+    tiny_pretrained, tmp_path, capsys, monkeypatch
 ):
-    from panns_jax import audio, tasks
+    from panns_jax import audio, finetune, models, tasks
     from panns_jax.data import audio_io
+
+    backends = []  # The test split is scored with the config's conv backend.
+    jit_inference = models.jit_inference
+
+    def recording(model, fn, backend, **options):
+        backends.append(backend)
+        return jit_inference(model, fn, backend, **options)
+
+    monkeypatch.setattr(finetune.models, "jit_inference", recording)
 
     rng = np.random.default_rng(11)
     rows = []
@@ -306,6 +315,7 @@ def test_a_split_manifest_reports_valid_and_the_best_checkpoint_on_test(
     assert cli.main([*args, "--workdir", workdir]) == 0
     out = capsys.readouterr().out
     assert "on 3 valid recordings" in out and "on 6 test recordings (best)" in out
+    assert backends == ["auto"]
     summary = json.loads(open(os.path.join(workdir, "finetune_results.json")).read())
     test = summary["test"]
     assert test["num_examples"] == 6 and list(test["per_class"]) == list(CLASSES)

@@ -241,3 +241,25 @@ def test_jit_options_take_effect_in_the_compiled_forward():
 
     assert compiled().count("__ynn_fusion") >= 2  # The default this option turns off.
     assert "__ynn_fusion" not in compiled(**models.jit_options(model))
+
+
+def test_jit_inference_compiles_with_the_models_options_and_its_conv_backend(monkeypatch):
+    """The inference door of the tagger, streaming, probes and fine-tuning's evaluation: the
+    model's jit options (no YNNPACK fusion) and oneDNN's convolutions for "auto" where it
+    means oneDNN (here through $PANNS_JAX_CONV_BACKEND), XLA's where it means XLA or when
+    asked for by name."""
+    model = models.get("Cnn10", widths=(8, 16, 32, 64), embedding_size=32, num_classes=5)
+    variables = models.init(model, jax.random.key(0), 32000)
+    audio = jnp.zeros((2, 32000), jnp.float32)
+
+    def compiled(*backend):
+        fn = lambda v, x: model.apply(v, x)["clipwise_output"]  # noqa: E731
+        return models.jit_inference(model, fn, *backend).lower(variables, audio).compile()
+
+    monkeypatch.setenv("PANNS_JAX_CONV_BACKEND", "onednn")
+    text = compiled().as_text()
+    assert 'custom_call_target="OnednnConv"' in text and "__ynn_fusion" not in text
+    assert "Onednn" not in compiled("xla").as_text()
+    monkeypatch.setenv("PANNS_JAX_CONV_BACKEND", "xla")
+    assert "Onednn" not in compiled().as_text()
+    assert "Onednn" in compiled("onednn").as_text()

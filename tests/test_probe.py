@@ -241,3 +241,19 @@ def test_a_transfer_set_by_name_trains_on_train_and_scores_test(tiny_pretrained,
     assert results["mean"] is None and results["pictures_of"] == "test"
     (row,) = results["rows"]
     assert (row["name"], row["num_train"], row["num_eval"]) == ("test", 5, 3)
+
+
+@pytest.mark.parametrize("means, calls_onednn", [("onednn", True), ("xla", False)])
+def test_embeddings_run_the_default_conv_backend(tiny_pretrained, monkeypatch, means, calls_onednn):
+    """Probes embed through models.jit_inference with "auto": oneDNN's convolutions where
+    "auto" means them ($PANNS_JAX_CONV_BACKEND here), XLA's otherwise."""
+    from unittest import mock
+
+    from panns_jax import loader
+    from panns_jax.kernels import onednn
+
+    monkeypatch.setenv("PANNS_JAX_CONV_BACKEND", means)
+    with mock.patch.object(onednn, "conv", wraps=onednn.conv) as traced:
+        embed = probe.embed_function(loader.load(tiny_pretrained))
+        assert embed(np.zeros((2, 32000), np.float32)).shape == (2, 32)
+    assert traced.called == calls_onednn

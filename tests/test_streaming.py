@@ -67,6 +67,22 @@ def test_clip_model_stream_equals_windows_applied_offline(golden):
     assert float(np.max(np.abs(offline_probs - probs))) <= G.PROBABILITY_ATOL
 
 
+@pytest.mark.parametrize("means, calls_onednn", [("onednn", True), ("xla", False)])
+def test_the_stream_runs_the_default_conv_backend(golden, monkeypatch, means, calls_onednn):
+    """The stream compiles its forward through models.jit_inference with "auto": oneDNN's
+    convolutions where "auto" means them ($PANNS_JAX_CONV_BACKEND here), XLA's otherwise."""
+    from unittest import mock
+
+    from panns_jax.kernels import onednn
+
+    model, variables, meta = golden("Cnn6")
+    monkeypatch.setenv("PANNS_JAX_CONV_BACKEND", means)
+    with mock.patch.object(onednn, "conv", wraps=onednn.conv) as traced:
+        tagger = streaming.StreamingTagger(model, variables, meta, window=1.0, hop=0.5)
+        assert len(tagger.push(_recording()[:40000])) == 1
+    assert traced.called == calls_onednn
+
+
 def test_decision_level_stream_emits_each_frame_once_as_offline(golden):
     model, variables, meta = golden("Cnn14_DecisionLevelMax")
     tagger = streaming.StreamingTagger(model, variables, meta, window=3.2, hop=0.64)

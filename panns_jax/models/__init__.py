@@ -166,3 +166,11 @@ def jit_options(model: nn.Module, *, training: bool = False) -> Dict[str, Any]:
     if not all(_compiler_takes(key, value) for key, value in options.items()):
         return {}
     return {"compiler_options": dict(options)}
+
+
+def jit_inference(model: nn.Module, fn: Any, conv_backend: str = "auto", **jit_kwargs: Any) -> Any:
+    """``jax.jit`` of ``fn``, an inference forward of ``model``, as the tagger, the commands,
+    streaming, probes and fine-tuning's evaluation compile theirs: with
+    :func:`jit_options` and the convolutions of ``conv_backend``
+    (:mod:`~panns_jax.models.backends`; ``"auto"``: oneDNN's on CPU where installed)."""
+    return jax.jit(with_conv_backend(fn, conv_backend), **jit_options(model), **jit_kwargs)
