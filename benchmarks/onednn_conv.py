@@ -17,8 +17,8 @@ Cnn14 alone; ``--max-channels`` moves the widest conv handed to oneDNN, for this
 On a 2-core AMD EPYC (Zen 5), one run over every family (load 1.9-2.1, its own), oneDNN /
 XLA: forwards Cnn14 1.17x, Cnn6 1.31x, ResNet22 1.34x, MobileNetV1 / V2 1.04x / 1.14x, the
 1-D CNNs 1.32-1.47x, Wavegram-Logmel-Cnn14 1.39x; train steps 1.19-1.36x for all but the
-MobileNets (1.03-1.04x). Against PyTorch, the oneDNN train steps run at 1.05x (Res1dNet31)
-to 1.26x (MobileNetV2), XLA's at 0.88-1.01x outside the MobileNets. Per layer: the 3x3 and
+MobileNets (1.03-1.04x); the train steps against PyTorch's, which draw the original's dropouts
+and SpecAugment stripes, are benchmarks/train_step.py's (README's Speed). Per layer: the 3x3 and
 5x5 convs of 64-512 output channels run 1.22-1.56x faster on oneDNN, those of 1024 and 2048
 channels 0.56x and 0.43x (each call reorders their 38 and 151 MB of weights), Cnn6's
 1-channel first conv 0.89x; Res1dNet31's step with its 1024 and 2048-channel 1-D convs on
@@ -115,8 +115,8 @@ def forward_runs(name: str, seconds: float):
     clips = np.random.default_rng(0).uniform(-0.5, 0.5, (8, samples)).astype(np.float32)
 
     def compiled(backend):
-        apply = models.with_conv_backend(lambda v, x: model.apply(v, x)["clipwise_output"], backend)
-        return jax.jit(apply, **models.jit_options(model)).lower(variables, clips).compile()
+        forward = lambda v, x: model.apply(v, x)["clipwise_output"]  # noqa: E731
+        return models.jit_inference(model, forward, backend).lower(variables, clips).compile()
 
     xla, on_onednn = compiled("xla"), compiled("onednn")
     err = float(jnp.max(jnp.abs(xla(variables, clips) - on_onednn(variables, clips))))

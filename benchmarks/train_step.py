@@ -33,11 +33,12 @@ transposes eat the gain in a whole step), and the conv gradients of the largest 
 35-60%. Tried without a step-level gain beyond noise: gather-based unfolding with the
 weight-gradient product split per core (1.4x faster in isolation), a swapped (freq, time)
 conv layout, XLA flags (xnnpack/onednn/ynn fusion types, fast math, scheduler), bfloat16.
-The CPU goal (>= 1.0x) is not met. XLA's oneDNN switches (``xla_cpu_use_onednn``,
-``xla_cpu_experimental_onednn_custom_call``, ``xla_cpu_experimental_onednn_fusion_type``) are
-accepted by jax 0.10.2 but hand no convolution or product to oneDNN, in float32 or bfloat16:
-the compiled HLO keeps XLA's own ops and ONEDNN_VERBOSE prints nothing, so oneDNN's kernels
-are reachable only from a compiled extension (jax.ffi): ``--conv-backend onednn``
+With XLA's convolutions the CPU goal (>= 1.0x) is not met for every family. XLA's oneDNN
+switches (``xla_cpu_use_onednn``, ``xla_cpu_experimental_onednn_custom_call``,
+``xla_cpu_experimental_onednn_fusion_type``) are accepted by jax 0.10.2 but hand no
+convolution or product to oneDNN, in float32 or bfloat16: the compiled HLO keeps XLA's own
+ops and ONEDNN_VERBOSE prints nothing, so oneDNN's kernels are reachable only from a
+compiled extension (jax.ffi): ``--conv-backend onednn``, the default where installed
 (panns_jax.kernels.onednn; benchmarks/onednn_conv.py compares the two in one process).
 
 XLA:CPU's YNNPACK fusions (on by default in jax 0.10.2: products, reductions, elementwise
